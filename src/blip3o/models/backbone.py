@@ -1,0 +1,418 @@
+"""The autoregressive backbone: Qwen2.5-VL plus BLIP3-o's learnable queries.
+
+Understanding is the VLM's own path (image + text -> text, with its vision tower). Generation conditioning
+follows the release (fixtures/official_dit/flow_matching_official.md, section 2): the chat-formatted prompt
+"Please generate image based on the following caption: ...", then an image-start token `[IMG]`, then
+`n_queries` placeholder tokens whose input embeddings are replaced by `latent_queries`; the text decoder's
+last-layer hidden states (after its final RMSNorm) at those positions are the condition, (B, n_queries, H).
+
+Layout decisions (differences from the release are deliberate and listed):
+- Left padding everywhere, so the queries are the last `n_queries` positions of every row and the next
+  token of a generation batch is the last column. The release right-pads in training (query positions then
+  differ per row) and runs unpadded at inference.
+- Position ids are counted over real tokens only (cumsum of the attention mask - 1). The release passes
+  none, i.e. 0..T-1, which equals ours for an unpadded row; with left padding the default would shift a
+  padded row's positions, so a caption's condition would depend on the batch it is in.
+- The prompt ends with the open assistant turn ("<|im_start|>assistant\\n") in training and inference alike;
+  the release closes the turn in training but not at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from blip3o.data.tokenizer import (
+    GENERATION_TEMPLATE,
+    SPECIAL_TOKENS,
+    ImageTextProcessor,
+    build_processor,
+    reject_special_tokens,
+    special_token_ids,
+)
+
+BACKBONE_CONFIG_FILE = "blip3o_backbone.json"
+QUERIES_FILE = "blip3o_queries.safetensors"  # kept apart so model.safetensors stays a plain Qwen2.5-VL
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Shapes of the Qwen2.5-VL backbone and the BLIP3-o queries. Presets: `BackboneConfig.preset(name)`."""
+
+    # Text decoder.
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mrope_section: tuple[int, int, int]  # head_dim / 2 split over (temporal, height, width) rotary bands
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 128_000
+    tie_word_embeddings: bool = False
+    # Vision tower (its output is projected to hidden_size by the patch merger).
+    vision_depth: int = 32
+    vision_hidden_size: int = 1280
+    vision_intermediate_size: int = 3420
+    vision_num_heads: int = 16
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112  # pixels per side of a windowed-attention window
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # the other vision blocks attend within windows
+    tokens_per_second: int = 2
+    # Image processor pixel budget (images are resized so that min_pixels <= H * W <= max_pixels).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16384
+    # BLIP3-o.
+    n_queries: int = 64
+    # Std of the N(0, std^2) query init. The release uses 1.0. None means the std of the token embedding
+    # table (~initializer_range = 0.02 when fresh): a from-scratch model's text embeddings are that small, and
+    # N(0, 1) queries would dominate the residual stream at their positions over what they attend to.
+    query_init_std: float | None = 1.0
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide into num_heads, and num_heads into num_kv_heads")
+        if 2 * sum(self.mrope_section) != self.head_dim:
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}"
+            )
+        if any(i >= self.vision_depth for i in self.fullatt_block_indexes):
+            raise ValueError(f"fullatt_block_indexes {self.fullatt_block_indexes} exceed vision_depth")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> BackboneConfig:
+        if name not in BACKBONE_PRESETS:
+            raise KeyError(f"unknown backbone preset {name!r}; known: {sorted(BACKBONE_PRESETS)}")
+        return replace(BACKBONE_PRESETS[name], **overrides)
+
+    def hf_config(self, token_ids: dict[str, int] | None = None) -> Qwen2_5_VLConfig:
+        """The transformers config. `token_ids` (from `special_token_ids`) places the vision and chat tokens;
+        None keeps transformers' defaults, which are the Qwen2.5-VL tokenizer's ids."""
+        text = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": self.rope_theta,
+                "mrope_section": list(self.mrope_section),
+            },
+        )
+        vision = dict(
+            depth=self.vision_depth,
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_heads=self.vision_num_heads,
+            patch_size=self.patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            temporal_patch_size=self.temporal_patch_size,
+            window_size=self.window_size,
+            fullatt_block_indexes=list(self.fullatt_block_indexes),
+            tokens_per_second=self.tokens_per_second,
+            out_hidden_size=self.hidden_size,
+            initializer_range=self.initializer_range,
+        )
+        ids = {}
+        if token_ids is not None:
+            text.update(pad_token_id=token_ids["pad"], eos_token_id=token_ids["im_end"], bos_token_id=None)
+            ids = dict(
+                image_token_id=token_ids["image_pad"],
+                video_token_id=token_ids["video_pad"],
+                vision_start_token_id=token_ids["vision_start"],
+                vision_end_token_id=token_ids["vision_end"],
+            )
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=self.tie_word_embeddings, **ids
+        )
+
+
+BACKBONE_PRESETS: dict[str, BackboneConfig] = {
+    # ShapesWorld on CPU: 64x64 images -> 8x8 patches of 8 px -> 16 merged vision tokens.
+    "tiny": BackboneConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(4, 6, 6),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        vision_depth=2,
+        vision_hidden_size=64,
+        vision_intermediate_size=128,
+        vision_num_heads=4,
+        patch_size=8,
+        window_size=32,  # 2x2 merged tokens per window: a 64 px image has 4 windows
+        fullatt_block_indexes=(1,),
+        min_pixels=64 * 64,
+        max_pixels=64 * 64,
+        query_init_std=None,
+    ),
+    # Qwen2.5-VL-3B-Instruct (BLIP3-o "4B").
+    "qwen2.5-vl-3b": BackboneConfig(
+        vocab_size=151_936,
+        hidden_size=2048,
+        intermediate_size=11_008,
+        num_layers=36,
+        num_heads=16,
+        num_kv_heads=2,
+        mrope_section=(16, 24, 24),
+        tie_word_embeddings=True,
+    ),
+    # Qwen2.5-VL-7B-Instruct (BLIP3-o "8B").
+    "qwen2.5-vl-7b": BackboneConfig(
+        vocab_size=152_064,
+        hidden_size=3584,
+        intermediate_size=18_944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        mrope_section=(16, 24, 24),
+    ),
+}
+
+
+def _left_pad(rows: list[list[int]], pad_value: int) -> torch.Tensor:
+    """(B, T) with each row right-aligned."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([[pad_value] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left padding does not shift a row: (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+class Backbone(nn.Module):
+    """Qwen2.5-VL (`self.vlm`) plus `latent_queries` (1, n_queries, hidden).
+
+    `processor` (tokenizer + image processor) is needed by the methods that take text or images; the released
+    presets can be built without one (shapes only, e.g. on the meta device).
+    """
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        processor: ImageTextProcessor | None = None,
+        vlm: Qwen2_5_VLForConditionalGeneration | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.processor = processor
+        self.token_ids = special_token_ids(processor.tokenizer) if processor is not None else None
+        if processor is not None and len(processor.tokenizer) > config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(processor.tokenizer)} tokens, vocab_size is {config.vocab_size}"
+            )
+        self.vlm = (
+            vlm if vlm is not None else Qwen2_5_VLForConditionalGeneration(config.hf_config(self.token_ids))
+        )
+        self.latent_queries = nn.Parameter(torch.empty(1, config.n_queries, config.hidden_size))
+        self.reset_queries(config.query_init_std)
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: BackboneConfig, tokenizer: PreTrainedTokenizerFast) -> Backbone:
+        """A randomly initialised backbone with a processor built from `tokenizer` and the config's vision shapes."""
+        processor = build_processor(
+            tokenizer,
+            patch_size=config.patch_size,
+            merge_size=config.spatial_merge_size,
+            temporal_patch_size=config.temporal_patch_size,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+        )
+        return cls(config, processor)
+
+    def reset_queries(self, std: float | None = None) -> None:
+        """Draw the queries from N(0, std^2); None: the std of the current input embedding table (e.g. to
+        restart the queries on the scale of a trained stage-1 backbone's embeddings)."""
+        if std is None:
+            weight = self.vlm.get_input_embeddings().weight
+            std = self.config.initializer_range if weight.is_meta else weight.detach().float().std().item()
+        with torch.no_grad():
+            self.latent_queries.normal_(0.0, std)
+
+    def freeze_language_model(self) -> None:
+        """Freeze the whole VLM (vision tower, text decoder, LM head), as the release's stage 2 does: only
+        `latent_queries` (and the DiT, elsewhere) keep requires_grad."""
+        self.vlm.requires_grad_(False)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """HF layout: config.json + model.safetensors (a plain Qwen2.5-VL), tokenizer and processor files,
+        plus the BLIP3-o additions (blip3o_backbone.json, blip3o_queries.safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.vlm.save_pretrained(directory)
+        if self.processor is not None:
+            self.processor.save_pretrained(directory)
+        (directory / BACKBONE_CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({"latent_queries": self.latent_queries.detach().contiguous()}, directory / QUERIES_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> Backbone:
+        """Load from a local directory written by `save_pretrained` (never touches the network)."""
+        directory = Path(directory)
+        fields = json.loads((directory / BACKBONE_CONFIG_FILE).read_text())
+        for key in ("mrope_section", "fullatt_block_indexes"):
+            fields[key] = tuple(fields[key])
+        config = BackboneConfig(**fields)
+        processor = ImageTextProcessor.from_pretrained(directory, local_files_only=True)
+        vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype or "auto", local_files_only=True
+        )
+        backbone = cls(config, processor, vlm=vlm)
+        with torch.no_grad():
+            backbone.latent_queries.copy_(load_file(directory / QUERIES_FILE)["latent_queries"])
+        return backbone.to(vlm.dtype)
+
+    # ---- generation conditioning --------------------------------------------------------------------------
+
+    def _require_processor(self) -> ImageTextProcessor:
+        if self.processor is None:
+            raise RuntimeError(
+                "this Backbone was built without a processor (tokenizer); text methods need one"
+            )
+        return self.processor
+
+    def generation_inputs(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded text-to-image sequences: chat prompt, `[IMG]`, then n_queries query placeholders.
+
+        Returns input_ids and attention_mask, both (B, T); the queries are the last n_queries columns."""
+        tokenizer = self._require_processor().tokenizer
+        ids = self.token_ids
+        tail = [ids["image_start"]] + [ids["query"]] * self.config.n_queries
+        rows = []
+        for caption in captions:
+            reject_special_tokens(tokenizer, caption)
+            turn = [{"role": "user", "content": GENERATION_TEMPLATE.format(caption=caption)}]
+            prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            rows.append(tokenizer(prompt, add_special_tokens=False).input_ids + tail)
+        input_ids = _left_pad(rows, ids["pad"])  # (B, T)
+        attention_mask = _left_pad([[1] * len(r) for r in rows], 0)  # (B, T)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The generation condition: last-layer (post-norm) hidden states at the query positions, (B, n_queries, H).
+
+        The placeholders' embeddings are replaced by `latent_queries`, so gradients reach the queries even
+        with the VLM frozen."""
+        n_queries = self.config.n_queries
+        self._check_query_layout(input_ids)
+        language_model = self.vlm.model.language_model
+        text_embeds = language_model.embed_tokens(input_ids[:, :-n_queries])  # (B, T - n_queries, H)
+        queries = self.latent_queries.to(text_embeds.dtype).expand(
+            input_ids.shape[0], -1, -1
+        )  # (B, n_queries, H)
+        inputs_embeds = torch.cat([text_embeds, queries], dim=1)  # (B, T, H)
+        hidden = language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),  # (B, T), shared by the 3 mRoPE bands
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H), after the final RMSNorm
+        return hidden[:, -n_queries:]  # (B, n_queries, H)
+
+    def _check_query_layout(self, input_ids: torch.Tensor) -> None:
+        query_id, n_queries = self.token_ids["query"], self.config.n_queries
+        is_query = input_ids == query_id  # (B, T)
+        if not (is_query[:, -n_queries:].all() and not is_query[:, :-n_queries].any()):
+            raise ValueError(
+                f"expected exactly the last {n_queries} tokens of every row to be {SPECIAL_TOKENS.query} "
+                "(left-padded sequences from generation_inputs)"
+            )
+
+    # ---- understanding ------------------------------------------------------------------------------------
+
+    def _prompt_texts(self, prompts: list[str]) -> list[str]:
+        tokenizer = self._require_processor().tokenizer
+        texts = []
+        for prompt in prompts:
+            reject_special_tokens(tokenizer, prompt)
+            turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            texts.append(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False))
+        return texts
+
+    def understanding_inputs(
+        self, images: list[Image.Image], prompts: list[str], answers: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded stage-1 batch: image + prompt in the user turn, the answer as the assistant turn.
+
+        labels are the answer tokens and the closing <|im_end|> (so the model learns to stop), -100 elsewhere."""
+        if not len(images) == len(prompts) == len(answers):
+            raise ValueError("images, prompts and answers must have the same length")
+        processor = self._require_processor()
+        tokenizer, im_end = processor.tokenizer, self.token_ids["im_end"]
+        encoded = processor(text=self._prompt_texts(prompts), images=images, return_tensors=None)
+        rows, labels, mm_types = [], [], []
+        for prompt_ids, prompt_types, answer in zip(
+            encoded["input_ids"], encoded["mm_token_type_ids"], answers, strict=True
+        ):
+            reject_special_tokens(tokenizer, answer)
+            answer_ids = [*tokenizer(answer, add_special_tokens=False).input_ids, im_end]
+            rows.append(list(prompt_ids) + answer_ids)
+            labels.append([-100] * len(prompt_ids) + answer_ids)
+            mm_types.append(list(prompt_types) + [0] * len(answer_ids))
+        return {
+            "input_ids": _left_pad(rows, self.token_ids["pad"]),  # (B, T)
+            "attention_mask": _left_pad([[1] * len(r) for r in rows], 0),  # (B, T)
+            "labels": _left_pad(labels, -100),  # (B, T)
+            "mm_token_type_ids": _left_pad(mm_types, 0),  # (B, T): 1 at image tokens
+            "pixel_values": torch.as_tensor(encoded["pixel_values"]),  # (sum of patches, C * t * p * p)
+            "image_grid_thw": torch.as_tensor(encoded["image_grid_thw"]),  # (B, 3)
+        }
+
+    def understanding_loss(
+        self, images: list[Image.Image], prompts: list[str], answers: list[str]
+    ) -> torch.Tensor:
+        """Stage 1 (captioning, QA): mean next-token cross-entropy over the answer tokens."""
+        batch = self.understanding_inputs(images, prompts, answers)
+        device = self.latent_queries.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return self.vlm(**batch, use_cache=False).loss
+
+    @torch.no_grad()
+    def understand(
+        self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 16
+    ) -> list[str]:
+        """Batched greedy answers (KV cache, left padding), special tokens stripped."""
+        processor = self._require_processor()
+        batch = processor(
+            text=self._prompt_texts(prompts),
+            images=images,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        ).to(self.latent_queries.device)
+        generated = self.vlm.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.token_ids["im_end"],
+            pad_token_id=self.token_ids["pad"],
+        )  # (B, T + new)
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]  # (B, new)
+        return processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
