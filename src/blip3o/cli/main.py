@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval geneval": ("blip3o.cli.eval_geneval", "score a GenEval-layout sample folder with ShapesGenEval"),
     "eval vqa": ("blip3o.cli.eval_vqa", "score answers to the ShapesVQA set"),
+    "train": ("blip3o.cli.train", "train a preset's stages (resumable; torchrun for many processes)"),
 }
 
 

@@ -1,0 +1,325 @@
+"""BLIP3-o, the whole: backbone + queries -> condition -> DiT (flow matching) -> CLIP features -> pixel decoder.
+
+`Blip3o` is single-device model code: it owns the components and the inference paths (`understand`,
+`generate`, `encode_image`) and the release layout (`save_pretrained` / `from_pretrained`, one folder per
+component, each config.json + safetensors). Training losses live in blip3o.train.stages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blip3o.data.tokenizer import shapes_corpus, train_tokenizer
+from blip3o.models.backbone import Backbone, BackboneConfig
+from blip3o.models.clip import ClipConfig, ClipEncoder, grid_to_tokens, tokens_to_grid
+from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
+from blip3o.models.dit import DiT, DiTConfig
+from blip3o.models.vae import Vae, VaeConfig
+from blip3o.transport import FlowMatchingConfig, build_objective, initial_noise
+
+CONFIG_FILE = "config.json"
+DIT_WEIGHTS = "model.safetensors"
+MODEL_TYPE = "blip3o"
+
+Target = Literal["clip", "vae"]
+Objective = Literal["flow_matching", "mse"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, incomplete or corrupt."""
+
+
+@dataclass(frozen=True)
+class Blip3oConfig:
+    """Every component's shape plus how they connect. Validated on construction: mismatches fail loudly."""
+
+    backbone: BackboneConfig
+    clip: ClipConfig
+    dit: DiTConfig
+    decoder: PixelDecoderConfig
+    vae: VaeConfig | None = None
+    target: Target = "clip"  # what the DiT generates: CLIP features (BLIP3-o) or VAE latents (the study)
+    objective: Objective = "flow_matching"  # or "mse": the paper's CLIP + MSE regression baseline
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    tokenizer_corpus_scenes: int = 3000  # ShapesWorld scenes the miniature's tokenizer is trained on
+
+    def __post_init__(self) -> None:
+        if self.target not in ("clip", "vae"):
+            raise ValueError(f"target must be 'clip' or 'vae', got {self.target!r}")
+        if self.objective not in ("flow_matching", "mse"):
+            raise ValueError(f"objective must be 'flow_matching' or 'mse', got {self.objective!r}")
+        if self.dit.latent_embedding_size != self.backbone.hidden_size:
+            raise ValueError(
+                f"dit.latent_embedding_size {self.dit.latent_embedding_size} must equal the backbone's "
+                f"hidden_size {self.backbone.hidden_size} (the condition is the backbone's hidden states)"
+            )
+        channels, grid = self.target_shape[0], self.target_shape[1]
+        if self.dit.in_channels != channels or self.dit.input_size != grid:
+            raise ValueError(
+                f"the DiT generates {self.dit.in_channels} x {self.dit.input_size}^2 but the {self.target} target "
+                f"is {channels} x {grid}^2: set dit.in_channels={channels}, dit.input_size={grid}"
+            )
+        if (self.decoder.feature_dim, self.decoder.num_feature_tokens) != (
+            self.clip.feature_dim,
+            self.clip.num_target_tokens,
+        ):
+            raise ValueError(
+                f"the pixel decoder reads {self.decoder.num_feature_tokens} x {self.decoder.feature_dim} features "
+                f"but CLIP makes {self.clip.num_target_tokens} x {self.clip.feature_dim}"
+            )
+
+    @property
+    def target_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the DiT generates."""
+        if self.target == "clip":
+            return (self.clip.feature_dim, self.clip.target_grid, self.clip.target_grid)
+        if self.vae is None:
+            raise ValueError("target 'vae' needs a vae config")
+        return (self.vae.latent_channels, self.vae.latent_size, self.vae.latent_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": MODEL_TYPE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip3oConfig:
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Blip3oConfig fields: {sorted(unknown)}")
+        backbone = dict(d["backbone"])
+        for key in ("mrope_section", "fullatt_block_indexes"):
+            backbone[key] = tuple(backbone[key])
+        return cls(
+            backbone=BackboneConfig(**backbone),
+            clip=ClipConfig.from_dict(d["clip"]),
+            dit=DiTConfig.from_dict(d["dit"]),
+            decoder=PixelDecoderConfig.from_dict(d["decoder"]),
+            vae=VaeConfig.from_dict(d["vae"]) if d.get("vae") else None,
+            target=d.get("target", "clip"),
+            objective=d.get("objective", "flow_matching"),
+            flow=FlowMatchingConfig(**d.get("flow", {})),
+            tokenizer_corpus_scenes=d.get("tokenizer_corpus_scenes", 3000),
+        )
+
+
+def tiny_config(**overrides: Any) -> Blip3oConfig:
+    """The ShapesWorld miniature: every component small enough to train on a laptop CPU."""
+    backbone = BackboneConfig.preset("tiny")
+    clip = ClipConfig()  # 64x64 -> 8x8 = 64 patch tokens x 128 (the release's 64-token count)
+    dit = DiTConfig(
+        input_size=clip.target_grid,
+        patch_size=1,
+        in_channels=clip.feature_dim,
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        multiple_of=32,
+        latent_embedding_size=backbone.hidden_size,
+    )
+    decoder = PixelDecoderConfig(feature_dim=clip.feature_dim, num_feature_tokens=clip.num_target_tokens)
+    return replace(Blip3oConfig(backbone=backbone, clip=clip, dit=dit, decoder=decoder), **overrides)
+
+
+class Blip3o(nn.Module):
+    """The unified model. Components: backbone (+ queries), dit, clip, decoder, and vae for the VAE target."""
+
+    def __init__(
+        self,
+        config: Blip3oConfig,
+        backbone: Backbone,
+        clip: ClipEncoder,
+        decoder: PixelDecoder,
+        dit: DiT | None = None,
+        vae: Vae | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.dit = dit if dit is not None else DiT(config.dit)
+        self.clip = clip
+        self.decoder = decoder
+        self.vae = vae
+        if config.target == "vae" and vae is None:
+            raise ValueError("target 'vae' needs a Vae component")
+        self.objective = build_objective(config.objective, config.flow)
+
+    # ---- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Blip3oConfig, seed: int = 0) -> Blip3o:
+        """A randomly initialised model; the miniature's tokenizer is trained here on ShapesWorld text."""
+        torch.manual_seed(seed)
+        tokenizer = train_tokenizer(
+            shapes_corpus(config.tokenizer_corpus_scenes, seed=seed), vocab_size=config.backbone.vocab_size
+        )
+        backbone = Backbone.from_config(config.backbone, tokenizer)
+        ids = backbone.token_ids
+        clip_config = replace(
+            config.clip,
+            text_vocab_size=config.backbone.vocab_size,
+            pad_token_id=ids["pad"],
+            bos_token_id=ids["im_start"],
+            eos_token_id=ids["im_end"],
+        )
+        config = replace(config, clip=clip_config)
+        vae = Vae(config.vae) if config.vae is not None else None
+        return cls(config, backbone, ClipEncoder(clip_config), PixelDecoder(config.decoder), vae=vae)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.latent_queries.device
+
+    @property
+    def tokenizer(self):
+        return self.backbone.processor.tokenizer
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+
+    def clip_text_inputs(self, captions: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Token ids for the CLIP text tower (the backbone's tokenizer, left padded, truncated)."""
+        max_length = max_length or self.config.clip.text_max_length
+        enc = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
+
+    @torch.no_grad()
+    def encode_target(self, images: list[Image.Image]) -> torch.Tensor:
+        """What the DiT learns to generate, for real images: (B, C, h, w)."""
+        if self.config.target == "clip":
+            return tokens_to_grid(self.encode_image(images))  # (B, D, g, g)
+        pixels = images_to_tensor(images).to(self.device)  # (B, 3, H, W) in [-1, 1]
+        return self.vae.encode(pixels)  # (B, C, h, w)
+
+    @torch.no_grad()
+    def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
+        """Normalised CLIP feature tokens (B, N, D) of images."""
+        return self.clip.encode_image(self.clip.preprocess(images).to(self.device))
+
+    def condition(self, prompts: list[str]) -> torch.Tensor:
+        """The backbone's hidden states at the query positions for text-to-image prompts: (B, Q, H)."""
+        inputs = self.backbone.generation_inputs(prompts)
+        return self.backbone.condition(
+            inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        )
+
+    # ---- inference -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def understand(
+        self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 16
+    ) -> list[str]:
+        """Answer prompts about images (image + text -> text), batched greedy decoding."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        return self.backbone.understand(images, prompts, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def generate_target(
+        self,
+        prompts: list[str],
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample DiT outputs (CLIP feature grids or VAE latents) for prompts: (B, C, h, w)."""
+        cond = self.condition(prompts).float()  # (B, Q, H)
+        noise = initial_noise((len(prompts), *self.config.target_shape), generator, device=self.device)
+        return self.objective.sample(self.dit, noise, cond, steps=steps, cfg_scale=cfg_scale)
+
+    @torch.no_grad()
+    def decode_target(
+        self,
+        target: torch.Tensor,
+        decoder_steps: int | None = None,
+        decoder_cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Image.Image]:
+        """DiT outputs -> pixels: the diffusion decoder for CLIP features, the VAE decoder for latents."""
+        if self.config.target == "vae":
+            return tensor_to_images(self.vae.decode(target))
+        features = grid_to_tokens(target)  # (B, N, D)
+        pixels = self.decoder.decode(
+            features, steps=decoder_steps, cfg_scale=decoder_cfg_scale, generator=generator
+        )
+        return tensor_to_images(pixels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str] | str,
+        num_images: int = 1,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        seed: int = 0,
+        decoder_steps: int | None = None,
+        decoder_cfg_scale: float | None = None,
+        batch_size: int = 64,
+    ) -> list[Image.Image]:
+        """Text -> images: `num_images` per prompt, prompt-major order. Same seed, same images."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or num_images < 1:
+            raise ValueError("need at least one prompt and num_images >= 1")
+        expanded = [p for p in prompts for _ in range(num_images)]
+        generator = torch.Generator().manual_seed(seed)
+        images: list[Image.Image] = []
+        for start in range(0, len(expanded), batch_size):
+            chunk = expanded[start : start + batch_size]
+            target = self.generate_target(chunk, steps, cfg_scale, generator)
+            images += self.decode_target(target, decoder_steps, decoder_cfg_scale, generator)
+        return images
+
+    # ---- save / load ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Release layout: config.json, backbone/, dit/, clip/, decoder/ (and vae/), each HF-style."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory / "backbone")
+        dit_dir = directory / "dit"
+        dit_dir.mkdir(exist_ok=True)
+        (dit_dir / CONFIG_FILE).write_text(json.dumps(self.config.dit.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.dit.state_dict().items()}
+        save_file(state, dit_dir / DIT_WEIGHTS)
+        self.clip.save_pretrained(directory / "clip")
+        self.decoder.save_pretrained(directory / "decoder")
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae")
+        # Written last: a folder with a config.json is a complete model.
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Blip3o:
+        """Load a model saved by `save_pretrained` from a local directory (never the network)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelLoadError(f"{directory} is not a blip3o model folder: no {CONFIG_FILE}")
+        try:
+            config = Blip3oConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ModelLoadError(f"{config_path} is not a valid blip3o config: {err}") from err
+        try:
+            backbone = Backbone.from_pretrained(directory / "backbone", dtype=torch.float32)
+            dit = DiT(DiTConfig.from_dict(json.loads((directory / "dit" / CONFIG_FILE).read_text())))
+            dit.load_state_dict(load_file(directory / "dit" / DIT_WEIGHTS), strict=True)
+            clip = ClipEncoder.from_pretrained(directory / "clip")
+            decoder = PixelDecoder.from_pretrained(directory / "decoder")
+            vae = Vae.from_pretrained(directory / "vae") if (directory / "vae").is_dir() else None
+        except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"cannot load the model in {directory}: {err}") from err
+        return cls(config, backbone, clip, decoder, dit=dit, vae=vae).eval()

@@ -1,0 +1,222 @@
+"""Training configuration: typed dataclasses, named presets and `key=value` overrides.
+
+A run is a model config plus an ordered list of stages. Stages are configuration, not forks of a script:
+each names its kind (what it trains and on which data) and its optimisation settings.
+
+    stage kinds                trains                         data
+    clip          (stage 0)    the CLIP target encoder        ShapesWorld shards: image + caption
+    decoder       (stage 0)    the pixel decoder               shards: image (+ its own CLIP features)
+    vae           (stage 0)    the VAE (study variant)         shards: image
+    understanding (stage 1)    the backbone                    shards: image + caption / question -> answer
+    generation    (stage 2)    queries + DiT, backbone frozen  shards: caption -> image (10% short captions)
+    instruct      (stage 3)    queries + DiT, backbone frozen  GenEval-style training prompts, rendered
+    joint         (study)      backbone + queries + DiT        generation loss + understanding loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from blip3o.models.blip3o import Blip3oConfig, tiny_config
+
+StageKind = Literal["clip", "decoder", "vae", "understanding", "generation", "instruct", "joint"]
+STAGE_KINDS: tuple[str, ...] = ("clip", "decoder", "vae", "understanding", "generation", "instruct", "joint")
+Strategy = Literal["none", "ddp", "fsdp"]
+Precision = Literal["fp32", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A bad run configuration (unknown preset or key, wrong type, inconsistent values)."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str  # unique within a run; also the stage's folder name
+    kind: StageKind
+    steps: int
+    batch_size: int  # global batch (all ranks, all accumulation micro-steps)
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # on by default, as in the release; 0 disables
+    ema_decay: float = 0.0  # 0 = no EMA; generation stages sample with the EMA weights when enabled
+    short_caption_prob: float = 0.1  # generation data: share of short captions (the release: ~10%)
+    understanding_weight: float = 1.0  # joint: weight of the understanding loss
+    log_every: int = 10
+    ckpt_every: int = 100
+    sample_every: int = 0  # generation stages: write a sample grid every N steps (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ConfigError(f"stage {self.name!r}: unknown kind {self.kind!r}; known: {STAGE_KINDS}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"stage {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"stage {self.name!r}: batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"stage {self.name!r}: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.short_caption_prob <= 1.0:
+            raise ConfigError(f"stage {self.name!r}: short_caption_prob must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # folder of ShapesWorld shards; empty: <out>/data, written on first use
+    num_samples: int = 20_000  # samples to write when the shards are created by the run
+    seed: int = 0  # world seed of the shards
+    instruct_renders: int = 4  # renders per GenEval-style training prompt (stage 3)
+    instruct_max_prompts: int = 0  # use only the first N training prompts (0: all of them)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str
+    model: Blip3oConfig
+    stages: tuple[StageConfig, ...]
+    data: DataConfig = field(default_factory=DataConfig)
+    distributed: Strategy = "none"
+    precision: Precision = "fp32"
+    seed: int = 0
+    keep_last: int = 2  # checkpoints kept per stage
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    eval_after: bool = False  # evaluate the final model (GenEval + VQA) at the end of the run
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("a run needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "model": self.model.to_dict(),
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "data": dataclasses.asdict(self.data),
+            **{
+                k: getattr(self, k)
+                for k in ("distributed", "precision", "seed", "keep_last", "deterministic", "eval_after")
+            },
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(
+            preset=d["preset"],
+            model=Blip3oConfig.from_dict(d["model"]),
+            stages=tuple(StageConfig(**s) for s in d["stages"]),
+            data=DataConfig(**d.get("data", {})),
+            **{
+                k: d[k]
+                for k in ("distributed", "precision", "seed", "keep_last", "deterministic", "eval_after")
+                if k in d
+            },
+        )
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def _tiny_test() -> RunConfig:
+    """Seconds on a CPU: every stage kind once, a few steps each (tests and smoke runs)."""
+    common = dict(log_every=1, ckpt_every=2)
+    return RunConfig(
+        preset="tiny-test",
+        model=tiny_config(tokenizer_corpus_scenes=300),
+        stages=(
+            StageConfig("clip", "clip", steps=3, batch_size=8, lr=1e-3, **common),
+            StageConfig("decoder", "decoder", steps=2, batch_size=4, lr=1e-3, **common),
+            StageConfig("understanding", "understanding", steps=3, batch_size=4, lr=1e-3, **common),
+            StageConfig("generation", "generation", steps=4, batch_size=4, lr=1e-3, ema_decay=0.9, **common),
+            StageConfig("instruct", "instruct", steps=2, batch_size=4, lr=1e-3, **common),
+        ),
+        data=DataConfig(num_samples=64, instruct_renders=1, instruct_max_prompts=32),
+    )
+
+
+PRESETS = {"tiny-test": _tiny_test}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str, current: Any, where: str) -> Any:
+    """Parse `text` to the type of the field's current value."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            return tuple(type(current[0])(v) for v in text.split(",")) if current else tuple(text.split(","))
+        if current is None:
+            return json.loads(text)
+        return text
+    except ValueError as err:
+        raise ConfigError(f"{where}: cannot parse {text!r} as {type(current).__name__}") from err
+
+
+def _set(obj: Any, path: list[str], text: str, where: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"{where}: {type(obj).__name__} has no fields")
+    key, rest = path[0], path[1:]
+    names = {f.name for f in dataclasses.fields(obj)}
+    if key not in names:
+        raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(names)}")
+    current = getattr(obj, key)
+    new = _set(current, rest, text, where) if rest else _parse_value(text, current, where)
+    try:
+        return replace(obj, **{key: new})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `dotted.key=value` overrides. Stages are addressed by name: `stages.generation.steps=200`, or all
+    at once with `stages.*.log_every=5`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        path = key.strip().split(".")
+        if path[0] == "stages":
+            if len(path) < 3:
+                raise ConfigError(f"override {item!r}: use stages.<name>.<field>=value")
+            targets = [s.name for s in config.stages] if path[1] == "*" else [config.stage(path[1]).name]
+            stages = tuple(_set(s, path[2:], text, item) if s.name in targets else s for s in config.stages)
+            config = replace(config, stages=stages)
+        else:
+            config = _set(config, path, text, item)
+    return config

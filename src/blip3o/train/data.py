@@ -1,0 +1,148 @@
+"""Training data: ShapesWorld shards held in memory, deterministic batches, per-stage batch contents.
+
+Determinism is what makes resume exact and distributed runs equal to single-process ones: the samples of
+global step s are a pure function of (seed, s), independent of the number of ranks. Each rank takes its
+contiguous slice of every micro-batch, and per-sample choices (short or long caption, which question) are
+drawn from a generator seeded by the sample's global position.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
+from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.prompts import load_train_prompts
+from blip3o.world.render import render
+
+log = logging.getLogger(__name__)
+
+# Understanding prompts for the caption tasks (QA uses the sample's own questions).
+SHORT_CAPTION_PROMPT = "Describe the image briefly."
+LONG_CAPTION_PROMPT = "Describe the image in detail."
+
+
+class DataError(RuntimeError):
+    """Training data missing or unusable."""
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    short_caption: str
+    long_caption: str
+    qa: list[tuple[str, str]]  # (question, answer)
+
+
+def load_shards(shard_dir: str | Path) -> tuple[list[Example], ShardReadStats]:
+    """Read every readable shard into memory; corrupt shards are skipped and counted (see iter_samples)."""
+    stats = ShardReadStats()
+    examples = [
+        Example(s.image, s.short_caption, s.long_caption, [(q.question, q.answer) for q in s.qa])
+        for s in iter_samples(shard_dir, stats=stats)
+    ]
+    if stats.shards_skipped:
+        log.warning("skipped %d corrupt shard(s) in %s: %s", stats.shards_skipped, shard_dir, stats.skipped)
+    if not examples:
+        raise DataError(
+            f"no readable ShapesWorld samples in {shard_dir} ({stats.shards_skipped} shards skipped)"
+        )
+    return examples, stats
+
+
+def ensure_shards(shard_dir: Path, num_samples: int, seed: int, is_main: bool, barrier=lambda: None) -> None:
+    """Write the run's shards on first use (rank 0 only), so `blip3o train` is one command."""
+    if is_main and not (shard_dir / "manifest.json").exists():
+        log.info("writing %d ShapesWorld samples to %s", num_samples, shard_dir)
+        write_shards(shard_dir, n=num_samples, seed=seed, progress=True)
+    barrier()
+
+
+def instruct_examples(seed: int, renders_per_prompt: int, max_prompts: int | None = None) -> list[Example]:
+    """Stage-3 data: every GenEval-style training prompt rendered `renders_per_prompt` times, with scenes that
+    hold exactly what the prompt asks for (no distractors). Disjoint from the evaluation prompts."""
+    records = load_train_prompts()[:max_prompts]
+    out = []
+    for i, record in enumerate(records):
+        for k in range(renders_per_prompt):
+            scene = scene_for_prompt(record, np.random.default_rng([seed, i, k]), distractors=0)
+            out.append(Example(render(scene), record["prompt"], record["prompt"], []))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order of the data set in one epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which dataset rows a rank uses at a given step and micro-step."""
+
+    dataset_size: int
+    global_batch: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.global_batch % (self.grad_accum * self.world_size):
+            raise DataError(
+                f"global batch {self.global_batch} must be divisible by grad_accum x world size "
+                f"= {self.grad_accum} x {self.world_size}"
+            )
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per rank per micro-step."""
+        return self.global_batch // (self.grad_accum * self.world_size)
+
+    def positions(self, step: int, micro: int, rank: int) -> list[int]:
+        """Global sample positions (a running count over epochs) of this rank's rows."""
+        start = (
+            step * self.global_batch
+            + micro * (self.global_batch // self.grad_accum)
+            + rank * self.micro_batch
+        )
+        return list(range(start, start + self.micro_batch))
+
+    def rows(self, positions: list[int]) -> list[int]:
+        out = []
+        for pos in positions:
+            epoch, offset = divmod(pos, self.dataset_size)
+            out.append(int(_permutation(self.seed, epoch, self.dataset_size)[offset]))
+        return out
+
+
+def make_batch(
+    kind: str, examples: list[Example], rows: list[int], positions: list[int], seed: int, short_prob: float
+) -> dict:
+    """The contents one stage needs, for the given rows. Per-sample choices depend only on the position."""
+    images, captions, prompts, answers = [], [], [], []
+    for row, pos in zip(rows, positions, strict=True):
+        ex = examples[row]
+        rng = np.random.default_rng([seed, pos, 7])
+        images.append(ex.image)
+        captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
+        task = rng.random()
+        if ex.qa and task < 0.5:
+            question, answer = ex.qa[int(rng.integers(len(ex.qa)))]
+        elif task < 0.75:
+            question, answer = SHORT_CAPTION_PROMPT, ex.short_caption
+        else:
+            question, answer = LONG_CAPTION_PROMPT, ex.long_caption
+        prompts.append(question)
+        answers.append(answer)
+    batch: dict = {"images": images}
+    if kind in ("clip", "generation", "instruct", "joint"):
+        batch["captions"] = captions
+    if kind in ("understanding", "joint"):
+        batch["prompts"], batch["answers"] = prompts, answers
+    return batch

@@ -1,0 +1,355 @@
+"""The staged training engine: one loop for every stage kind, one process or many (torchrun).
+
+Layout of a run folder:
+    <out>/config.json                 the resolved RunConfig
+    <out>/data/                       ShapesWorld shards (written on first use)
+    <out>/<stage>/checkpoints/step_*  full training state, atomic, the last `keep_last` kept
+    <out>/<stage>/log.jsonl           one line per logged step (step, loss, grad_norm, lr, samples/s)
+    <out>/<stage>/tb/                 TensorBoard scalars and sample grids
+    <out>/<stage>/samples/            sample grids of generation stages
+    <out>/<stage>/model/              the model after the stage, release layout (the next stage starts here)
+    <out>/final -> <last stage>/model
+
+Resume: run the same command again. Finished stages (their model/ exists) are skipped; the current stage
+restarts from its latest checkpoint, with the same data order and random draws, so the losses continue as
+if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from blip3o.train.config import ConfigError, RunConfig, StageConfig
+from blip3o.train.data import BatchPlan, ensure_shards, instruct_examples, load_shards, make_batch
+from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
+from blip3o.train.parallelize import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    clip_grad_norm,
+    init_distributed,
+    parallelize,
+    seed_everything,
+    unwrap,
+)
+from blip3o.train.stages import (
+    GENERATION_KINDS,
+    NEEDS_CLIP_FEATURES,
+    StageModule,
+    fit_feature_statistics,
+    fit_vae_scaling,
+    parameters_of,
+    set_trainable,
+    shard_units,
+)
+from blip3o.viz import image_grid
+
+log = logging.getLogger("blip3o.train")
+
+# Fixed prompts for the sample grids written during generation stages (none is an evaluation prompt).
+SAMPLE_PROMPTS = (
+    "a red circle",
+    "two blue stars",
+    "a green triangle above a yellow square",
+    "three black crosses",
+    "an image of a purple star left of an orange circle",
+    "a pink square and a blue triangle",
+    "four green circles",
+    "a yellow cross below a red star",
+)
+STATS_IMAGES = 1024  # images used to fit the CLIP feature normalisation / VAE scaling
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps_run: int
+    final_loss: float | None
+    seconds: float
+    model_dir: Path
+
+
+def _stage_seed(config: RunConfig, index: int) -> int:
+    return config.seed * 1000 + index
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_run_config(out: Path, config: RunConfig, dist: DistInfo) -> None:
+    """A resumed run must use the same configuration; a new run records it."""
+    path = out / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(config.to_json()):
+            raise ConfigError(
+                f"{out} holds a run with a different configuration ({path}); use a new --out folder "
+                "or the same preset and overrides to resume"
+            )
+    elif dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, json.loads(config.to_json()))
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def _truncate_log(path: Path, from_step: int) -> None:
+    """Drop log lines at or after `from_step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < from_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _export(model: Blip3o, directory: Path) -> None:
+    """Atomic release export: write to a temporary folder, then rename."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def write_samples(
+    module, model: Blip3o, path: Path, step: int, seed: int = 0, steps: int = 10, writer=None, is_main=True
+):
+    """Generate the fixed sample prompts (EMA weights if the caller swapped them in) and save a grid."""
+    with torch.no_grad():
+        images = module(
+            {"prompts": list(SAMPLE_PROMPTS)}, mode="sample", steps=steps, decoder_steps=steps, seed=seed
+        )
+    if not is_main:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(
+        images, list(SAMPLE_PROMPTS), columns=len(SAMPLE_PROMPTS), cell=128, title=f"step {step}"
+    )
+    grid.save(path)
+    if writer is not None:
+        import numpy as np
+
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+
+def train_stage(
+    model: Blip3o,
+    stage: StageConfig,
+    index: int,
+    config: RunConfig,
+    out: Path,
+    examples: list,
+    dist: DistInfo,
+    progress: bool = True,
+) -> StageResult:
+    stage_dir = out / stage.name
+    kind = stage.kind
+    start_time = time.perf_counter()
+    model.to(dist.device)
+    if (
+        kind in NEEDS_CLIP_FEATURES
+        and config.model.target == "clip"
+        and not model.clip.feature_normalization_fitted
+    ):
+        fit_feature_statistics(model, [e.image for e in examples[:STATS_IMAGES]])
+    if kind in GENERATION_KINDS and config.model.target == "vae" and not model.vae.scaling_fitted:
+        fit_vae_scaling(model, [e.image for e in examples[:STATS_IMAGES]])
+    if kind == "instruct":
+        examples = instruct_examples(
+            config.data.seed, config.data.instruct_renders, config.data.instruct_max_prompts or None
+        )
+    trainable = set_trainable(model, kind)
+    seed = _stage_seed(config, index)
+    plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
+    module = StageModule(model, kind, stage.understanding_weight)
+    wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
+    optimizer = build_optimizer(parameters_of(model), stage.lr, stage.weight_decay)
+    scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
+    ema = EMA(model, stage.ema_decay) if stage.ema_decay > 0 else None
+    # Flow-matching draws (levels, noise, CFG dropout): one generator per rank, saved in checkpoints.
+    generator = torch.Generator().manual_seed(seed * 100 + dist.rank)
+    seed_everything(seed, dist.rank)
+
+    start_step = 0
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is not None:
+        state = load_training_state(
+            ckpt, wrapped, optimizer, scheduler, ema=ema, generators={"flow": generator}, dist=dist
+        )
+        start_step = int(state["step"])
+        log.info("[%s] resumed from %s at step %d", stage.name, ckpt, start_step)
+    log_path = stage_dir / "log.jsonl"
+    writer = None
+    if dist.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(stage_dir / "tb"))
+        log.info(
+            "[%s] kind=%s steps=%d batch=%d (micro %d x accum %d x ranks %d) trainable params=%d",
+            stage.name, kind, stage.steps, stage.batch_size, plan.micro_batch, stage.grad_accum,
+            dist.world_size, sum(p.numel() for p in model.parameters() if p.requires_grad),
+        )  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    bar = tqdm(
+        total=stage.steps,
+        initial=start_step,
+        desc=stage.name,
+        disable=not (progress and dist.is_main),
+        leave=False,
+    )
+    window_start, window_samples, last_loss = time.perf_counter(), 0, None
+    for step in range(start_step, stage.steps):
+        wrapped.train()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=dist.device)
+        for micro in range(stage.grad_accum):
+            positions = plan.positions(step, micro, dist.rank)
+            batch = make_batch(
+                kind, examples, plan.rows(positions), positions, seed, stage.short_caption_prob
+            )
+            sync = micro == stage.grad_accum - 1 or config.distributed != "ddp"
+            with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
+                loss, _ = wrapped(batch, generator)
+            (loss / stage.grad_accum).backward()
+            step_loss += loss.detach().float() / stage.grad_accum
+        grad_norm = clip_grad_norm(params, stage.grad_clip if stage.grad_clip > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        window_samples += stage.batch_size
+        done = step + 1
+        if done % stage.log_every == 0 or done == stage.steps:
+            last_loss = all_reduce_mean(step_loss, dist)
+            elapsed = time.perf_counter() - window_start
+            rate = window_samples / max(elapsed, 1e-9)
+            eta = (stage.steps - done) * stage.batch_size / max(rate, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            if dist.is_main:
+                record = {
+                    "step": done,
+                    "loss": last_loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "samples_per_s": rate,
+                }
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                line = (
+                    f"[{stage.name}] step {done}/{stage.steps} | loss {last_loss:.4f} | grad {grad_norm:.3f} | "
+                    f"lr {lr:.2e} | {rate:.1f} samples/s | eta {_format_eta(eta)}"
+                )
+                bar.write(line) if progress else log.info(line)
+                for key in ("loss", "grad_norm", "lr", "samples_per_s"):
+                    writer.add_scalar(f"{stage.name}/{key}", record[key], done)
+            window_start, window_samples = time.perf_counter(), 0
+        bar.update(1)
+        if (
+            kind in GENERATION_KINDS
+            and stage.sample_every
+            and done % stage.sample_every == 0
+            and done < stage.steps
+        ):
+            _sample_grid(
+                wrapped, model, ema, stage_dir / "samples" / f"step_{done:06d}.png", done, writer, dist
+            )
+        if done % stage.ckpt_every == 0 or done == stage.steps:
+            save_training_state(
+                stage_dir, done, wrapped, optimizer, scheduler, ema=ema, data_state={"step": done},
+                generators={"flow": generator}, config=json.loads(config.to_json()), keep_last=config.keep_last,
+                dist=dist, trainable_only=True,
+            )  # fmt: skip
+    bar.close()
+
+    # The stage's model: EMA weights where there is an EMA (sampling uses them), exported in release layout.
+    if ema is not None:
+        ema.copy_to(model)
+    if kind in GENERATION_KINDS:
+        _sample_grid(
+            wrapped,
+            model,
+            None,
+            stage_dir / "samples" / f"step_{stage.steps:06d}.png",
+            stage.steps,
+            writer,
+            dist,
+        )
+    if dist.is_main:
+        _export(unwrap(model), stage_dir / "model")
+        writer.close()
+    barrier(dist)
+    del trainable
+    return StageResult(
+        stage.name, stage.steps - start_step, last_loss, time.perf_counter() - start_time, stage_dir / "model"
+    )
+
+
+def _sample_grid(wrapped, model, ema, path, step, writer, dist) -> None:
+    wrapped.eval()
+    context = ema.swapped_in(model) if ema is not None else contextlib.nullcontext()
+    with context:
+        write_samples(wrapped, model, path, step, writer=writer, is_main=dist.is_main)
+
+
+def run(config: RunConfig, out: str | Path, progress: bool = True, device: str = "auto") -> list[StageResult]:
+    """Train every stage of `config` into `out`, resuming where a previous run of the same config stopped."""
+    out = Path(out)
+    dist = init_distributed(device)
+    try:
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        _check_run_config(out, config, dist)
+        barrier(dist)
+        shard_dir = Path(config.data.shards) if config.data.shards else out / "data"
+        ensure_shards(
+            shard_dir, config.data.num_samples, config.data.seed, dist.is_main, lambda: barrier(dist)
+        )
+        examples, _ = load_shards(shard_dir)
+        results, previous = [], None
+        for index, stage in enumerate(config.stages):
+            model_dir = out / stage.name / "model"
+            if (model_dir / "config.json").exists():
+                log.info("[%s] already trained: %s", stage.name, model_dir)
+                previous = model_dir
+                continue
+            model = (
+                Blip3o.from_pretrained(previous)
+                if previous
+                else Blip3o.from_config(config.model, seed=config.seed)
+            )
+            results.append(train_stage(model, stage, index, config, out, examples, dist, progress))
+            previous = model_dir
+            del model
+        if dist.is_main and previous is not None:
+            final = out / "final"
+            if final.is_symlink() or final.exists():
+                final.unlink()
+            final.symlink_to(previous.relative_to(out), target_is_directory=True)
+        return results
+    finally:
+        barrier(dist)

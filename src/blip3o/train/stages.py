@@ -1,0 +1,121 @@
+"""What each stage kind trains and how its loss is computed, on top of the single-device `Blip3o`.
+
+`StageModule` is the thing handed to DDP / FSDP2: every computation of a step (and of in-training sampling)
+goes through its `forward`, so the wrappers' hooks see it. It owns no parameters beyond the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from blip3o.models.blip3o import Blip3o
+from blip3o.models.decoder import images_to_tensor
+
+GENERATION_KINDS = ("generation", "instruct", "joint")
+NEEDS_CLIP_FEATURES = ("decoder", "generation", "instruct", "joint")
+
+
+def trainable_modules(model: Blip3o, kind: str) -> list[nn.Module | nn.Parameter]:
+    """The parts a stage kind trains; everything else is frozen."""
+    if kind == "clip":
+        return [model.clip]
+    if kind == "decoder":
+        return [model.decoder]
+    if kind == "vae":
+        if model.vae is None:
+            raise ValueError("stage kind 'vae' needs a model with a VAE (model.vae config)")
+        return [model.vae]
+    if kind == "understanding":
+        return [model.backbone.vlm]
+    if kind in ("generation", "instruct"):
+        # The release's stage 2/3: the backbone is frozen; only the queries and the DiT learn.
+        return [model.backbone.latent_queries, model.dit]
+    if kind == "joint":
+        return [model.backbone, model.dit]
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def set_trainable(model: Blip3o, kind: str) -> list[str]:
+    """Freeze everything, then unfreeze what `kind` trains; returns the trainable parameter names."""
+    model.requires_grad_(False)
+    for part in trainable_modules(model, kind):
+        part.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def shard_units(model: Blip3o, kind: str) -> list[nn.Module]:
+    """Blocks that FSDP2 shards as their own units (transformer layers of the trained parts)."""
+    units: list[nn.Module] = []
+    if kind in GENERATION_KINDS:
+        units += list(model.dit.model.layers)
+    if kind in ("understanding", "joint"):
+        units += list(model.backbone.vlm.model.language_model.layers)
+    return units
+
+
+class StageModule(nn.Module):
+    """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample')."""
+
+    def __init__(self, model: Blip3o, kind: str, understanding_weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.understanding_weight = understanding_weight
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
+        if mode == "sample":
+            return self.model.generate(batch["prompts"], **kwargs)
+        m = self.model
+        kind = self.kind
+        if kind == "clip":
+            pixels = m.clip.preprocess(batch["images"]).to(m.device)  # (B, 3, S, S)
+            text = m.clip_text_inputs(batch["captions"])
+            loss = m.clip.contrastive_loss(pixels, text["input_ids"], text["attention_mask"])
+            return loss, {}
+        if kind == "decoder":
+            features = m.encode_image(batch["images"])  # (B, N, D), frozen CLIP
+            pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
+            return m.decoder.loss(pixels, features, generator), {}
+        if kind == "vae":
+            pixels = images_to_tensor(batch["images"]).to(m.device)
+            return m.vae.loss(pixels, generator), {}
+        if kind == "understanding":
+            return m.backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"]), {}
+        # generation, instruct, joint
+        x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
+        cond = m.condition(batch["captions"])  # (B, Q, H)
+        gen_loss, _ = m.objective.loss(m.dit, x0, cond.float(), generator)
+        if kind != "joint":
+            return gen_loss, {}
+        und_loss = m.backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"])
+        loss = gen_loss + self.understanding_weight * und_loss
+        return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
+
+
+def fit_feature_statistics(model: Blip3o, images: list, batch_size: int = 256) -> None:
+    """Fit CLIP's per-channel feature normalisation (the DiT target space) on real images."""
+    with torch.no_grad():
+        raw = torch.cat(
+            [
+                model.clip.encode_image_raw(
+                    model.clip.preprocess(images[i : i + batch_size]).to(model.device)
+                )
+                for i in range(0, len(images), batch_size)
+            ]
+        )  # (M, N, D)
+    model.clip.fit_feature_normalization(raw)
+
+
+def fit_vae_scaling(model: Blip3o, images: list, batch_size: int = 256) -> None:
+    with torch.no_grad():
+        pixels = torch.cat(
+            [images_to_tensor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
+    model.vae.fit_scaling(pixels.to(model.device))
+
+
+def parameters_of(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
