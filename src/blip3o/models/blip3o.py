@@ -57,6 +57,8 @@ class Blip3oConfig:
             raise ValueError(f"target must be 'clip' or 'vae', got {self.target!r}")
         if self.objective not in ("flow_matching", "mse"):
             raise ValueError(f"objective must be 'flow_matching' or 'mse', got {self.objective!r}")
+        if self.backbone.n_queries < 1:
+            raise ValueError(f"backbone.n_queries must be >= 1, got {self.backbone.n_queries}")
         if self.dit.latent_embedding_size != self.backbone.hidden_size:
             raise ValueError(
                 f"dit.latent_embedding_size {self.dit.latent_embedding_size} must equal the backbone's "

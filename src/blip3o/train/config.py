@@ -20,7 +20,11 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from blip3o.models.backbone import BackboneConfig
 from blip3o.models.blip3o import Blip3oConfig, tiny_config
+from blip3o.models.clip import clip_config
+from blip3o.models.decoder import PixelDecoderConfig
+from blip3o.models.dit import DiTConfig
 
 StageKind = Literal["clip", "decoder", "vae", "understanding", "generation", "instruct", "joint"]
 STAGE_KINDS: tuple[str, ...] = ("clip", "decoder", "vae", "understanding", "generation", "instruct", "joint")
@@ -49,7 +53,7 @@ class StageConfig:
     understanding_weight: float = 1.0  # joint: weight of the understanding loss
     log_every: int = 10
     ckpt_every: int = 100
-    sample_every: int = 0  # generation stages: write a sample grid every N steps (0: only at the end)
+    sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -156,7 +160,54 @@ def _tiny_test() -> RunConfig:
     )
 
 
-PRESETS = {"tiny-test": _tiny_test}
+def _tiny_gen() -> RunConfig:
+    """One stage-2 run of the miniature (engine tests: resume, distributed equivalence, overfitting)."""
+    return RunConfig(
+        preset="tiny-gen",
+        model=tiny_config(tokenizer_corpus_scenes=300),
+        stages=(
+            StageConfig(
+                "generation", "generation", steps=6, batch_size=4, lr=1e-3, log_every=1, ckpt_every=2
+            ),
+        ),
+        data=DataConfig(num_samples=32),
+        deterministic=True,
+    )
+
+
+def _released(size: str) -> RunConfig:
+    """The released recipe's shapes (DESIGN.md section 1): Qwen2.5-VL backbone, EVA-CLIP-sized 64 x 1792
+    targets, the 1.66B-parameter DiT; stage 2 with lr 1e-4 cosine, warmup, AdamW, global batch 512, bf16,
+    gradient clipping 1.0, FSDP2. Stage 0 and 1 are not run for these sizes: the release reuses pretrained
+    Qwen2.5-VL and EVA-CLIP, which must be loaded from local directories. The step counts are a template
+    (about 1 pass over 25M images at batch 512 is 48,828 steps); set them for your data."""
+    backbone = BackboneConfig.preset("qwen2.5-vl-7b" if size == "8b" else "qwen2.5-vl-3b")
+    clip = clip_config("eva_clip_e_14_plus")
+    dit = DiTConfig.blip3o_8b() if size == "8b" else DiTConfig.blip3o_4b()
+    decoder = PixelDecoderConfig(
+        image_size=1024, feature_dim=clip.feature_dim, num_feature_tokens=clip.num_target_tokens
+    )
+    model = Blip3oConfig(backbone=backbone, clip=clip, dit=dit, decoder=decoder)
+    common = dict(lr=1e-4, warmup_steps=1000, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, log_every=10,
+                  ckpt_every=1000, sample_every=5000)  # fmt: skip
+    return RunConfig(
+        preset=f"blip3o-{size}",
+        model=model,
+        stages=(
+            StageConfig("generation", "generation", steps=48_828, batch_size=512, **common),
+            StageConfig("instruct", "instruct", steps=2_000, batch_size=512, **common),
+        ),
+        distributed="fsdp",
+        precision="bf16",
+    )
+
+
+PRESETS = {
+    "tiny-test": _tiny_test,
+    "tiny-gen": _tiny_gen,
+    "blip3o-4b": lambda: _released("4b"),
+    "blip3o-8b": lambda: _released("8b"),
+}
 
 
 def preset(name: str) -> RunConfig:

@@ -140,7 +140,11 @@ def make_batch(
             question, answer = LONG_CAPTION_PROMPT, ex.long_caption
         prompts.append(question)
         answers.append(answer)
-    batch: dict = {"images": images}
+    # One seed per sample for its diffusion draws (noise level, noise, CFG dropout): see per_sample_draws.
+    batch: dict = {
+        "images": images,
+        "seeds": [int(np.random.SeedSequence([seed, pos, 11]).generate_state(1)[0]) for pos in positions],
+    }
     if kind in ("clip", "generation", "instruct", "joint"):
         batch["captions"] = captions
     if kind in ("understanding", "joint"):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from blip3o.train.config import ConfigError, RunConfig, StageConfig
-from blip3o.train.data import BatchPlan, ensure_shards, instruct_examples, load_shards, make_batch
+from blip3o.train.data import BatchPlan, DataError, ensure_shards, instruct_examples, load_shards, make_batch
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
 from blip3o.train.parallelize import (
     DistInfo,
@@ -188,7 +188,7 @@ def train_stage(
     optimizer = build_optimizer(parameters_of(model), stage.lr, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
     ema = EMA(model, stage.ema_decay) if stage.ema_decay > 0 else None
-    # Flow-matching draws (levels, noise, CFG dropout): one generator per rank, saved in checkpoints.
+    # Diffusion draws are per sample (batch["seeds"]); this generator only drives the VAE's posterior sample.
     generator = torch.Generator().manual_seed(seed * 100 + dist.rank)
     seed_everything(seed, dist.rank)
 
@@ -289,7 +289,7 @@ def train_stage(
     # The stage's model: EMA weights where there is an EMA (sampling uses them), exported in release layout.
     if ema is not None:
         ema.copy_to(model)
-    if kind in GENERATION_KINDS:
+    if kind in GENERATION_KINDS and stage.sample_every:
         _sample_grid(
             wrapped,
             model,
@@ -325,10 +325,17 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
             torch.use_deterministic_algorithms(True)
         _check_run_config(out, config, dist)
         barrier(dist)
-        shard_dir = Path(config.data.shards) if config.data.shards else out / "data"
-        ensure_shards(
-            shard_dir, config.data.num_samples, config.data.seed, dist.is_main, lambda: barrier(dist)
-        )
+        if config.data.shards:  # the user's shards: never written by the run
+            shard_dir = Path(config.data.shards)
+            if not shard_dir.exists():
+                raise DataError(
+                    f"data.shards={shard_dir} does not exist (write shards with `blip3o world shards`)"
+                )
+        else:  # the run's own shards, written on first use
+            shard_dir = out / "data"
+            ensure_shards(
+                shard_dir, config.data.num_samples, config.data.seed, dist.is_main, lambda: barrier(dist)
+            )
         examples, _ = load_shards(shard_dir)
         results, previous = [], None
         for index, stage in enumerate(config.stages):

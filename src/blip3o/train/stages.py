@@ -13,6 +13,7 @@ from torch import nn
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import images_to_tensor
+from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
 NEEDS_CLIP_FEATURES = ("decoder", "generation", "instruct", "joint")
@@ -56,8 +57,38 @@ def shard_units(model: Blip3o, kind: str) -> list[nn.Module]:
     return units
 
 
+def per_sample_draws(
+    x0: torch.Tensor, condition: torch.Tensor | None, seeds: list[int], cfg: FlowMatchingConfig
+) -> FlowMatchingDraws:
+    """Flow-matching draws (level, noise, dropout) made per sample from its own seed.
+
+    A sample's draws then depend only on which sample it is (its global position in the data order), not on
+    how the batch is split over ranks or micro-steps: a 2-process run sees exactly the randomness of a
+    1-process run, and a resumed run that of an uninterrupted one, with no generator state to carry.
+    """
+    parts = [
+        draw_flow_matching(
+            x0[i : i + 1],
+            None if condition is None else condition[i : i + 1],
+            torch.Generator().manual_seed(seed),
+            cfg,
+        )
+        for i, seed in enumerate(seeds)
+    ]
+    masks = [p.drop_mask for p in parts]
+    return FlowMatchingDraws(
+        index=torch.cat([p.index for p in parts]),
+        noise=torch.cat([p.noise for p in parts]),
+        drop_mask=None if masks[0] is None else torch.cat(masks),
+    )
+
+
 class StageModule(nn.Module):
-    """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample')."""
+    """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample').
+
+    `batch["seeds"]` (one per sample) drives the diffusion draws (see `per_sample_draws`); `generator` only
+    the VAE's posterior sample.
+    """
 
     def __init__(self, model: Blip3o, kind: str, understanding_weight: float = 1.0):
         super().__init__()
@@ -78,7 +109,10 @@ class StageModule(nn.Module):
         if kind == "decoder":
             features = m.encode_image(batch["images"])  # (B, N, D), frozen CLIP
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
-            return m.decoder.loss(pixels, features, generator), {}
+            fm = m.decoder.flow_matching
+            draws = per_sample_draws(pixels, features, batch["seeds"], fm)
+            loss, _ = flow_matching_loss(m.decoder.velocity, pixels, features, cfg=fm, draws=draws)
+            return loss, {}
         if kind == "vae":
             pixels = images_to_tensor(batch["images"]).to(m.device)
             return m.vae.loss(pixels, generator), {}
@@ -87,7 +121,11 @@ class StageModule(nn.Module):
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, Q, H)
-        gen_loss, _ = m.objective.loss(m.dit, x0, cond.float(), generator)
+        if m.config.objective == "flow_matching":
+            draws = per_sample_draws(x0, cond, batch["seeds"], m.config.flow)
+            gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
+        else:
+            gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
         if kind != "joint":
             return gen_loss, {}
         und_loss = m.backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"])
