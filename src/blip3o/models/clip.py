@@ -1,0 +1,361 @@
+"""The generation target encoder: a CLIP image/text model whose image patch tokens are what the DiT generates.
+
+BLIP3-o generates CLIP features, not VAE latents. The released system takes EVA-CLIP-E-14-plus at 448 px,
+keeps the raw output of its last block for the 32x32 patch tokens (CLS dropped, no final norm), average-pools
+the grid 4x4 to 8x8 and uses the resulting 64 tokens x 1792 channels as the DiT target, unnormalised.
+
+Here the encoder is a small transformers `CLIPModel` trained from scratch on ShapesWorld with CLIP's
+contrastive objective (stage 0). The target it produces differs from the release in one deliberate way:
+features are normalised per channel with statistics fitted on data (`fit_feature_normalization`), so the
+DiT's flow-matching target has unit scale whatever the encoder's residual-stream scale turned out to be.
+The pixel decoder and the diversity metrics consume the same normalised space, so nothing downstream ever
+sees raw features.
+
+Feature choice: the residual stream after the last encoder layer, before `post_layernorm`. This matches the
+release (raw last-block output, no final norm); in transformers' CLIP `post_layernorm` is only applied to,
+and only trained through, the CLS token, so applying it to patch tokens would use a norm they never fed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+# OpenAI CLIP's pixel statistics, also used by EVA-CLIP in the release. ShapesWorld images are not ImageNet-like
+# (bright backgrounds), but keeping the convention means `preprocess` is the familiar CLIP transform and the
+# encoder's first layer, trained from scratch, absorbs the offset anyway.
+CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CONFIG_NAME = "config.json"
+CLIP_SUBDIR = "clip"
+FEATURE_STATS_NAME = "feature_stats.safetensors"
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Sizes of the CLIP image/text towers and how the generation target is made from the image tower."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 512
+    text_vocab_size: int = 512  # the project tokenizer's default size; set it from the trained tokenizer
+    # Position embeddings: a 4-object long caption is ~100-150 tokens with a 512-token BPE.
+    text_max_length: int = 192
+    # The tokenizer's special ids, recorded in transformers' config. Our text pooling reads the attention mask,
+    # so the loss does not depend on them; they only have to lie inside the vocabulary.
+    pad_token_id: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int = 2
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_mlp: int = 512
+    projection_dim: int = 128
+    # Average-pooling factor on the patch grid for the target: 1 keeps every patch token, 2 halves each side.
+    # The release pools 32x32 -> 8x8 (factor 4).
+    target_pool: int = 1
+    hidden_act: str = "gelu"  # EVA-CLIP uses exact-erf GELU, not OpenAI CLIP's quick_gelu
+    logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.patch_grid % self.target_pool:
+            raise ValueError(
+                f"patch grid {self.patch_grid} is not a multiple of target_pool {self.target_pool}"
+            )
+
+    @property
+    def patch_grid(self) -> int:
+        """Side of the patch-token grid (8 for 64 px / patch 8)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def target_grid(self) -> int:
+        """Side of the pooled target grid."""
+        return self.patch_grid // self.target_pool
+
+    @property
+    def num_target_tokens(self) -> int:
+        return self.target_grid**2
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of a target token: the vision width (patch tokens are taken before any projection)."""
+        return self.vision_hidden
+
+    def to_hf_config(self) -> CLIPConfig:
+        text = CLIPTextConfig(
+            vocab_size=self.text_vocab_size,
+            hidden_size=self.text_hidden,
+            intermediate_size=self.text_mlp,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            max_position_embeddings=self.text_max_length,
+            hidden_act=self.hidden_act,
+            projection_dim=self.projection_dim,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=self.vision_hidden,
+            intermediate_size=self.vision_mlp,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_act=self.hidden_act,
+            projection_dim=self.projection_dim,
+        )
+        return CLIPConfig(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=self.projection_dim,
+            logit_scale_init_value=self.logit_scale_init,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ClipConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown ClipConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+CLIP_PRESETS: dict[str, ClipConfig] = {
+    # 64x64 ShapesWorld, 8x8 = 64 patch tokens (the release's token count) x 128 channels.
+    "tiny": ClipConfig(),
+    # The same towers with a 4x4 = 16-token target (cheaper DiT, coarser layout).
+    "tiny_pool2": ClipConfig(target_pool=2),
+    # The released target encoder's shape (EVA02-CLIP-bigE-14-plus at 448 px), for reference and shape tests
+    # only: far too big to build here, and its post-norm blocks differ from transformers' pre-norm CLIP.
+    "eva_clip_e_14_plus": ClipConfig(
+        image_size=448,
+        patch_size=14,
+        vision_hidden=1792,
+        vision_layers=64,
+        vision_heads=16,
+        vision_mlp=15360,
+        text_vocab_size=49408,
+        text_max_length=77,
+        pad_token_id=0,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        text_hidden=1280,
+        text_layers=32,
+        text_heads=20,
+        text_mlp=5120,
+        projection_dim=1024,
+        target_pool=4,
+    ),
+}
+
+
+def clip_config(name: str, **overrides) -> ClipConfig:
+    """A named preset, optionally with fields replaced (e.g. `text_vocab_size` from the tokenizer)."""
+    if name not in CLIP_PRESETS:
+        raise KeyError(f"unknown CLIP preset {name!r}; known: {sorted(CLIP_PRESETS)}")
+    return replace(CLIP_PRESETS[name], **overrides)
+
+
+def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) row-major tokens -> (B, D, h, w) channels-first grid, the layout the release's DiT denoises."""
+    batch, num_tokens, dim = tokens.shape
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(batch, dim, side, side)  # (B, D, h, w)
+
+
+def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) grid -> (B, h*w, D) tokens in row-major order (inverse of `tokens_to_grid`)."""
+    batch, dim, height, width = grid.shape
+    return grid.reshape(batch, dim, height * width).transpose(1, 2)  # (B, N, D)
+
+
+def pool_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool a square grid of row-major tokens by `factor` per side: (B, N, D) -> (B, N / factor^2, D)."""
+    if factor == 1:
+        return tokens
+    grid = tokens_to_grid(tokens)  # (B, D, g, g)
+    pooled = F.avg_pool2d(grid, kernel_size=factor, stride=factor)  # (B, D, g/f, g/f)
+    return grid_to_tokens(pooled)  # (B, N/f^2, D)
+
+
+def same_caption_matrix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: True where two rows hold the same caption (same ids on the same attended positions)."""
+    ids = input_ids * attention_mask  # (B, L): padding ids zeroed so only the caption is compared
+    same_ids = (ids[:, None, :] == ids[None, :, :]).all(dim=-1)  # (B, B)
+    same_mask = (attention_mask[:, None, :] == attention_mask[None, :, :]).all(dim=-1)  # (B, B)
+    return same_ids & same_mask
+
+
+class ClipEncoder(nn.Module):
+    """A transformers `CLIPModel` plus the recipe that turns its patch tokens into normalised DiT targets."""
+
+    def __init__(self, config: ClipConfig, clip: CLIPModel | None = None):
+        super().__init__()
+        self.config = config
+        self.clip = clip if clip is not None else CLIPModel(config.to_hf_config())
+        # Per-channel statistics of the pooled raw features; `feature_count` = 0 means not fitted yet.
+        self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
+        self.register_buffer("feature_std", torch.ones(config.feature_dim))
+        self.register_buffer("feature_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ---- preprocessing -------------------------------------------------------------------------------------
+
+    def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> CLIP input (mean/std normalised)."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> (B, 3, S, S) CLIP input, S = image_size.
+
+        The release's transform: RGB, bicubic resize of the shorter side to S, centre crop, [0, 1], CLIP mean/std.
+        ShapesWorld renders are already S x S, so for them this is only the last two steps.
+        """
+        size = self.config.image_size
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                scale = size / min(image.size)
+                resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+                image = image.resize(resized, Image.Resampling.BICUBIC)
+                left, top = (image.width - size) // 2, (image.height - size) // 2
+                image = image.crop((left, top, left + size, top + size))
+            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S) in [0, 1]
+        return self.normalize_pixels(batch.to(self.pixel_mean.device))
+
+    # ---- contrastive training ------------------------------------------------------------------------------
+
+    def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # transformers pools text at the first `eos_token_id` (or the highest id), which ties the model to a
+        # tokenizer's special ids. Under the causal mask the caption's last token has seen the whole caption,
+        # so pooling there is CLIP's EOT pooling without a magic id. Positions count attended tokens only, so a
+        # caption gets the same embedding with left padding (the project tokenizer's default) or right padding.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
+        hidden = self.clip.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # (B, L, text_hidden)
+        length = attention_mask.shape[1]
+        last = (
+            length - 1 - attention_mask.flip(dims=[1]).argmax(dim=1)
+        )  # (B,) index of the last attended token
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, text_hidden)
+        return self.clip.text_projection(pooled)  # (B, projection_dim)
+
+    def _image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_image_features(pixel_values=pixel_values).pooler_output  # (B, projection_dim)
+
+    def similarity(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, B) scaled cosine similarities, image rows x text columns (CLIP's logits_per_image)."""
+        image = F.normalize(self._image_embeddings(pixel_values), dim=-1)  # (B, P)
+        text = F.normalize(self._text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
+        return self.clip.logit_scale.exp() * image @ text.T  # (B, B)
+
+    def contrastive_loss(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """CLIP's symmetric InfoNCE, with every pair of identical captions counted as a positive.
+
+        ShapesWorld captions repeat within a batch ("an orange circle" can describe many images). Plain InfoNCE
+        would ask the model to tell identical texts apart, which is impossible: the loss has a floor and its
+        gradient pushes apart images that share a true description. Instead each row's target distribution is
+        uniform over all columns with the same caption (multi-positive InfoNCE); with unique captions this is
+        exactly CLIP's loss. Identical captions give identical text embeddings, so the optimum is reachable;
+        the loss floor is the mean log(number of duplicates), not 0. Long captions (which spell out layout)
+        are nearly unique and also make the image features carry position, so they are the better choice.
+        """
+        logits = self.similarity(pixel_values, input_ids, attention_mask)  # (B, B)
+        positives = same_caption_matrix(input_ids, attention_mask).float()  # (B, B), symmetric
+        targets = positives / positives.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
+        image_to_text = F.cross_entropy(logits, targets)
+        text_to_image = F.cross_entropy(logits.T, targets)
+        return (image_to_text + text_to_image) / 2
+
+    # ---- generation targets --------------------------------------------------------------------------------
+
+    def encode_image_raw(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, D) pooled patch tokens of the last layer, unnormalised."""
+        hidden = self.clip.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, 1 + g*g, D)
+        patches = hidden[:, 1:]  # (B, g*g, D): CLS dropped
+        return pool_tokens(patches, self.config.target_pool)  # (B, N, D)
+
+    @property
+    def feature_normalization_fitted(self) -> bool:
+        return bool(self.feature_count > 0)
+
+    @torch.no_grad()
+    def fit_feature_normalization(self, features: torch.Tensor) -> None:
+        """Store per-channel mean/std of raw pooled features (M, N, D), e.g. `encode_image_raw` on a data set."""
+        flat = features.reshape(-1, features.shape[-1]).double()  # (M*N, D)
+        if flat.shape[0] < 2:
+            raise ValueError("need at least two feature tokens to fit a standard deviation")
+        self.feature_mean.copy_(flat.mean(dim=0).float())
+        self.feature_std.copy_(flat.std(dim=0).clamp_min(1e-6).float())
+        self.feature_count.fill_(flat.shape[0])
+
+    def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
+        if not self.feature_normalization_fitted:
+            raise RuntimeError("feature normalisation is not fitted: call fit_feature_normalization first")
+        return (raw - self.feature_mean) / self.feature_std
+
+    def denormalize_features(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.feature_normalization_fitted:
+            raise RuntimeError("feature normalisation is not fitted: call fit_feature_normalization first")
+        return features * self.feature_std + self.feature_mean
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) CLIP input -> (B, N, D) normalised target tokens, row-major over the pooled grid."""
+        return self.normalize_features(self.encode_image_raw(pixel_values))
+
+    # ---- save / load ---------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json (our fields) + clip/ (transformers' own format) + feature_stats.safetensors."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        self.clip.save_pretrained(directory / CLIP_SUBDIR)
+        stats = {
+            "feature_mean": self.feature_mean,
+            "feature_std": self.feature_std,
+            "feature_count": self.feature_count,
+        }
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in stats.items()}, directory / FEATURE_STATS_NAME
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ClipEncoder:
+        directory = Path(directory)
+        config = ClipConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        clip = CLIPModel.from_pretrained(directory / CLIP_SUBDIR, local_files_only=True)
+        encoder = cls(config, clip=clip)
+        for name, value in load_file(directory / FEATURE_STATS_NAME).items():
+            getattr(encoder, name).copy_(value)
+        return encoder.eval()
