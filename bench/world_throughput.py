@@ -1,4 +1,5 @@
-"""ShapesWorld throughput: how fast this machine writes shards (and, per stage, where the time goes).
+"""ShapesWorld throughput: how fast this machine writes shards (and, per stage, where the time goes), and
+how fast the judge scores images.
 
     .venv/bin/python bench/world_throughput.py            # 2,000 samples, one process
     .venv/bin/python bench/world_throughput.py --n 500
@@ -52,6 +53,20 @@ def bench_sample_stages(n: int = 500, seed: int = 0) -> dict[str, float]:
     return {stage: 1e3 * t / n for stage, t in totals.items()}
 
 
+def bench_judge(n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Judge speed: images/s for `detect` on pre-rendered random scenes (rendering not timed)."""
+    from blip3o.world.judge import detect
+
+    rng = np.random.default_rng(seed)
+    images = [render(sample_scene(rng)) for _ in range(n)]
+    detect(images[0])  # warm-up (loads the shape model)
+    start = time.perf_counter()
+    for image in images:
+        detect(image)
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="ShapesWorld throughput on this machine")
     p.add_argument("--n", type=int, default=2000, help="samples to write (default 2000)")
@@ -63,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     stages = bench_sample_stages(min(args.n, 500))
     print("per sample: " + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.items()))
+    judge = bench_judge(min(args.n, 1000))
+    print(
+        f"judge: {judge['images']} images in {judge['seconds']:.2f} s = {judge['images_per_s']:.0f} images/s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The DiT against the released BLIP3-o `NextDiTCrossAttn`: numeric parity on the tiny fixtures, state-dict
 keys/shapes/parameter counts at the released 8B and 4B sizes, config errors, gradient checkpointing, bf16.
 
-Fixtures: `../shared/fixtures/official_dit/` next to the repository, or $BLIP3O_FIXTURES/official_dit/.
+Fixtures: tests/fixtures/official_dit/ (a copy of shared/fixtures/official_dit, checksums in SHA256SUMS), or
+$BLIP3O_FIXTURES/official_dit/.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.dit_layers import rope_2d_table
 
 _FIXTURE_ROOT = Path(
-    os.environ.get("BLIP3O_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+    os.environ.get("BLIP3O_FIXTURES", Path(__file__).resolve().parent / "fixtures")
 )
 FIXTURES = _FIXTURE_ROOT / "official_dit"
 needs_fixtures = pytest.mark.skipif(

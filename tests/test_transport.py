@@ -44,8 +44,8 @@ FIXTURE_SUBDIR = Path("fixtures") / "official_dit"
 
 
 def _fixture_dir() -> Path | None:
-    """The official-DiT fixtures: $BLIP3O_FIXTURES, else shared/ inside or next to the checkout."""
-    candidates = [REPO_ROOT / "shared" / FIXTURE_SUBDIR, REPO_ROOT.parent / "shared" / FIXTURE_SUBDIR]
+    """The official-DiT fixtures: $BLIP3O_FIXTURES, else the copy in tests/, else shared/ next to the checkout."""
+    candidates = [REPO_ROOT / "tests" / FIXTURE_SUBDIR, REPO_ROOT.parent / "shared" / FIXTURE_SUBDIR]
     if "BLIP3O_FIXTURES" in os.environ:
         candidates.insert(0, Path(os.environ["BLIP3O_FIXTURES"]) / "official_dit")
     return next((path for path in candidates if path.is_dir()), None)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from blip3o.eval.geneval import format_table, score_detections, summarize
+from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.language import Annotation, annotate
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
@@ -71,50 +72,16 @@ def judged_examples(records: list[dict], seed: int, detect) -> list[JudgedExampl
     return out
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow built without FreeType: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
-
-
 def grid_image(world: list[WorldExample], judged: list[JudgedExample], columns: int = 8) -> Image.Image:
     """One PNG: world scenes with their short captions, then judged prompts with the verdict."""
-    font, small = _font(15), _font(13)
-    caption_h = 58
-    cells: list[tuple[Image.Image, list[str], str]] = []
-    cells += [(w.image, _wrap(w.annotation.short_caption, 26), "black") for w in world]
-    for j in judged:
-        verdict = "PASS" if j.correct else "FAIL"
-        text = _wrap(f"{verdict} {j.record['prompt'].removeprefix('a photo of ')}", 26)
-        cells.append((j.image, text, "darkgreen" if j.correct else "darkred"))
-    rows = -(-len(cells) // columns)
-    title_h = 36
-    sheet = Image.new("RGB", (columns * CELL, title_h + rows * (CELL + caption_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text(
-        (8, 8),
-        f"ShapesWorld v1: {len(world)} random scenes, then {len(judged)} evaluation prompts scored by the judge",
-        fill="black",
-        font=font,
-    )
-    for i, (image, lines, colour) in enumerate(cells):
-        x, y = (i % columns) * CELL, title_h + (i // columns) * (CELL + caption_h)
-        sheet.paste(image.resize((CELL - 8, CELL - 8), Image.Resampling.NEAREST), (x + 4, y + 4))
-        for k, line in enumerate(lines[:3]):
-            draw.text((x + 6, y + CELL + k * 17), line, fill=colour, font=small)
-    return sheet
+    labels = [w.annotation.short_caption for w in world]
+    labels += [
+        f"{'PASS' if j.correct else 'FAIL'} {j.record['prompt'].removeprefix('a photo of ')}" for j in judged
+    ]
+    colors = ["black"] * len(world) + ["darkgreen" if j.correct else "darkred" for j in judged]
+    title = f"ShapesWorld v1: {len(world)} random scenes, then {len(judged)} evaluation prompts scored by the judge"
+    images = [w.image for w in world] + [j.image for j in judged]
+    return image_grid(images, labels, columns=columns, cell=CELL, title=title, label_lines=3, colors=colors)
 
 
 def _img_tag(path: str, alt: str) -> str:
