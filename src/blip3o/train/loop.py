@@ -117,10 +117,11 @@ def _format_eta(seconds: float) -> str:
 
 
 def _truncate_log(path: Path, from_step: int) -> None:
-    """Drop log lines at or after `from_step` (written after the checkpoint we resume from)."""
+    """Drop log lines of steps after `from_step` (a line's step counts completed steps, so the checkpoint we
+    resume from, taken after `from_step` steps, already covers the line for `from_step`)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < from_step]
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= from_step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
