@@ -6,7 +6,8 @@
 The global batch of every step is a fixed function of the step and is split evenly across ranks, so any
 world size computes the same losses up to float rounding. The model mixes a frozen layer and trainable
 queries in the FSDP2 root unit, like stage 2 (frozen backbone + trainable queries + trainable DiT).
-Rank 0 writes `OUT/result.json`; checkpoints go to `OUT/run` (after steps 3 and 5).
+Rank 0 writes `OUT/result.json`; checkpoints go to `OUT/run` (after steps 3 and 5), the final model to
+`OUT/export` (release layout).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from blip3o.train.checkpoint import CheckpointError, load_training_state, save_training_state
+from blip3o.train.checkpoint import (
+    CheckpointError,
+    export_safetensors,
+    gather_model_state_dict,
+    load_training_state,
+    save_training_state,
+)
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
 from blip3o.train.parallelize import (
     DistInfo,
@@ -45,12 +52,13 @@ class Toy(nn.Module):
         super().__init__()
         self.frozen = nn.Linear(IN_DIM, WIDTH)  # stands for the frozen backbone
         self.frozen.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.tensor(0.9), requires_grad=False)  # FSDP2 cannot shard 0-dim
         self.latent_queries = nn.Parameter(torch.randn(4, WIDTH) * 0.1)
         self.blocks = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(2)])
         self.head = nn.Linear(WIDTH, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, IN_DIM) -> (B,)
-        h = torch.tanh(self.frozen(x)) + self.latent_queries.mean(0)
+        h = torch.tanh(self.frozen(x) * self.temperature) + self.latent_queries.mean(0)
         for block in self.blocks:
             h = h + torch.tanh(block(h))
         return self.head(h).squeeze(-1)
@@ -108,7 +116,10 @@ def train(
             save_training_state(
                 out / "run", step + 1, wrapped, optimizer, scheduler, ema=ema, dist=dist, keep_last=None
             )
-    all_params_sharded = all(isinstance(p, DTensor) for p in model.parameters())
+    full_state = gather_model_state_dict(wrapped)  # every rank; rank 0 gets the tensors
+    if save and dist.is_main:
+        export_safetensors(full_state, out / "export", config={"toy": True})
+    all_params_sharded = all(isinstance(p, DTensor) for p in model.parameters() if p.ndim > 0)
     with torch.no_grad():
         probe = wrapped(probe_input().to(dist.device)).float().cpu()
         with ema.swapped_in(model):
@@ -120,7 +131,7 @@ def train(
         "probe": probe.tolist(),
         "ema_probe": ema_probe.tolist(),
         "probe_unchanged_by_swap": torch.equal(probe, after_swap),
-        "all_params_sharded": all_params_sharded,
+        "all_params_sharded": all_params_sharded,  # but the scalar, see parallelize
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from blip3o.train.checkpoint import (
@@ -200,6 +201,9 @@ def test_single_process_helpers(monkeypatch):
     assert parallelize(model, "none", dist) is model
     assert unwrap(model) is model
     with pytest.raises(RuntimeError, match="torchrun"):
+        parallelize(model, "fsdp", dist)
+    model.register_parameter("scale", nn.Parameter(torch.tensor(1.0)))
+    with pytest.raises(ValueError, match="scale"):  # FSDP2 cannot shard a trainable 0-dim parameter
         parallelize(model, "fsdp", dist)
     assert all_reduce_mean(torch.tensor([1.0, 3.0]), dist) == 2.0
     assert all_reduce_mean(0.5, dist) == 0.5
@@ -543,6 +547,9 @@ def test_two_processes_match_one_and_checkpoints_cross_world_sizes(
         assert torch.equal(
             model.frozen.weight, toy.build_model().frozen.weight
         )  # frozen part saved, untouched
+    exported = toy.build_model()  # the rank-0 export of gather_model_state_dict holds the same weights
+    exported.load_state_dict(load_file(tmp_path / "export" / "model.safetensors"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in exported.state_dict().items())
     model, optimizer, scheduler, ema = _reload_probe(toy, tmp_path / "run" / "checkpoints" / "step_00000003")
     continued = []
     for step in range(3, toy.STEPS):

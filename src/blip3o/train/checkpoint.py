@@ -338,6 +338,19 @@ def _prune(root: Path, keep_last: int | None, keep: Path) -> None:
             shutil.rmtree(path)
 
 
+def gather_model_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, Tensor]:
+    """The model's full, unsharded CPU state dict with unwrapped names, for exports and evaluation copies.
+
+    A collective under DDP/FSDP2: call it on every rank. Distributed, rank 0 gets the tensors and the other
+    ranks an empty dict; alone, the tensors are the module's own (not copies). Touching FSDP2 parameters on
+    rank 0 only (e.g. `unwrap(model).save_pretrained(...)` inside `if dist.is_main`) waits forever for the
+    other ranks: gather with this first, then write on rank 0.
+    """
+    reshard(model)  # e.g. after sampling under no_grad, FSDP2's root unit still holds gathered parameters
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
 def save_training_state(
     run_dir: str | Path,
     step: int,
@@ -383,9 +396,8 @@ def save_training_state(
     except (TypeError, ValueError) as e:
         raise TypeError(f"trainer state (scheduler, data_state, config) is not JSON serialisable: {e}") from e
 
-    reshard(model)  # e.g. after sampling under no_grad, FSDP2's root unit still holds gathered parameters
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    model_sd = get_model_state_dict(model, options=options)
+    model_sd = gather_model_state_dict(model, trainable_only)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     ema_sd = ema.state_dict() if ema is not None else None
     rng_states: list[Any] = [capture_rng_state(generators)]

@@ -157,7 +157,8 @@ def parallelize(
       Frozen parameters are sharded too, and gathered whenever their unit runs: put a frozen backbone's
       layers in `shard_units` as well, or the root gathers all of it at once. "bf16" sets
       `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: compute in bf16, sharded fp32 master
-      weights, gradients reduced in fp32.
+      weights, gradients reduced in fp32. FSDP2 cannot shard 0-dim parameters: frozen ones are left
+      unsharded (`ignored_params`, kept in their own dtype); trainable ones are an error.
     """
     module = module.to(dist.device)
     if strategy == "none":
@@ -166,6 +167,13 @@ def parallelize(
         raise ValueError(f"strategy must be 'none', 'ddp' or 'fsdp', got {strategy!r}")
     if mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', got {mixed_precision!r}")
+    scalars = _scalar_parameters(module) if strategy == "fsdp" else {}
+    trainable_scalars = sorted(name for name, p in scalars.items() if p.requires_grad)
+    if trainable_scalars:
+        raise ValueError(
+            f"FSDP2 cannot shard 0-dim parameters and would not synchronise their gradients if left out: "
+            f"make these trainable scalars shape (1,): {trainable_scalars}"
+        )
     if not dist.is_distributed:
         raise RuntimeError(
             f"strategy {strategy!r} needs a process group: launch with torchrun, or use strategy 'none'"
@@ -183,10 +191,16 @@ def parallelize(
         if mixed_precision == "bf16"
         else MixedPrecisionPolicy()
     )
+    # Frozen scalars (e.g. a frozen CLIP's logit_scale) stay whole on every rank; fully_shard refuses them.
+    ignored = set(scalars.values()) or None
     for unit in shard_units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return module
+
+
+def _scalar_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.ndim == 0}
 
 
 def unwrap(module: nn.Module) -> nn.Module:
