@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     from blip3o.train.config import PRESETS, ConfigError, apply_overrides, preset
 
     if args.list:
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"blip3o train: error: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough
+        return 0
     for r in results:
         loss = "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"
         print(f"{r.name:>14}: {r.steps_run} steps, final loss {loss}, {r.seconds:.1f} s -> {r.model_dir}")

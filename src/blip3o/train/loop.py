@@ -31,7 +31,12 @@ import torch
 from tqdm import tqdm
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from blip3o.train.checkpoint import (
+    gather_model_state_dict,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 from blip3o.train.config import ConfigError, RunConfig, StageConfig
 from blip3o.train.data import BatchPlan, DataError, ensure_shards, instruct_examples, load_shards, make_batch
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
@@ -43,6 +48,7 @@ from blip3o.train.parallelize import (
     init_distributed,
     parallelize,
     seed_everything,
+    shutdown_distributed,
     unwrap,
 )
 from blip3o.train.stages import (
@@ -163,8 +169,11 @@ def train_stage(
     out: Path,
     examples: list,
     dist: DistInfo,
+    rebuild,
     progress: bool = True,
 ) -> StageResult:
+    """Train one stage of `model` in place and export it. `rebuild()` makes a fresh copy of the model as the
+    stage received it (only needed to export from FSDP2 shards)."""
     stage_dir = out / stage.name
     kind = stage.kind
     start_time = time.perf_counter()
@@ -300,8 +309,16 @@ def train_stage(
             writer,
             dist,
         )
+    if config.distributed == "fsdp":
+        # Sharded weights: gather them on every rank (a collective), then rank 0 writes an unsharded copy.
+        state = gather_model_state_dict(wrapped)
+        if dist.is_main:
+            plain = rebuild()
+            plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+            _export(plain, stage_dir / "model")
+    elif dist.is_main:
+        _export(unwrap(wrapped).model, stage_dir / "model")
     if dist.is_main:
-        _export(unwrap(model), stage_dir / "model")
         writer.close()
     barrier(dist)
     del trainable
@@ -345,12 +362,17 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
                 log.info("[%s] already trained: %s", stage.name, model_dir)
                 previous = model_dir
                 continue
-            model = (
-                Blip3o.from_pretrained(previous)
-                if previous
-                else Blip3o.from_config(config.model, seed=config.seed)
-            )
-            results.append(train_stage(model, stage, index, config, out, examples, dist, progress))
+
+            def build(source: Path | None = previous) -> Blip3o:
+                """The model as this stage receives it: the previous stage's export, or a fresh one."""
+                return (
+                    Blip3o.from_pretrained(source)
+                    if source
+                    else Blip3o.from_config(config.model, config.seed)
+                )
+
+            model = build()
+            results.append(train_stage(model, stage, index, config, out, examples, dist, build, progress))
             previous = model_dir
             del model
         if dist.is_main and previous is not None:
@@ -361,3 +383,4 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
         return results
     finally:
         barrier(dist)
+        shutdown_distributed()
