@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval geneval": ("blip3o.cli.eval_geneval", "score a GenEval-layout sample folder with ShapesGenEval"),
     "eval vqa": ("blip3o.cli.eval_vqa", "score answers to the ShapesVQA set"),
     "train": ("blip3o.cli.train", "train a preset's stages (resumable; torchrun for many processes)"),
+    "generate": ("blip3o.cli.generate", "text -> images with a trained model (PNG files, optional grid)"),
+    "ask": ("blip3o.cli.ask", "answer questions about images with a trained model"),
 }
 
 

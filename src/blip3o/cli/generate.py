@@ -1,0 +1,270 @@
+"""`blip3o generate`: text -> images with a trained model.
+
+    blip3o generate "a red circle left of a blue square" --model runs/x/final -o out.png
+    blip3o generate "a red circle" "two green triangles" --model runs/x/final -o samples/out.png \\
+        --num-images 4 --seed 1 --grid --scale 4
+
+One image (one prompt, --num-images 1) is written to -o itself. Several images are written next to it,
+numbered in prompt-major order: -o samples/out.png gives samples/out_000.png, samples/out_001.png, ...
+(with 2 prompts x 4 images, out_000..out_003 are the first prompt's). --grid also writes a labelled contact
+sheet, samples/out_grid.png. The same model, prompts, seed and settings give the same pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and the model are imported only once the arguments are known to be good
+    from PIL import Image
+
+    from blip3o.models.blip3o import Blip3o
+
+PROG = "blip3o generate"
+NO_MODEL = "no model given: pass --model PATH (a folder written by blip3o train, e.g. runs/x/final)"
+
+
+class CliError(Exception):
+    """A user error worth one line on stderr and exit code 2 (no traceback)."""
+
+
+# ---- helpers shared with `blip3o ask` ---------------------------------------------------------------------
+
+
+def report(prog: str, err: CliError) -> int:
+    """Print a user error as one line (some library messages span several) and return the exit code, 2."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' per-load progress bars and advice (e.g. "install accelerate"):
+    a command's output should be what it did, not how its dependencies load weights."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def _unreadable_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files under `directory` whose header does not parse (truncated, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            bad.append(path)
+    return bad
+
+
+def load_model(path: Path | None, device: str = "auto") -> Blip3o:
+    """`Blip3o.from_pretrained` with errors a user can act on (raised as CliError)."""
+    if path is None:
+        raise CliError(NO_MODEL)
+    if not path.exists():
+        raise CliError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise CliError(f"--model {path} is a file; pass the model folder (e.g. runs/x/final)")
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        raise CliError(f"{path} is a training run folder; its model is {path / 'final'}")
+    device = resolve_device(device)
+    quiet_libraries()
+    from blip3o.models.blip3o import Blip3o, ModelLoadError
+
+    try:
+        model = Blip3o.from_pretrained(path)
+    except ModelLoadError as err:
+        # safetensors' own messages ("incomplete metadata, file not fully covered") do not say which of the
+        # model's weight files is broken; find it so the user knows what to re-copy.
+        bad = _unreadable_weight_files(path)
+        if bad:
+            names = ", ".join(str(p) for p in bad)
+            raise CliError(
+                f"corrupt model {path}: unreadable weight file {names} ({err.__cause__ or err})"
+            ) from err
+        raise CliError(str(err)) from err
+    return model.to(device).eval()
+
+
+def check_prompts(model: Blip3o, prompts: list[str]) -> None:
+    """Reject user text that spells a special token before it reaches the model (it would change the layout
+    of the sequence); the model raises a ValueError for it, which the CLI should not have to catch broadly."""
+    from blip3o.data.tokenizer import reject_special_tokens
+
+    for prompt in prompts:
+        try:
+            reject_special_tokens(model.tokenizer, prompt)
+        except ValueError as err:
+            raise CliError(str(err)) from err
+
+
+def writable_file(path: Path) -> None:
+    """Make `path`'s folder and check that the file can be written, before spending time on a model.
+
+    Checked by writing (permission bits do not tell: root ignores them, /proc refuses anyway)."""
+    if path.is_dir():
+        raise CliError(f"output {path} is a folder; give a file name such as {path / 'out.png'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would only say "File exists"
+        raise CliError(f"cannot write {path}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "ab"):  # appends nothing: an existing file is left as it is
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            path.unlink()
+    except OSError as err:
+        raise CliError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+# ---- generate ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s), one set of images each")
+    p.add_argument("--model", type=Path, help="model folder written by blip3o train (e.g. runs/x/final)")
+    p.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, help="DiT Euler steps (default: the model's)")
+    p.add_argument("--cfg-scale", type=float, help="DiT guidance weight (default: the model's)")
+    p.add_argument("--decoder-steps", type=int, help="pixel decoder steps (default: the model's)")
+    p.add_argument("--decoder-cfg-scale", type=float, help="pixel decoder guidance weight")
+    p.add_argument(
+        "--scale", type=int, default=1, help="upscale saved images by this factor (nearest neighbour)"
+    )
+    p.add_argument("--grid", action="store_true", help="also write a labelled grid, <out>_grid.png")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
+    )
+    return p
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("num_images", "steps", "decoder_steps", "scale", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("cfg_scale", "decoder_cfg_scale"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def output_paths(out: Path, n_images: int) -> list[Path]:
+    """Where the images go: `out` itself for one image, else out_000.png, out_001.png, ... beside it."""
+    if n_images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(n_images)]
+
+
+def grid_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_grid{out.suffix}")
+
+
+def _grid(
+    images: list[Image.Image], prompts: list[str], num_images: int, scale: int, title: str
+) -> Image.Image:
+    from blip3o.viz import image_grid
+
+    # Prompt-major, as Blip3o.generate returns them; "#k" tells a prompt's images apart.
+    labels = [
+        prompt if num_images == 1 else f"{prompt} #{k}" for prompt in prompts for k in range(num_images)
+    ]
+    # One row per prompt when each has several images; otherwise rows of up to 8.
+    columns = num_images if num_images > 1 and len(prompts) > 1 else min(8, len(images))
+    cell = max(128, images[0].width * scale)
+    return image_grid(images, labels, columns=columns, cell=cell, title=title)
+
+
+def _run(args: argparse.Namespace) -> None:
+    _check_numbers(args)
+    if args.model is None:
+        raise CliError(NO_MODEL)
+    from PIL import Image
+
+    paths = output_paths(args.out, len(args.prompts) * args.num_images)
+    if args.out.suffix.lower() not in Image.registered_extensions() and not args.out.is_dir():
+        raise CliError(f"cannot tell the image format of {args.out}: give a name ending in .png")
+    writable_file(paths[0])
+
+    start = time.perf_counter()
+    model = load_model(args.model, args.device)
+    check_prompts(model, args.prompts)
+    loaded = time.perf_counter()
+    images = model.generate(
+        args.prompts,
+        num_images=args.num_images,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        decoder_steps=args.decoder_steps,
+        decoder_cfg_scale=args.decoder_cfg_scale,
+        batch_size=args.batch_size,
+    )
+    generated = time.perf_counter()
+
+    scaled = [
+        im.resize((im.width * args.scale, im.height * args.scale), Image.Resampling.NEAREST)
+        if args.scale > 1
+        else im
+        for im in images
+    ]
+    written = list(zip(paths, scaled, strict=True))
+    if args.grid:
+        title = f"seed {args.seed}" + (f", {args.steps} steps" if args.steps else "")
+        written.append((grid_path(args.out), _grid(images, args.prompts, args.num_images, args.scale, title)))
+    for path, image in written:
+        try:
+            image.save(path)
+        except OSError as err:
+            raise CliError(f"cannot write {path}: {err}") from err
+        print(f"wrote {path} ({image.width}x{image.height})")
+    print(
+        f"{len(images)} image(s) in {generated - loaded:.1f} s "
+        f"(model loaded in {loaded - start:.1f} s, {model.device})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except CliError as err:
+        return report(PROG, err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
