@@ -19,9 +19,7 @@ from safetensors.torch import load_file
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.dit_layers import rope_2d_table
 
-_FIXTURE_ROOT = Path(
-    os.environ.get("BLIP3O_FIXTURES", Path(__file__).resolve().parent / "fixtures")
-)
+_FIXTURE_ROOT = Path(os.environ.get("BLIP3O_FIXTURES", Path(__file__).resolve().parent / "fixtures"))
 FIXTURES = _FIXTURE_ROOT / "official_dit"
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"official DiT fixtures not found at {FIXTURES}"
