@@ -224,3 +224,74 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert main(["--preset", "tiny-gen", "--out", str(tmp_path / "b"), "data.shards=/does/not/exist"]) == 2
     assert main(["--preset", "tiny-gen", "--out", str(tmp_path / "c"), "stages.generation.batch_size=3",
                  "stages.generation.grad_accum=2"]) == 2  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- more stage semantics
+
+
+def test_joint_stage_trains_backbone_and_dit(tiny_model: Blip3o) -> None:
+    batch = _world_batch(2)
+    batch["prompts"], batch["answers"] = ["what shape is it?"] * 2, ["circle", "star"]
+    fit_feature_statistics(tiny_model, batch["images"])
+    trainable = set_trainable(tiny_model, "joint")
+    assert any(n.startswith("backbone.vlm.") for n in trainable) and any(
+        n.startswith("dit.") for n in trainable
+    )
+    loss, parts = StageModule(tiny_model, "joint", understanding_weight=0.5)(batch)
+    loss.backward()
+    assert torch.isclose(loss, parts["gen_loss"] + 0.5 * parts["und_loss"])
+    lm_grad = tiny_model.backbone.vlm.model.language_model.layers[0].mlp.down_proj.weight.grad
+    assert lm_grad is not None and lm_grad.abs().sum() > 0
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_vae_target_variant_trains_and_generates() -> None:
+    from blip3o.models.blip3o import tiny_vae_config
+    from blip3o.train.stages import fit_vae_scaling
+
+    model = Blip3o.from_config(tiny_vae_config(tokenizer_corpus_scenes=100), seed=0)
+    batch = _world_batch(2)
+    fit_vae_scaling(model, batch["images"])
+    set_trainable(model, "generation")
+    assert model.encode_target(batch["images"]).shape == (2, 4, 16, 16)  # 256 latent tokens
+    loss, _ = StageModule(model, "generation")(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    images = model.generate(["a red circle"], steps=2)
+    assert images[0].size == (64, 64)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    from blip3o.train.loop import run
+
+    base = apply_overrides(preset("tiny-gen"), ["stages.generation.steps=2", "deterministic=false"])
+    accumulated = apply_overrides(base, ["stages.generation.grad_accum=2"])
+    run(base, tmp_path / "one", progress=False)
+    run(accumulated, tmp_path / "two", progress=False)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-5
+
+
+def test_query_count_mismatch_and_corrupt_checkpoint_are_clear_errors(
+    tmp_path: Path, tiny_model: Blip3o
+) -> None:
+    from blip3o.cli.train import main
+    from blip3o.models.blip3o import ModelLoadError
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["backbone"]["n_queries"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="query count mismatch"):
+        Blip3o.from_pretrained(folder)
+    # A run whose latest checkpoint is corrupt stops with a one-line error instead of a traceback.
+    run_dir = tmp_path / "run"
+    args = ["--preset", "tiny-gen", "--out", str(run_dir), "--no-progress", "stages.generation.steps=2"]
+    assert main([*args, "stages.generation.ckpt_every=1"]) == 0
+    (run_dir / "generation" / "model" / "config.json").unlink()  # pretend the stage did not finish
+    ckpt = sorted((run_dir / "generation" / "checkpoints").iterdir())[-1]
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    assert main([*args, "stages.generation.ckpt_every=1"]) == 2

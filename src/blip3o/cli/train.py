@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_json())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from blip3o.models.blip3o import ModelLoadError
+    from blip3o.train.checkpoint import CheckpointError
     from blip3o.train.data import DataError
     from blip3o.train.loop import run
 
     try:
         results = run(config, args.out, progress=not args.no_progress, device=args.device)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError, ModelLoadError) as err:
         print(f"blip3o train: error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough

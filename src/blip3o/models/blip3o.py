@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip3o.data.tokenizer import shapes_corpus, train_tokenizer
-from blip3o.models.backbone import Backbone, BackboneConfig
+from blip3o.models.backbone import QUERIES_FILE, Backbone, BackboneConfig
 from blip3o.models.clip import ClipConfig, ClipEncoder, grid_to_tokens, tokens_to_grid
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
@@ -130,6 +130,29 @@ def tiny_config(**overrides: Any) -> Blip3oConfig:
     )
     decoder = PixelDecoderConfig(feature_dim=clip.feature_dim, num_feature_tokens=clip.num_target_tokens)
     return replace(Blip3oConfig(backbone=backbone, clip=clip, dit=dit, decoder=decoder), **overrides)
+
+
+def _check_query_count(backbone_dir: Path, n_queries: int) -> None:
+    """The saved queries must be as many as the config says (a clear error instead of a shape mismatch)."""
+    path = backbone_dir / QUERIES_FILE
+    try:
+        with safe_open(path, "pt") as f:
+            shape = tuple(f.get_slice("latent_queries").get_shape())
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"cannot read the learnable queries {path}: {err}") from err
+    if len(shape) != 3 or shape[1] != n_queries:
+        raise ModelLoadError(
+            f"query count mismatch: the config asks for {n_queries} queries, {path} holds shape {shape}"
+        )
+
+
+def tiny_vae_config(**overrides: Any) -> Blip3oConfig:
+    """The miniature with VAE latents as the DiT's target (the design study's MetaQuery-style variant):
+    a 16x16x4 latent grid, i.e. 256 tokens where CLIP has 64."""
+    base = tiny_config()
+    vae = VaeConfig()
+    dit = replace(base.dit, in_channels=vae.latent_channels, input_size=vae.latent_size)
+    return replace(base, vae=vae, target="vae", dit=dit, **overrides)
 
 
 class Blip3o(nn.Module):
@@ -315,13 +338,25 @@ class Blip3o(nn.Module):
             config = Blip3oConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ModelLoadError(f"{config_path} is not a valid blip3o config: {err}") from err
-        try:
-            backbone = Backbone.from_pretrained(directory / "backbone", dtype=torch.float32)
-            dit = DiT(DiTConfig.from_dict(json.loads((directory / "dit" / CONFIG_FILE).read_text())))
-            dit.load_state_dict(load_file(directory / "dit" / DIT_WEIGHTS), strict=True)
-            clip = ClipEncoder.from_pretrained(directory / "clip")
-            decoder = PixelDecoder.from_pretrained(directory / "decoder")
-            vae = Vae.from_pretrained(directory / "vae") if (directory / "vae").is_dir() else None
-        except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"cannot load the model in {directory}: {err}") from err
+        _check_query_count(directory / "backbone", config.backbone.n_queries)
+
+        def component(name: str, load):
+            """Load one component; a failure names the component's folder and what went wrong."""
+            try:
+                return load(directory / name)
+            except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as err:
+                raise ModelLoadError(
+                    f"cannot load the {name} of the model in {directory / name}: {err}"
+                ) from err
+
+        def load_dit(path: Path) -> DiT:
+            dit = DiT(DiTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())))
+            dit.load_state_dict(load_file(path / DIT_WEIGHTS), strict=True)
+            return dit
+
+        backbone = component("backbone", lambda p: Backbone.from_pretrained(p, dtype=torch.float32))
+        dit = component("dit", load_dit)
+        clip = component("clip", ClipEncoder.from_pretrained)
+        decoder = component("decoder", PixelDecoder.from_pretrained)
+        vae = component("vae", Vae.from_pretrained) if (directory / "vae").is_dir() else None
         return cls(config, backbone, clip, decoder, dit=dit, vae=vae).eval()
