@@ -91,7 +91,6 @@ class RunConfig:
     seed: int = 0
     keep_last: int = 2  # checkpoints kept per stage
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
-    eval_after: bool = False  # evaluate the final model (GenEval + VQA) at the end of the run
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -118,7 +117,7 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             **{
                 k: getattr(self, k)
-                for k in ("distributed", "precision", "seed", "keep_last", "deterministic", "eval_after")
+                for k in ("distributed", "precision", "seed", "keep_last", "deterministic")
             },
         }
 
@@ -132,11 +131,7 @@ class RunConfig:
             model=Blip3oConfig.from_dict(d["model"]),
             stages=tuple(StageConfig(**s) for s in d["stages"]),
             data=DataConfig(**d.get("data", {})),
-            **{
-                k: d[k]
-                for k in ("distributed", "precision", "seed", "keep_last", "deterministic", "eval_after")
-                if k in d
-            },
+            **{k: d[k] for k in ("distributed", "precision", "seed", "keep_last", "deterministic") if k in d},
         )
 
 
@@ -175,6 +170,35 @@ def _tiny_gen() -> RunConfig:
     )
 
 
+def _shapes(quick: bool) -> RunConfig:
+    """The ShapesWorld recipe: every stage from scratch on this 2-core CPU.
+
+    `shapes-quick` (about 10 minutes) is for trying things; `shapes` is the full recipe (at most 120 minutes).
+    Step counts are sized from bench/train_step.py and bench/stage0_components.py on 2 cores; the pixel
+    decoder (about 2 s per step of 32) is the most expensive stage.
+    """
+    scale = 1 if quick else 10
+
+    def stage(name: str, kind: str, steps: int, batch: int, lr: float, **kw) -> StageConfig:
+        return StageConfig(
+            name, kind, steps=steps * scale, batch_size=batch, lr=lr, warmup_steps=min(100, steps * scale // 10),
+            log_every=10 if quick else 50, ckpt_every=50 if quick else 250, **kw,
+        )  # fmt: skip
+
+    return RunConfig(
+        preset="shapes-quick" if quick else "shapes",
+        model=tiny_config(),
+        stages=(
+            stage("clip", "clip", 120, 64, 5e-4, short_caption_prob=0.3),
+            stage("decoder", "decoder", 60, 32, 5e-4),
+            stage("understanding", "understanding", 200, 16, 1e-3),
+            stage("generation", "generation", 150, 16, 5e-4, ema_decay=0.999, sample_every=75 * scale),
+            stage("instruct", "instruct", 40, 16, 2e-4, ema_decay=0.999, sample_every=40 * scale),
+        ),
+        data=DataConfig(num_samples=4_000 if quick else 20_000, instruct_renders=2 if quick else 4),
+    )
+
+
 def _released(size: str) -> RunConfig:
     """The released recipe's shapes (DESIGN.md section 1): Qwen2.5-VL backbone, EVA-CLIP-sized 64 x 1792
     targets, the 1.66B-parameter DiT; stage 2 with lr 1e-4 cosine, warmup, AdamW, global batch 512, bf16,
@@ -205,6 +229,8 @@ def _released(size: str) -> RunConfig:
 PRESETS = {
     "tiny-test": _tiny_test,
     "tiny-gen": _tiny_gen,
+    "shapes-quick": lambda: _shapes(quick=True),
+    "shapes": lambda: _shapes(quick=False),
     "blip3o-4b": lambda: _released("4b"),
     "blip3o-8b": lambda: _released("8b"),
 }
