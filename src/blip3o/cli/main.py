@@ -15,8 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "blip3o.cli.world_preview",
         "render a preview of ShapesWorld and its judge (HTML + PNG)",
     ),
-    "eval geneval": ("blip3o.cli.eval_geneval", "score a GenEval-layout sample folder with ShapesGenEval"),
-    "eval vqa": ("blip3o.cli.eval_vqa", "score answers to the ShapesVQA set"),
+    "eval geneval": (
+        "blip3o.cli.eval_geneval",
+        "ShapesGenEval: score a sample folder, or generate and score with --model",
+    ),
+    "eval vqa": ("blip3o.cli.eval_vqa", "ShapesVQA: score an answer file, or answer and score with --model"),
     "train": ("blip3o.cli.train", "train a preset's stages (resumable; torchrun for many processes)"),
     "generate": ("blip3o.cli.generate", "text -> images with a trained model (PNG files, optional grid)"),
     "ask": ("blip3o.cli.ask", "answer questions about images with a trained model"),
