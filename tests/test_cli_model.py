@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainab
 from blip3o.world.language import annotate
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
+from conftest import save_untrained_tiny_model
 
 FAST = ["--steps", "2", "--decoder-steps", "2"]  # sampling mechanics do not need 30 + 20 steps
 
@@ -33,22 +33,14 @@ def _scenes(n: int, seed: int = 0) -> tuple[list[Image.Image], list]:
     return [render(s) for s in scenes], [annotate(s, rng) for s in scenes]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are too small to gain from more
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Blip3o, Path]:
-    """One untrained tiny model (CLIP feature statistics fitted, as training does) and the folder it is saved in."""
-    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0).eval()
-    fit_feature_statistics(model, _scenes(8)[0])
+    """One untrained tiny model and the folder it is saved in."""
     folder = tmp_path_factory.mktemp("model") / "final"
-    model.save_pretrained(folder)
-    return model, folder
+    return save_untrained_tiny_model(folder), folder
 
 
 @pytest.fixture(scope="module")

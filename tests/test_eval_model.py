@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from blip3o.cli import eval_geneval, eval_vqa
 from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR, SCORES_FILE
@@ -25,11 +23,9 @@ from blip3o.eval.model_eval import (
     plan_batches,
     vqa_with_model,
 )
-from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.train.stages import fit_feature_statistics
+from blip3o.models.blip3o import Blip3o
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
-from blip3o.world.render import render
-from blip3o.world.sampler import sample_scene
+from conftest import save_untrained_tiny_model
 
 # Sampling mechanics need neither 30 + 20 steps nor the decoder's guidance (which doubles its batch), and
 # batches of 16 run faster than 64 on one CPU thread. The images depend on --batch-size, so every run that
@@ -38,23 +34,14 @@ FAST = ["--steps", "2", "--decoder-steps", "2", "--decoder-cfg-scale", "1", "--b
 SUBSET = ["--max-prompts", "12"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are too small to gain from more
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Blip3o, Path]:
-    """One untrained tiny model (CLIP feature statistics fitted, as training does) and its folder."""
-    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0).eval()
-    rng = np.random.default_rng(0)
-    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
+    """One untrained tiny model and the folder it is saved in."""
     folder = tmp_path_factory.mktemp("model") / "final"
-    model.save_pretrained(folder)
-    return model, folder
+    return save_untrained_tiny_model(folder), folder
 
 
 @pytest.fixture(scope="module")

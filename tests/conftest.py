@@ -1,0 +1,34 @@
+"""Shared test helpers: single-threaded torch for small models, and an untrained tiny model on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """The machine is shared and these models are too small to gain from more than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_untrained_tiny_model(folder: Path):
+    """An untrained tiny Blip3o (CLIP feature statistics fitted on 8 renders, as training does), saved to
+    `folder`; returns the model."""
+    from blip3o.models.blip3o import Blip3o, tiny_config
+    from blip3o.train.stages import fit_feature_statistics
+    from blip3o.world.render import render
+    from blip3o.world.sampler import sample_scene
+
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0).eval()
+    rng = np.random.default_rng(0)
+    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
+    model.save_pretrained(folder)
+    return model
