@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ShapesGenEval: score a sample folder, or generate and score with --model",
     ),
     "eval vqa": ("blip3o.cli.eval_vqa", "ShapesVQA: score an answer file, or answer and score with --model"),
+    "curves": (
+        "blip3o.cli.curves",
+        "a training run's loss curves as CSV + PNG (optionally over a reference)",
+    ),
     "train": ("blip3o.cli.train", "train a preset's stages (resumable; torchrun for many processes)"),
     "generate": ("blip3o.cli.generate", "text -> images with a trained model (PNG files, optional grid)"),
     "ask": ("blip3o.cli.ask", "answer questions about images with a trained model"),
