@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -140,9 +141,7 @@ def _export(model: Blip3o, directory: Path) -> None:
     os.replace(tmp, directory)
 
 
-def write_samples(
-    module, model: Blip3o, path: Path, step: int, seed: int = 0, steps: int = 10, writer=None, is_main=True
-):
+def write_samples(module, path: Path, step: int, seed: int = 0, steps: int = 10, writer=None, is_main=True):
     """Generate the fixed sample prompts (EMA weights if the caller swapped them in) and save a grid."""
     with torch.no_grad():
         images = module(
@@ -156,8 +155,6 @@ def write_samples(
     )
     grid.save(path)
     if writer is not None:
-        import numpy as np
-
         writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
 
 
@@ -190,7 +187,7 @@ def train_stage(
         examples = instruct_examples(
             config.data.seed, config.data.instruct_renders, config.data.instruct_max_prompts or None
         )
-    trainable = set_trainable(model, kind)
+    set_trainable(model, kind)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
     module = StageModule(model, kind, stage.understanding_weight)
@@ -321,7 +318,6 @@ def train_stage(
     if dist.is_main:
         writer.close()
     barrier(dist)
-    del trainable
     return StageResult(
         stage.name, stage.steps - start_step, last_loss, time.perf_counter() - start_time, stage_dir / "model"
     )
@@ -331,7 +327,7 @@ def _sample_grid(wrapped, model, ema, path, step, writer, dist) -> None:
     wrapped.eval()
     context = ema.swapped_in(model) if ema is not None else contextlib.nullcontext()
     with context:
-        write_samples(wrapped, model, path, step, writer=writer, is_main=dist.is_main)
+        write_samples(wrapped, path, step, writer=writer, is_main=dist.is_main)
 
 
 def run(config: RunConfig, out: str | Path, progress: bool = True, device: str = "auto") -> list[StageResult]:
