@@ -1,0 +1,103 @@
+"""Train one stage-0 component (CLIP or the pixel decoder) through the project's `train_stage`, for sweeps.
+
+    .venv/bin/python bench/decoder_train.py --kind clip --out runs/dec/clip --steps 600 --batch 64 --lr 5e-4
+    .venv/bin/python bench/decoder_train.py --kind decoder --init runs/dec/clip/clip/model --out runs/dec/a \
+        --steps 300 --batch 32 --lr 5e-4 --decoder tiny --set block_out_channels=32,64
+
+The decoder run starts from a saved model folder (its CLIP is used frozen) and swaps in a fresh decoder built
+from a DECODER_PRESETS entry plus optional field overrides. Checkpoints every --ckpt-every steps are kept,
+so bench/decoder_reconstruction.py --checkpoint can score intermediate steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, decoder_config
+from blip3o.train.config import DataConfig, StageConfig, preset
+from blip3o.train.data import load_shards
+from blip3o.train.loop import train_stage
+from blip3o.train.parallelize import init_distributed
+
+
+def parse_set(items: list[str]) -> dict:
+    types = {f.name: f.type for f in fields(PixelDecoderConfig)}
+    out = {}
+    for item in items:
+        key, text = item.split("=", 1)
+        if key not in types:
+            raise SystemExit(f"unknown decoder field {key}")
+        current = getattr(PixelDecoderConfig(), key)
+        if isinstance(current, tuple):
+            out[key] = tuple(type(current[0])(v) for v in text.split(","))
+        else:
+            out[key] = type(current)(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("clip", "decoder"), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--init", help="model folder to start from (decoder: supplies the frozen CLIP)")
+    parser.add_argument("--shards", default="runs/quick1/data")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--warmup", type=int, default=-1, help="-1: the shapes recipe's min(100, steps // 10)"
+    )
+    parser.add_argument("--decoder", default="tiny", help="DECODER_PRESETS name")
+    parser.add_argument("--set", nargs="*", default=[], help="decoder field overrides, key=value")
+    parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.init:
+        model = Blip3o.from_pretrained(args.init)
+    else:
+        model = Blip3o.from_config(tiny_config(), seed=args.seed)
+    if args.kind == "decoder":
+        dec_cfg = decoder_config(args.decoder, **parse_set(args.set))
+        torch.manual_seed(args.seed)
+        model.decoder = PixelDecoder(dec_cfg)
+        model.config = replace(model.config, decoder=dec_cfg)
+        print(f"decoder params: {sum(p.numel() for p in model.decoder.parameters()):,}")
+    warmup = min(100, args.steps // 10) if args.warmup < 0 else args.warmup
+    stage = StageConfig(
+        args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
+        log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=0.3,
+    )  # fmt: skip
+    config = replace(
+        preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,
+        data=DataConfig(shards=args.shards), seed=args.seed,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    examples, _ = load_shards(args.shards)
+    dist = init_distributed("cpu")
+    start = time.perf_counter()
+    result = train_stage(model, stage, 0, config, out, examples, dist, rebuild=None, progress=False)
+    summary = {
+        "wall_s": time.perf_counter() - start,
+        "steps": result.steps_run,
+        "final_loss": float(result.final_loss),
+    }
+    (out / "summary.json").write_text(json.dumps(summary) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
