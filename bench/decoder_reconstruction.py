@@ -10,7 +10,8 @@ For `--n` scenes sampled from a held-out world seed (not the training shards' se
 by the frozen CLIP (normalised target tokens, what the DiT generates) and decoded by the pixel decoder. A
 reconstruction agrees with its scene when the judge's detections (confidence >= 0.5) have exactly the
 scene graph's multiset of (shape, colour); "count" is the looser share with the right number of objects,
-"colours" the share with the right multiset of colours. Also printed: the wall time of decoding 16 images
+"colours" the share with the right multiset of colours, and "psnr_db" the pixel PSNR of the reconstructions
+(a continuous proxy that still ranks decoders while the judge's agreement is 0). Also printed: the wall time of decoding 16 images
 (one decode call, batch 16) for every (steps, cfg) setting, and the judge on the originals as a sanity check.
 """
 
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip3o.models.clip import ClipEncoder
-from blip3o.models.decoder import PixelDecoder, tensor_to_images
+from blip3o.models.decoder import PixelDecoder, images_to_tensor, tensor_to_images
 from blip3o.viz import image_grid
 from blip3o.world.judge import detect
 from blip3o.world.render import render
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         features = torch.cat(
             [clip.encode_image(clip.preprocess(originals[i : i + 256])) for i in range(0, args.n, 256)]
         )  # (n, N, D)
+    targets = images_to_tensor(originals)  # (n, 3, H, W) in [-1, 1]
     print(f"judge on the originals: {score(originals, scenes)}")
     params = sum(p.numel() for p in decoder.parameters())
     print(f"decoder: {params:,} params, config {json.dumps(decoder.config.__dict__)}")
@@ -111,13 +113,16 @@ def main(argv: list[str] | None = None) -> None:
                 features[:16], steps=steps, cfg_scale=cfg, generator=torch.Generator().manual_seed(1)
             )
             time16 = time.perf_counter() - start
-            images = []
+            images, squared = [], 0.0
             for i in range(0, args.n, args.batch):
                 pixels = decoder.decode(
                     features[i : i + args.batch], steps=steps, cfg_scale=cfg, generator=generator
                 )
+                squared += ((pixels - targets[i : i + args.batch]) ** 2).mean(dim=(1, 2, 3)).sum().item()
                 images += tensor_to_images(pixels)
-            result = {"steps": steps, "cfg": cfg, **score(images, scenes), "decode16_s": round(time16, 2)}
+            psnr = 10 * np.log10(4 / (squared / args.n))  # [-1, 1] pixels: peak-to-peak 2
+            result = {"steps": steps, "cfg": cfg, **score(images, scenes), "psnr_db": round(float(psnr), 2)}
+            result["decode16_s"] = round(time16, 2)
             result["n"] = args.n
             print(json.dumps(result), flush=True)
             if args.json:
