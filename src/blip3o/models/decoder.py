@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from blip3o.models.clip import tokens_to_grid
 from blip3o.transport.flow_matching import (
     FlowMatchingConfig,
     flow_matching_loss,
@@ -67,6 +69,10 @@ class PixelDecoderConfig:
     shift: float = 1.0  # flow-matching time shift; 1 = none
     sample_steps: int = 20
     cfg_scale: float = 3.0  # the release decoder's guidance
+    # > 0: also feed the features spatially: the 8x8 token grid, projected to this many channels by a 1x1
+    # conv and upsampled (nearest) to the image, is concatenated to the noisy image as extra UNet input
+    # channels. Cross-attention alone must learn where each token belongs; the grid is aligned with the image.
+    spatial_channels: int = 0
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -86,6 +92,8 @@ class PixelDecoderConfig:
 
 
 DECODER_PRESETS: dict[str, PixelDecoderConfig] = {
+    # The tiny decoder with the feature grid also fed spatially (see spatial_channels).
+    "tiny_spatial": PixelDecoderConfig(spatial_channels=16),
     # For the tiny CLIP (64 tokens x 128).
     "tiny": PixelDecoderConfig(),
     # For the tiny CLIP with target_pool=2 (16 tokens x 128).
@@ -122,12 +130,17 @@ class PixelDecoder(nn.Module):
         self.feature_pos_embed = nn.Parameter(
             0.02 * torch.randn(config.num_feature_tokens, config.feature_dim)
         )
+        self.feature_to_pixels = (
+            nn.Conv2d(config.feature_dim, config.spatial_channels, kernel_size=1)
+            if config.spatial_channels
+            else None
+        )
 
     @staticmethod
     def _build_unet(config: PixelDecoderConfig) -> UNet2DConditionModel:
         return UNet2DConditionModel(
             sample_size=config.image_size,
-            in_channels=3,
+            in_channels=3 + config.spatial_channels,
             out_channels=3,
             block_out_channels=config.block_out_channels,
             down_block_types=config.down_block_types,
@@ -168,7 +181,14 @@ class PixelDecoder(nn.Module):
 
     def velocity(self, noisy: torch.Tensor, timestep: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """UNet velocity for noisy images (B, 3, H, W) at timesteps (B,) = n * sigma, given features (B, N, D)."""
-        return self.unet(noisy, timestep, encoder_hidden_states=self._condition(features)).sample
+        condition = self._condition(features)  # (B, N, D)
+        if self.feature_to_pixels is not None:
+            grid = self.feature_to_pixels(
+                tokens_to_grid(features)
+            )  # (B, S, g, g); zero features -> bias only
+            spatial = F.interpolate(grid, size=noisy.shape[-2:], mode="nearest")  # (B, S, H, W)
+            noisy = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)  # (B, 3 + S, H, W)
+        return self.unet(noisy, timestep, encoder_hidden_states=condition).sample
 
     def loss(
         self, images: torch.Tensor, features: torch.Tensor, generator: torch.Generator | None = None
@@ -213,14 +233,16 @@ class PixelDecoder(nn.Module):
     # ---- save / load ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json (ours) + unet/ and scheduler/ (diffusers' formats) + the feature position embedding."""
+        """config.json (ours) + unet/ and scheduler/ (diffusers' formats) + our own small weights (the feature
+        position embedding and, with spatial conditioning, its 1x1 projection)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         self.unet.save_pretrained(directory / UNET_SUBDIR)
         self.make_scheduler().save_pretrained(directory / SCHEDULER_SUBDIR)
+        extra = {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
         save_file(
-            {"feature_pos_embed": self.feature_pos_embed.detach().cpu()}, directory / EXTRA_WEIGHTS_NAME
+            {k: v.detach().cpu().contiguous() for k, v in extra.items()}, directory / EXTRA_WEIGHTS_NAME
         )
 
     @classmethod
@@ -229,6 +251,9 @@ class PixelDecoder(nn.Module):
         config = PixelDecoderConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         unet = UNet2DConditionModel.from_pretrained(directory / UNET_SUBDIR, local_files_only=True)
         decoder = cls(config, unet=unet)
-        with torch.no_grad():
-            decoder.feature_pos_embed.copy_(load_file(directory / EXTRA_WEIGHTS_NAME)["feature_pos_embed"])
+        missing, unexpected = decoder.load_state_dict(load_file(directory / EXTRA_WEIGHTS_NAME), strict=False)
+        if unexpected or any(not k.startswith("unet.") for k in missing):
+            raise ValueError(
+                f"{directory / EXTRA_WEIGHTS_NAME} does not match the config: {missing} {unexpected}"
+            )
         return decoder.eval()
