@@ -26,15 +26,9 @@ from blip3o.world.language import annotate
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: on a shared 2-core machine a second intra-op thread mostly waits for a core
-    # (measured: a decoder step took 0.2 s on one thread, 2-6 s on two under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: on a shared 2-core machine a second intra-op thread mostly waits for a core
+# (measured: a decoder step took 0.2 s on one thread, 2-6 s on two under load). Fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
