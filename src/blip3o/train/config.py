@@ -175,7 +175,8 @@ def _shapes(quick: bool) -> RunConfig:
 
     `shapes-quick` (about 10 minutes) is for trying things; `shapes` is the full recipe (at most 120 minutes).
     Step counts are sized from bench/train_step.py and bench/stage0_components.py on 2 cores; the pixel
-    decoder (about 2 s per step of 32) is the most expensive stage.
+    decoder (1.1 s per step of 32 on an idle machine) is the most expensive stage. These presets are a first
+    sizing and untuned: see issue 4 for what a 7-minute run produces (noise images) and what to change.
     """
     scale = 1 if quick else 10
 
