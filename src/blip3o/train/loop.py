@@ -196,8 +196,8 @@ def train_stage(
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
     ema = EMA(model, stage.ema_decay) if stage.ema_decay > 0 else None
     # Diffusion draws are per sample (batch["seeds"]); this generator only drives the VAE's posterior sample.
-    generator = torch.Generator().manual_seed(seed * 100 + dist.rank)
-    seed_everything(seed, dist.rank)
+    # Per-rank seeds come from parallelize.rank_seed (a hash), which cannot collide across seeds and ranks.
+    generator = torch.Generator().manual_seed(seed_everything(seed, dist.rank))
 
     start_step = 0
     ckpt = latest_checkpoint(stage_dir)
