@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blip3o import bundled
 from blip3o.cli import ask, generate
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
@@ -120,11 +121,12 @@ def test_generate_rejects_bad_numbers(
 
 
 def test_generate_model_and_output_errors(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = ["-o", str(tmp_path / "o.png")]
+    monkeypatch.setattr(bundled, "model_path", lambda: tmp_path / "no_bundled_model")
     assert generate.main(["x", *out]) == 2
-    assert "no model given: pass --model PATH" in _one_line_error(capsys)
+    assert "no bundled model in this install; pass --model PATH" in _one_line_error(capsys)
 
     assert generate.main(["x", "--model", str(tmp_path / "missing"), *out]) == 2
     assert "does not exist" in _one_line_error(capsys)
@@ -227,7 +229,9 @@ def test_ask_batch_prints_json_lines(
     assert capsys.readouterr().out == records[1]["answer"] + "\n"
 
 
-def test_ask_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_errors(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = ["--model", str(model_dir)]
     assert ask.main([str(tmp_path / "missing.png"), "q", *model]) == 2
     assert "does not exist" in _one_line_error(capsys)
@@ -241,8 +245,9 @@ def test_ask_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     Image.new("RGB", (64, 64)).save(png)
     assert ask.main([str(png), "q", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in _one_line_error(capsys)
+    monkeypatch.setattr(bundled, "model_path", lambda: tmp_path / "no_bundled_model")
     assert ask.main([str(png), "q"]) == 2
-    assert "no model given" in _one_line_error(capsys)
+    assert "no bundled model in this install" in _one_line_error(capsys)
     assert ask.main([str(png), "q", *model, "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in _one_line_error(capsys)
 

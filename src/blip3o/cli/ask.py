@@ -1,13 +1,13 @@
 """`blip3o ask`: answer a question about an image (image + text -> text) with a trained model.
 
-    blip3o ask photo.png "what colour is the circle?" --model runs/x/final
+    blip3o ask photo.png "what colour is the circle?"
     blip3o ask --batch questions.jsonl --model runs/x/final > answers.jsonl
 
-A single question prints the answer as plain text. --batch reads JSON lines
-{"image": "path.png", "question": "..."} (relative image paths are relative to the current folder, as
-`blip3o eval vqa --dump-questions` writes them) and prints one JSON line per question, in order, with its
-"answer" added to the input record; so an "id" passes through and the output can be scored directly with
-`blip3o eval vqa --answers answers.jsonl`. Images of any size are accepted (the processor resizes them);
+Without --model, the model bundled with the package is used. A single question prints the answer as plain
+text. --batch reads JSON lines {"image": "path.png", "question": "..."} (relative image paths are relative
+to the current folder, as `blip3o eval vqa --dump-questions` writes them) and prints one JSON line per
+question, in order, with its "answer" added to the input record; so an "id" passes through and the output
+can be scored directly with `blip3o eval vqa --answers answers.jsonl`. Images of any size are accepted (the processor resizes them);
 transparent images are laid on white, grayscale and palette images converted to RGB.
 """
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blip3o.cli.generate import NO_MODEL, CliError, check_prompts, load_model, report
+from blip3o.cli.generate import MODEL_HELP, CliError, check_prompts, load_model, report
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", nargs="?", type=Path, help="image file (PNG, JPEG, ...)")
     p.add_argument("question", nargs="?", help="question about the image")
-    p.add_argument("--model", type=Path, help="model folder written by blip3o train (e.g. runs/x/final)")
+    p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument("--batch", type=Path, help='JSON-lines file of {"image": ..., "question": ...}')
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="questions answered at once (default 32)")
@@ -110,8 +110,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.model is None:
-        raise CliError(NO_MODEL)
 
     if args.batch is None:
         records = [{"image": str(args.image), "question": args.question}]

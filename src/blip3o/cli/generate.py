@@ -1,13 +1,14 @@
 """`blip3o generate`: text -> images with a trained model.
 
-    blip3o generate "a red circle left of a blue square" --model runs/x/final -o out.png
+    blip3o generate "a red circle left of a blue square" -o out.png
     blip3o generate "a red circle" "two green triangles" --model runs/x/final -o samples/out.png \\
         --num-images 4 --seed 1 --grid --scale 4
 
-One image (one prompt, --num-images 1) is written to -o itself. Several images are written next to it,
-numbered in prompt-major order: -o samples/out.png gives samples/out_000.png, samples/out_001.png, ...
-(with 2 prompts x 4 images, out_000..out_003 are the first prompt's). --grid also writes a labelled contact
-sheet, samples/out_grid.png. The same model, prompts, seed and settings give the same pixels.
+Without --model, the model bundled with the package is used. One image (one prompt, --num-images 1) is
+written to -o itself. Several images are written next to it, numbered in prompt-major order:
+-o samples/out.png gives samples/out_000.png, samples/out_001.png, ... (with 2 prompts x 4 images,
+out_000..out_003 are the first prompt's). --grid also writes a labelled contact sheet, samples/out_grid.png.
+The same model, prompts, seed and settings give the same pixels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # torch and the model are imported only once the arguments ar
     from blip3o.models.blip3o import Blip3o
 
 PROG = "blip3o generate"
-NO_MODEL = "no model given: pass --model PATH (a folder written by blip3o train, e.g. runs/x/final)"
+MODEL_HELP = "model folder written by blip3o train, e.g. runs/x/final (default: the bundled model)"
 
 
 class CliError(Exception):
@@ -78,10 +79,20 @@ def _unreadable_weight_files(directory: Path) -> list[Path]:
     return bad
 
 
+def default_model() -> Path:
+    """The bundled model's folder, or CliError saying how to get a model when this install has none."""
+    from blip3o import bundled
+
+    try:
+        return bundled.bundled_model_dir()
+    except bundled.NoBundledModelError as err:
+        raise CliError(str(err)) from err
+
+
 def load_model(path: Path | None, device: str = "auto") -> Blip3o:
-    """`Blip3o.from_pretrained` with errors a user can act on (raised as CliError)."""
+    """`Blip3o.from_pretrained` with errors a user can act on (raised as CliError); None: the bundled model."""
     if path is None:
-        raise CliError(NO_MODEL)
+        path = default_model()
     if not path.exists():
         raise CliError(f"model folder {path} does not exist")
     if not path.is_dir():
@@ -152,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s), one set of images each")
-    p.add_argument("--model", type=Path, help="model folder written by blip3o train (e.g. runs/x/final)")
+    p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -210,8 +221,6 @@ def _grid(
 
 def _run(args: argparse.Namespace) -> None:
     _check_numbers(args)
-    if args.model is None:
-        raise CliError(NO_MODEL)
     from PIL import Image
 
     paths = output_paths(args.out, len(args.prompts) * args.num_images)

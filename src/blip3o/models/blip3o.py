@@ -29,6 +29,12 @@ from blip3o.transport import FlowMatchingConfig, build_objective, initial_noise
 CONFIG_FILE = "config.json"
 DIT_WEIGHTS = "model.safetensors"
 MODEL_TYPE = "blip3o"
+STORAGE_DTYPE_KEY = "storage_dtype"  # in the top config.json: how the weight files store floats
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 Target = Literal["clip", "vae"]
 Objective = Literal["flow_matching", "mse"]
@@ -93,7 +99,8 @@ class Blip3oConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Blip3oConfig:
-        d = {k: v for k, v in d.items() if k != "model_type"}
+        # model_type and the storage dtype describe the files, not the model.
+        d = {k: v for k, v in d.items() if k not in ("model_type", STORAGE_DTYPE_KEY)}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown Blip3oConfig fields: {sorted(unknown)}")
@@ -144,6 +151,35 @@ def _check_query_count(backbone_dir: Path, n_queries: int) -> None:
         raise ModelLoadError(
             f"query count mismatch: the config asks for {n_queries} queries, {path} holds shape {shape}"
         )
+
+
+def storage_dtype_name(dtype: torch.dtype) -> str:
+    """The config.json name of a storage dtype; ValueError for one weights cannot be stored in."""
+    for name, value in STORAGE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"weights can be stored as {', '.join(STORAGE_DTYPES)}, not {dtype}")
+
+
+def cast_weight_files(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite every safetensors file under `directory` with its float32 matrices stored as `dtype`.
+
+    Done on the files, after each component has saved itself in its library's format, so that no component's
+    own save code has to know about storage precision. Only tensors of two or more dimensions are cast (they
+    hold nearly all the bytes); vectors and scalars (biases, norms, feature statistics) stay float32, and so
+    does any tensor that `dtype` cannot hold (values beyond its range would become inf).
+    """
+    for path in sorted(directory.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        state = load_file(path)
+        for key, tensor in state.items():
+            if tensor.dtype != torch.float32 or tensor.dim() < 2:
+                continue
+            cast = tensor.to(dtype)
+            if torch.isfinite(cast).all() or not torch.isfinite(tensor).all():
+                state[key] = cast
+        save_file(state, path, metadata=metadata)
 
 
 def tiny_vae_config(**overrides: Any) -> Blip3oConfig:
@@ -310,8 +346,14 @@ class Blip3o(nn.Module):
 
     # ---- save / load ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Release layout: config.json, backbone/, dit/, clip/, decoder/ (and vae/), each HF-style."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Release layout: config.json, backbone/, dit/, clip/, decoder/ (and vae/), each HF-style.
+
+        dtype: how the weight files store floats. torch.float16 halves the folder (the model bundled with the
+        package must fit in 25 MB); `from_pretrained` upcasts such a model to float32, so only the rounding of
+        the stored weights differs. The choice is recorded in config.json as "storage_dtype".
+        """
+        dtype_name = storage_dtype_name(dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory / "backbone")
@@ -324,8 +366,11 @@ class Blip3o(nn.Module):
         self.decoder.save_pretrained(directory / "decoder")
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae")
+        if dtype != torch.float32:
+            cast_weight_files(directory, dtype)
         # Written last: a folder with a config.json is a complete model.
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        config = {**self.config.to_dict(), STORAGE_DTYPE_KEY: dtype_name}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Blip3o:
@@ -335,8 +380,12 @@ class Blip3o(nn.Module):
         if not config_path.is_file():
             raise ModelLoadError(f"{directory} is not a blip3o model folder: no {CONFIG_FILE}")
         try:
-            config = Blip3oConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raw = json.loads(config_path.read_text())
+            config = Blip3oConfig.from_dict(raw)
+            storage = raw.get(STORAGE_DTYPE_KEY, "float32")  # folders saved before the key existed: float32
+            if storage not in STORAGE_DTYPES:
+                raise ValueError(f"unknown {STORAGE_DTYPE_KEY} {storage!r}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise ModelLoadError(f"{config_path} is not a valid blip3o config: {err}") from err
         _check_query_count(directory / "backbone", config.backbone.n_queries)
 
@@ -359,4 +408,9 @@ class Blip3o(nn.Module):
         clip = component("clip", ClipEncoder.from_pretrained)
         decoder = component("decoder", PixelDecoder.from_pretrained)
         vae = component("vae", Vae.from_pretrained) if (directory / "vae").is_dir() else None
-        return cls(config, backbone, clip, decoder, dit=dit, vae=vae).eval()
+        model = cls(config, backbone, clip, decoder, dit=dit, vae=vae)
+        if storage != "float32":
+            # Half-precision storage only: the model computes in float32 whatever the files hold (each
+            # library loads such files in its own way; this makes every component agree).
+            model = model.float()
+        return model.eval()
