@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `blip3o demo` with the model bundled in the package (out/demo/). Until a trained model is bundled
+# (src/blip3o/bundled/model/), it says so and falls back to the ShapesWorld preview (out/preview/).
 demo: $(STAMP)
-	$(BIN)/blip3o world preview --out out/preview
+	@if $(BIN)/python -c 'from blip3o.bundled import bundled_model_dir; bundled_model_dir()' 2>/dev/null; then \
+		$(BIN)/blip3o demo --out out/demo; \
+	else \
+		echo "make demo: no bundled model in this install yet, so running the ShapesWorld preview instead."; \
+		echo "  (with a trained model: $(BIN)/blip3o demo --model runs/x/final)"; \
+		$(BIN)/blip3o world preview --out out/preview; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
