@@ -122,3 +122,14 @@ def test_generate_and_ask_default_to_the_bundled_model(
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "no bundled model in this install; pass --model PATH" in err
+
+
+def test_the_bundled_model_if_any_fits_and_loads() -> None:
+    """Guards the shipped model (skipped until one is bundled): at most 25 MB of weights, and it loads."""
+    try:
+        folder = bundled.bundled_model_dir()
+    except bundled.NoBundledModelError:
+        pytest.skip("no bundled model in this checkout yet")
+    assert _weight_bytes(folder) <= 25_000_000, f"{_weight_bytes(folder)} bytes of safetensors in {folder}"
+    model = Blip3o.from_pretrained(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
