@@ -29,13 +29,18 @@ from blip3o.train.parallelize import init_distributed
 
 
 def parse_set(items: list[str]) -> dict:
-    types = {f.name: f.type for f in fields(PixelDecoderConfig)}
+    return parse_fields(PixelDecoderConfig, PixelDecoderConfig(), items)
+
+
+def parse_fields(cls: type, default: object, items: list[str]) -> dict:
+    """`key=value` strings -> typed field values of a dataclass (tuples as comma lists)."""
+    types = {f.name: f.type for f in fields(cls)}
     out = {}
     for item in items:
         key, text = item.split("=", 1)
         if key not in types:
-            raise SystemExit(f"unknown decoder field {key}")
-        current = getattr(PixelDecoderConfig(), key)
+            raise SystemExit(f"unknown {cls.__name__} field {key}")
+        current = getattr(default, key)
         if isinstance(current, tuple):
             out[key] = tuple(type(current[0])(v) for v in text.split(","))
         else:
@@ -45,7 +50,7 @@ def parse_set(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("clip", "decoder"), required=True)
+    parser.add_argument("--kind", choices=("clip", "decoder", "understanding"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--init", help="model folder to start from (decoder: supplies the frozen CLIP)")
     parser.add_argument("--shards", default="runs/quick1/data")
@@ -58,6 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder", default="tiny", help="DECODER_PRESETS name")
     parser.add_argument("--set", nargs="*", default=[], help="decoder field overrides, key=value")
     parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--hard-negatives", action="store_true", help="clip: swapped-shape negative captions")
+    parser.add_argument("--short-prob", type=float, default=0.3, help="share of short captions")
+    parser.add_argument("--qa-share", type=float, default=0.5, help="understanding: share of QA samples")
+    parser.add_argument(
+        "--backbone", nargs="*", default=[], help="backbone field overrides (fresh model only)"
+    )
+    parser.add_argument("--clip", nargs="*", default=[], help="ClipConfig field overrides (fresh model only)")
+    parser.add_argument("--vqa", type=int, default=0, help="understanding: score N ShapesVQA questions after")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -67,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.init:
         model = Blip3o.from_pretrained(args.init)
     else:
-        model = Blip3o.from_config(tiny_config(), seed=args.seed)
+        base = tiny_config()
+        backbone = replace(base.backbone, **parse_fields(type(base.backbone), base.backbone, args.backbone))
+        clip = replace(base.clip, **parse_fields(type(base.clip), base.clip, args.clip))
+        model = Blip3o.from_config(replace(base, backbone=backbone, clip=clip), seed=args.seed)
     if args.kind == "decoder":
         dec_cfg = decoder_config(args.decoder, **parse_set(args.set))
         torch.manual_seed(args.seed)
@@ -77,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     warmup = min(100, args.steps // 10) if args.warmup < 0 else args.warmup
     stage = StageConfig(
         args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
-        log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=0.3,
+        log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=args.short_prob, qa_share=args.qa_share,
+        hard_negatives=args.hard_negatives,
     )  # fmt: skip
     config = replace(
         preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,
@@ -95,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         "steps": result.steps_run,
         "final_loss": float(result.final_loss),
     }
+    if args.vqa:
+        from blip3o.eval.model_eval import vqa_with_model
+
+        vqa = vqa_with_model(model, n_questions=args.vqa)
+        summary["vqa"] = vqa["overall"]["mean"]
+        summary["vqa_per_kind"] = {k: v["mean"] for k, v in vqa["per_kind"].items()}
     (out / "summary.json").write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary))
 

@@ -235,3 +235,71 @@ def test_config_round_trips_through_dict():
     assert ClipConfig.from_dict(asdict(config)) == config
     with pytest.raises(ValueError, match="unknown ClipConfig fields"):
         ClipConfig.from_dict({**asdict(config), "colour": 1})
+
+
+def test_hard_negatives_join_image_to_text_columns_only(tokenizer):
+    encoder = make_encoder().eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    pos = tokenizer(["a red circle", "a blue star", "a green cross"], padding=True, return_tensors="pt")
+    # Row 0's negative is new text; row 1's negative equals row 0's caption (a positive for row 0 only).
+    neg = tokenizer(["a red star", "a red circle", "a green square"], padding=True, return_tensors="pt")
+    ids, mask = pos["input_ids"], pos["attention_mask"]
+    with torch.no_grad():
+        logits = encoder.similarity(pixels, ids, mask)  # (3, 3)
+        neg_logits = encoder.similarity(pixels, neg["input_ids"], neg["attention_mask"])  # (3, 3)
+        all_logits = torch.cat([logits, neg_logits], dim=1)  # (3, 6)
+        targets = torch.tensor([[0.5, 0, 0, 0, 0.5, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]])
+        image_to_text = -(targets * all_logits.log_softmax(dim=1)).sum(1).mean()
+        text_to_image = torch.nn.functional.cross_entropy(logits.T, torch.eye(3))
+        expected = (image_to_text + text_to_image) / 2
+        loss = encoder.contrastive_loss(pixels, ids, mask, neg["input_ids"], neg["attention_mask"])
+        assert torch.allclose(loss, expected, atol=1e-6)
+        # Extra negatives can only make the image->text task harder.
+        assert loss > encoder.contrastive_loss(pixels, ids, mask)
+        with pytest.raises(ValueError, match="negative_mask"):
+            encoder.contrastive_loss(pixels, ids, mask, neg["input_ids"], None)
+
+
+def test_pixel_head_adds_reconstruction_loss_and_round_trips(tmp_path, tokenizer, shapes_batch):
+    images, annotations = shapes_batch
+    plain = make_encoder(text_vocab_size=len(tokenizer)).eval()
+    encoder = make_encoder(text_vocab_size=len(tokenizer), reconstruction_weight=2.0).eval()
+    assert plain.pixel_head is None and encoder.pixel_head is not None
+    with pytest.raises(ValueError, match="no pixel head"):
+        plain.reconstruct_pixels(plain.preprocess(images[:1]))
+    pixels = encoder.preprocess(images[:4])  # (4, 3, 64, 64)
+    text = tokenizer([a.short_caption for a in annotations[:4]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        recon = encoder.reconstruct_pixels(pixels)
+        assert recon.shape == pixels.shape
+        # Same towers (same seed), so the difference is exactly weight x MSE of the head's patches.
+        plain.load_state_dict(
+            {k: v for k, v in encoder.state_dict().items() if not k.startswith("pixel_head")}
+        )
+        extra = encoder.contrastive_loss(
+            pixels, text["input_ids"], text["attention_mask"]
+        ) - plain.contrastive_loss(pixels, text["input_ids"], text["attention_mask"])
+        assert torch.allclose(extra, 2.0 * torch.nn.functional.mse_loss(recon, pixels), atol=1e-5)
+        encoder.fit_feature_normalization(encoder.encode_image_raw(pixels))
+    encoder.save_pretrained(tmp_path)
+    assert (tmp_path / "pixel_head.safetensors").exists()
+    loaded = ClipEncoder.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded.reconstruct_pixels(pixels), recon)
+
+
+def test_pixel_head_learns_to_redraw_patches(shapes_batch):
+    """A few steps on the auxiliary loss alone bring the head's reconstruction closer to the image."""
+    images, _ = shapes_batch
+    encoder = make_encoder(reconstruction_weight=1.0)
+    pixels = encoder.preprocess(images)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=3e-3)
+    errors = []
+    for _ in range(15):
+        hidden = encoder.clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # (B, 64, D)
+        loss = encoder._reconstruction_loss(hidden, pixels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        errors.append(loss.item())
+    assert errors[-1] < 0.5 * errors[0], errors

@@ -310,3 +310,30 @@ def test_mse_objective_trains_and_samples_deterministically() -> None:
     a = model.generate_target(["a red circle"], generator=torch.Generator().manual_seed(1))
     b = model.generate_target(["a red circle"], generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)  # regression: one deterministic prediction per prompt
+
+
+def test_make_batch_qa_share_and_hard_negatives() -> None:
+    from blip3o.train.data import LONG_CAPTION_PROMPT, SHORT_CAPTION_PROMPT, Example, make_batch
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(8)]
+    anns = [annotate(s, rng) for s in scenes]
+    examples = [
+        Example(render(s), a.short_caption, a.long_caption, [(q.question, q.answer) for q in a.qa])
+        for s, a in zip(scenes, anns, strict=True)
+    ]
+    rows, positions = list(range(8)) * 25, list(range(200))
+    captioning = (SHORT_CAPTION_PROMPT, LONG_CAPTION_PROMPT)
+    only_qa = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=1.0)
+    assert not any(p in captioning for p in only_qa["prompts"])
+    no_qa = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=0.0)
+    assert all(p in captioning for p in no_qa["prompts"])
+    plain = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3)
+    hard = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3, hard_negatives=True)
+    assert "negative_captions" not in plain
+    assert hard["captions"] == plain["captions"]  # switching negatives on changes no other draw
+    assert all(n != c for n, c in zip(hard["negative_captions"], hard["captions"], strict=True))
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        apply_overrides(preset("tiny-test"), ["stages.generation.hard_negatives=true"])
+    with pytest.raises(ConfigError, match="qa_share"):
+        apply_overrides(preset("tiny-test"), ["stages.understanding.qa_share=1.5"])

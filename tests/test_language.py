@@ -234,3 +234,24 @@ def test_normalize_answer(given, expected):
 def test_normalize_answer_keeps_different_answers_different():
     assert normalize_answer("3") != normalize_answer("two")
     assert normalize_answer("no") != normalize_answer("yes")
+
+
+def test_swap_shape_word_replaces_every_mention_of_one_shape_and_keeps_number():
+    from blip3o.world.language import swap_shape_word
+
+    rng = np.random.default_rng(0)
+    caption = "two red crosses and a blue star. The blue star is left of the red cross across the way."
+    seen = set()
+    for _ in range(40):
+        swapped = swap_shape_word(caption, rng)
+        assert swapped != caption
+        words = swapped.replace(".", "").split()
+        if "star" not in words:  # star was swapped: both mentions changed, crosses untouched
+            new = words[6]
+            assert new != "star" and words[9] == new and words[2] == "crosses" and "across" in words
+            seen.add(new)
+        else:  # cross was swapped: plural stays plural, singular stays singular, "across" untouched
+            assert "crosses" not in words and "cross" not in words and "across" in words
+            assert words[2] in {"circles", "squares", "triangles", "stars"} and words[3] == "and"
+    assert len(seen) >= 2
+    assert swap_shape_word("a plain light background", rng) is None

@@ -40,6 +40,7 @@ CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_NAME = "config.json"
 CLIP_SUBDIR = "clip"
 FEATURE_STATS_NAME = "feature_stats.safetensors"
+PIXEL_HEAD_NAME = "pixel_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ClipConfig:
     # The release pools 32x32 -> 8x8 (factor 4).
     target_pool: int = 1
     hidden_act: str = "gelu"  # EVA-CLIP uses exact-erf GELU, not OpenAI CLIP's quick_gelu
+    # Weight of an auxiliary loss during contrastive training: a linear head predicts each patch's pixels
+    # from its last-layer token (0: plain CLIP). CLIP's loss reads only the CLS token, so the patch tokens
+    # that become the generation target get no direct gradient and keep little of the shapes' geometry; this
+    # term makes them reconstructible, as unified-tokenizer encoders (VILA-U, UniTok) combine the two losses.
+    reconstruction_weight: float = 0.0
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
 
     def __post_init__(self) -> None:
@@ -219,6 +225,11 @@ class ClipEncoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_std", torch.ones(config.feature_dim))
         self.register_buffer("feature_count", torch.zeros((), dtype=torch.long))
+        # The auxiliary patch-pixel head (see ClipConfig.reconstruction_weight); not part of the target.
+        patch_values = 3 * config.patch_size**2
+        self.pixel_head = (
+            nn.Linear(config.vision_hidden, patch_values) if config.reconstruction_weight else None
+        )
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -278,7 +289,12 @@ class ClipEncoder(nn.Module):
         return self.clip.logit_scale.exp() * image @ text.T  # (B, B)
 
     def contrastive_loss(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        negative_ids: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """CLIP's symmetric InfoNCE, with every pair of identical captions counted as a positive.
 
@@ -289,12 +305,72 @@ class ClipEncoder(nn.Module):
         exactly CLIP's loss. Identical captions give identical text embeddings, so the optimum is reachable;
         the loss floor is the mean log(number of duplicates), not 0. Long captions (which spell out layout)
         are nearly unique and also make the image features carry position, so they are the better choice.
+
+        `negative_ids` / `negative_mask` (B, L'): optional hard-negative captions (NegCLIP-style), e.g. each
+        caption with one shape word swapped. They join the image-to-text columns only; a negative whose text
+        equals a row's own caption counts as a positive for that row, so no true description is pushed away.
+        Random batches of ShapesWorld can be told apart by colour alone; swapped-shape negatives make the
+        image embedding separate shapes. (Measured: they do not make the patch tokens, the generation target,
+        more shape-decodable; the pixel head below does. bench/clip_probe.py.)
         """
-        logits = self.similarity(pixel_values, input_ids, attention_mask)  # (B, B)
+        vision = self.clip.vision_model(pixel_values=pixel_values)
+        image = F.normalize(self.clip.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
+        text = F.normalize(self._text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
+        recon = self._reconstruction_loss(vision.last_hidden_state[:, 1:], pixel_values)
+        return self._contrastive(image, text, input_ids, attention_mask, negative_ids, negative_mask) + recon
+
+    def _reconstruction_loss(self, patches: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Weighted MSE of the linear head's patch pixels (B, g*g, D) -> (B, g*g, 3*p*p); 0 without a head."""
+        if self.pixel_head is None:
+            return patches.new_zeros(())
+        p = self.config.patch_size
+        target = F.unfold(pixel_values, kernel_size=p, stride=p).transpose(1, 2)  # (B, g*g, 3*p*p), row-major
+        return self.config.reconstruction_weight * F.mse_loss(self.pixel_head(patches), target)
+
+    @torch.no_grad()
+    def reconstruct_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) CLIP input -> the pixel head's (B, 3, S, S) reconstruction, in the same normalised space."""
+        if self.pixel_head is None:
+            raise ValueError("this encoder has no pixel head (reconstruction_weight is 0)")
+        s, p = self.config.image_size, self.config.patch_size
+        patches = self.clip.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (B, g*g, D)
+        return F.fold(self.pixel_head(patches).transpose(1, 2), (s, s), kernel_size=p, stride=p)
+
+    def _contrastive(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        negative_ids: torch.Tensor | None,
+        negative_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        scale = self.clip.logit_scale.exp()
+        logits = scale * image @ text.T  # (B, B)
         positives = same_caption_matrix(input_ids, attention_mask).float()  # (B, B), symmetric
         targets = positives / positives.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
-        image_to_text = F.cross_entropy(logits, targets)
         text_to_image = F.cross_entropy(logits.T, targets)
+        if negative_ids is None:
+            return (F.cross_entropy(logits, targets) + text_to_image) / 2
+        if negative_mask is None:
+            raise ValueError("negative_ids needs negative_mask")
+        negative = F.normalize(self._text_embeddings(negative_ids, negative_mask), dim=-1)  # (B', P)
+        all_logits = torch.cat([logits, scale * image @ negative.T], dim=1)  # (B, B + B')
+        width = max(input_ids.shape[1], negative_ids.shape[1])
+        all_ids = torch.cat(
+            [
+                F.pad(input_ids, (0, width - input_ids.shape[1])),
+                F.pad(negative_ids, (0, width - negative_ids.shape[1])),
+            ]
+        )  # (B + B', W)
+        all_mask = torch.cat(
+            [
+                F.pad(attention_mask, (0, width - attention_mask.shape[1])),
+                F.pad(negative_mask, (0, width - negative_mask.shape[1])),
+            ]
+        )  # (B + B', W)
+        all_positives = same_caption_matrix(all_ids, all_mask)[: input_ids.shape[0]].float()  # (B, B + B')
+        image_to_text = F.cross_entropy(all_logits, all_positives / all_positives.sum(dim=1, keepdim=True))
         return (image_to_text + text_to_image) / 2
 
     # ---- generation targets --------------------------------------------------------------------------------
@@ -341,6 +417,12 @@ class ClipEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         self.clip.save_pretrained(directory / CLIP_SUBDIR)
+        if self.pixel_head is not None:
+            head = {
+                f"pixel_head.{k}": v.detach().cpu().contiguous()
+                for k, v in self.pixel_head.state_dict().items()
+            }
+            save_file(head, directory / PIXEL_HEAD_NAME)
         stats = {
             "feature_mean": self.feature_mean,
             "feature_std": self.feature_std,
@@ -358,4 +440,7 @@ class ClipEncoder(nn.Module):
         encoder = cls(config, clip=clip)
         for name, value in load_file(directory / FEATURE_STATS_NAME).items():
             getattr(encoder, name).copy_(value)
+        if encoder.pixel_head is not None:
+            head = load_file(directory / PIXEL_HEAD_NAME)
+            encoder.pixel_head.load_state_dict({k.removeprefix("pixel_head."): v for k, v in head.items()})
         return encoder.eval()

@@ -51,6 +51,8 @@ class StageConfig:
     ema_decay: float = 0.0  # 0 = no EMA; generation stages sample with the EMA weights when enabled
     short_caption_prob: float = 0.1  # generation data: share of short captions (the release: ~10%)
     understanding_weight: float = 1.0  # joint: weight of the understanding loss
+    qa_share: float = 0.5  # understanding data: share of question/answer samples (the rest: captioning)
+    hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -69,6 +71,10 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.short_caption_prob <= 1.0:
             raise ConfigError(f"stage {self.name!r}: short_caption_prob must be in [0, 1]")
+        if not 0.0 <= self.qa_share <= 1.0:
+            raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
+        if self.hard_negatives and self.kind != "clip":
+            raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
 from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.render import render
 
@@ -122,24 +123,39 @@ class BatchPlan:
 
 
 def make_batch(
-    kind: str, examples: list[Example], rows: list[int], positions: list[int], seed: int, short_prob: float
+    kind: str,
+    examples: list[Example],
+    rows: list[int],
+    positions: list[int],
+    seed: int,
+    short_prob: float,
+    qa_share: float = 0.5,
+    hard_negatives: bool = False,
 ) -> dict:
-    """The contents one stage needs, for the given rows. Per-sample choices depend only on the position."""
-    images, captions, prompts, answers = [], [], [], []
+    """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
+
+    Understanding samples are a question about the image with probability `qa_share`, else a short or long
+    caption (half each). `hard_negatives` adds, per sample, its caption with one shape swapped.
+    """
+    images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
         ex = examples[row]
         rng = np.random.default_rng([seed, pos, 7])
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()
-        if ex.qa and task < 0.5:
+        if ex.qa and task < qa_share:
             question, answer = ex.qa[int(rng.integers(len(ex.qa)))]
-        elif task < 0.75:
+        elif task < (1 + qa_share) / 2:
             question, answer = SHORT_CAPTION_PROMPT, ex.short_caption
         else:
             question, answer = LONG_CAPTION_PROMPT, ex.long_caption
         prompts.append(question)
         answers.append(answer)
+        if hard_negatives:
+            # Its own generator, so switching negatives on leaves every other per-sample draw unchanged.
+            swapped = swap_shape_word(captions[-1], np.random.default_rng([seed, pos, 13]))
+            negatives.append(swapped if swapped is not None else captions[-1])
     # One seed per sample for its diffusion draws (noise level, noise, CFG dropout): see per_sample_draws.
     batch: dict = {
         "images": images,
@@ -147,6 +163,8 @@ def make_batch(
     }
     if kind in ("clip", "generation", "instruct", "joint"):
         batch["captions"] = captions
+    if hard_negatives:
+        batch["negative_captions"] = negatives
     if kind in ("understanding", "joint"):
         batch["prompts"], batch["answers"] = prompts, answers
     return batch

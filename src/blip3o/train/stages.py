@@ -104,7 +104,12 @@ class StageModule(nn.Module):
         if kind == "clip":
             pixels = m.clip.preprocess(batch["images"]).to(m.device)  # (B, 3, S, S)
             text = m.clip_text_inputs(batch["captions"])
-            loss = m.clip.contrastive_loss(pixels, text["input_ids"], text["attention_mask"])
+            if "negative_captions" not in batch:
+                return m.clip.contrastive_loss(pixels, text["input_ids"], text["attention_mask"]), {}
+            neg = m.clip_text_inputs(batch["negative_captions"])
+            loss = m.clip.contrastive_loss(
+                pixels, text["input_ids"], text["attention_mask"], neg["input_ids"], neg["attention_mask"]
+            )
             return loss, {}
         if kind == "decoder":
             features = m.encode_image(batch["images"])  # (B, N, D), frozen CLIP

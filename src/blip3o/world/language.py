@@ -471,3 +471,32 @@ def normalize_answer(text: str) -> str:
     words = re.sub(r"[^\w\s]", " ", text.lower()).split()
     words = [_SINGULAR.get(w, _DIGITS.get(w, w)) for w in words if w not in _ARTICLES]
     return " ".join(words)
+
+
+# ------------------------------------------------------------------------------------------------ hard negatives
+
+_SHAPE_WORD = re.compile(
+    r"\b(" + "|".join(sorted([*SHAPES, *SHAPE_PLURALS.values()], key=len, reverse=True)) + r")\b"
+)
+_SINGULAR = {**{s: s for s in SHAPES}, **{p: s for s, p in SHAPE_PLURALS.items()}}
+
+
+def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
+    """The caption with every mention of one of its shapes replaced by a different shape (number kept).
+
+    Captions name every object, so the result describes a different multiset of (colour, shape) objects and is
+    false of the image: a hard negative for contrastive training. None when the caption names no shape.
+    """
+    present = sorted({_SINGULAR[m.group(1)] for m in _SHAPE_WORD.finditer(caption)})
+    if not present:
+        return None
+    old = present[int(rng.integers(len(present)))]
+    new = [s for s in SHAPES if s != old][int(rng.integers(len(SHAPES) - 1))]
+
+    def replace(match: re.Match) -> str:
+        word = match.group(1)
+        if _SINGULAR[word] != old:
+            return word
+        return new if word == old else SHAPE_PLURALS[new]
+
+    return _SHAPE_WORD.sub(replace, caption)
