@@ -478,7 +478,7 @@ def normalize_answer(text: str) -> str:
 _SHAPE_WORD = re.compile(
     r"\b(" + "|".join(sorted([*SHAPES, *SHAPE_PLURALS.values()], key=len, reverse=True)) + r")\b"
 )
-_SINGULAR = {**{s: s for s in SHAPES}, **{p: s for s, p in SHAPE_PLURALS.items()}}
+_SHAPE_OF_WORD = {**{s: s for s in SHAPES}, **{p: s for s, p in SHAPE_PLURALS.items()}}
 
 
 def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
@@ -487,7 +487,7 @@ def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
     Captions name every object, so the result describes a different multiset of (colour, shape) objects and is
     false of the image: a hard negative for contrastive training. None when the caption names no shape.
     """
-    present = sorted({_SINGULAR[m.group(1)] for m in _SHAPE_WORD.finditer(caption)})
+    present = sorted({_SHAPE_OF_WORD[m.group(1)] for m in _SHAPE_WORD.finditer(caption)})
     if not present:
         return None
     old = present[int(rng.integers(len(present)))]
@@ -495,7 +495,7 @@ def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
 
     def replace(match: re.Match) -> str:
         word = match.group(1)
-        if _SINGULAR[word] != old:
+        if _SHAPE_OF_WORD[word] != old:
             return word
         return new if word == old else SHAPE_PLURALS[new]
 
