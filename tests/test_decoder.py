@@ -223,3 +223,35 @@ def test_vae_save_load_round_trip(tmp_path, images):
     with torch.no_grad():
         assert torch.equal(loaded.encode(images[:2]), latents)
         assert torch.equal(loaded.decode(latents), decoded)
+
+
+def test_pixel_shuffle_branch_starts_as_the_clip_pixel_head(tmp_path, images):
+    """init_spatial_from_clip re-expresses CLIP's head exactly: at step 0 the decoder's spatial input is the
+    head's rendering in the decoder's [-1, 1] pixel space; the branch's weights survive save/load."""
+    import torch.nn.functional as F
+
+    from blip3o.models.clip import ClipEncoder, clip_config, tokens_to_grid
+
+    torch.manual_seed(0)
+    clip = ClipEncoder(clip_config("tiny", reconstruction_weight=1.0)).eval()
+    pil = tensor_to_images(images)
+    pixels = clip.preprocess(pil)  # (8, 3, 64, 64)
+    with torch.no_grad():
+        clip.fit_feature_normalization(clip.encode_image_raw(pixels))
+        clip.pixel_head.bias.normal_()  # a non-trivial bias, so the affine bookkeeping is exercised
+    decoder = make_decoder(spatial_channels=3, spatial_upsample="pixel_shuffle")
+    with pytest.raises(ValueError, match="no pixel head"):
+        decoder.init_spatial_from_clip(ClipEncoder(clip_config("tiny")))
+    with pytest.raises(ValueError, match="pixel_shuffle"):
+        make_decoder(spatial_channels=3).init_spatial_from_clip(clip)
+    decoder.init_spatial_from_clip(clip)
+    with torch.no_grad():
+        spatial = F.pixel_shuffle(decoder.feature_to_pixels(tokens_to_grid(clip.encode_image(pixels))), 8)
+        head = clip.reconstruct_pixels(pixels) * clip.pixel_std + clip.pixel_mean  # (8, 3, 64, 64) in [0, 1]
+    assert spatial.shape == (8, 3, 64, 64)
+    assert torch.allclose(spatial, 2 * head - 1, atol=1e-4)
+    decoder.save_pretrained(tmp_path)
+    loaded = PixelDecoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.feature_to_pixels.weight, decoder.feature_to_pixels.weight)
+    with pytest.raises(ValueError, match="spatial_upsample"):
+        PixelDecoderConfig(spatial_upsample="bilinear")

@@ -337,3 +337,30 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
         apply_overrides(preset("tiny-test"), ["stages.generation.hard_negatives=true"])
     with pytest.raises(ConfigError, match="qa_share"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.qa_share=1.5"])
+
+
+def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
+    from blip3o.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(shards, n=16, seed=3, samples_per_shard=8, progress=False)
+    args = [
+        "--preset", "tiny-gen", "--out", str(tmp_path / "run"), f"data.shards={shards}",
+        "stages.generation.steps=1", "eval.geneval_seeds=0,1", "eval.geneval_max_prompts=6",
+        "eval.geneval_images_per_prompt=1", "eval.vqa_questions=5",
+    ]  # fmt: skip
+    result = _train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary_path = tmp_path / "run" / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    assert set(summary["geneval"]["categories"]) == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"
+    }  # fmt: skip
+    assert 0.0 <= summary["geneval"]["overall"]["mean"] <= 1.0
+    assert 0.0 <= summary["vqa"]["overall"]["mean"] <= 1.0
+    assert len(list((tmp_path / "run" / "eval" / "geneval").glob("seed_*"))) == 2
+    assert len(json.loads((tmp_path / "run" / "eval" / "vqa.json").read_text())["answers"]) == 5
+    before = summary_path.stat().st_mtime_ns
+    again = _train(args, tmp_path)  # resumed: nothing to train, nothing to evaluate again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "evaluation already done" in again.stderr and summary_path.stat().st_mtime_ns == before

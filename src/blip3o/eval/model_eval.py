@@ -182,16 +182,22 @@ def geneval_with_model(
     progress: bool = True,
     decoder_cfg_scale: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    images_per_prompt: int | None = None,
 ) -> dict:
     """Generate ShapesGenEval's images with `model` for each seed, score them with the ShapesWorld judge and
-    aggregate over seeds. Sampler settings left as None are the model's own. Returns the summary that is
-    written to <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
+    aggregate over seeds. Sampler settings left as None are the model's own. `images_per_prompt` caps each
+    prompt's `n_samples` (a quick check, not the benchmark). Returns the summary that is written to
+    <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
     from blip3o.world.judge import detect
 
     seeds = check_seeds(seeds)
     out = Path(out_dir)
     records = load_eval_prompts()
     prompts = balanced_subset(records, max_prompts)
+    if images_per_prompt is not None:
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+        prompts = [(i, {**r, "n_samples": min(int(r["n_samples"]), images_per_prompt)}) for i, r in prompts]
     refuse_existing_samples(out, seeds)
     sampling = {
         "steps": steps,
@@ -225,6 +231,7 @@ def geneval_with_model(
         "subset": None if len(prompts) == len(records) else {"prompts": len(prompts), "of": len(records)},
         "prompts": len(prompts),
         "images_per_seed": n_images,
+        "images_per_prompt_cap": images_per_prompt,
         "settings": {**sampling, "batch_size": batch_size, "device": str(model.device)},
         **aggregate_seeds(per_seed),
         "timing": timing,

@@ -26,6 +26,7 @@ Choices:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blip3o.models.clip import tokens_to_grid
+from blip3o.models.clip import ClipEncoder, tokens_to_grid
 from blip3o.transport.flow_matching import (
     FlowMatchingConfig,
     flow_matching_loss,
@@ -73,6 +74,12 @@ class PixelDecoderConfig:
     # conv and upsampled (nearest) to the image, is concatenated to the noisy image as extra UNet input
     # channels. Cross-attention alone must learn where each token belongs; the grid is aligned with the image.
     spatial_channels: int = 0
+    # How the projected grid reaches image size: "nearest" upsampling (every pixel of a patch sees the same
+    # values), or "pixel_shuffle": the 1x1 conv makes spatial_channels x f x f values per token, laid out as the
+    # token's f x f pixels (sub-pixel convolution), so the branch can draw inside a patch. With 3 channels it
+    # is a linear per-patch rendering of the features, which `init_spatial_from_clip` can start from the CLIP
+    # encoder's auxiliary pixel head.
+    spatial_upsample: str = "nearest"
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -80,6 +87,20 @@ class PixelDecoderConfig:
             raise ValueError("need one down and one up block type per entry of block_out_channels")
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(f"image_size {self.image_size} does not survive {levels - 1} halvings")
+        if self.spatial_upsample not in ("nearest", "pixel_shuffle"):
+            raise ValueError(
+                f"spatial_upsample must be nearest or pixel_shuffle, got {self.spatial_upsample!r}"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Side of the feature-token grid."""
+        return math.isqrt(self.num_feature_tokens)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per token side (8 for 64 px and an 8x8 grid)."""
+        return self.image_size // self.grid
 
     @classmethod
     def from_dict(cls, values: dict) -> PixelDecoderConfig:
@@ -94,6 +115,8 @@ class PixelDecoderConfig:
 DECODER_PRESETS: dict[str, PixelDecoderConfig] = {
     # The tiny decoder with the feature grid also fed spatially (see spatial_channels).
     "tiny_spatial": PixelDecoderConfig(spatial_channels=16),
+    # ... as a per-patch linear rendering (3 channels, sub-pixel layout), started from CLIP's pixel head.
+    "tiny_render": PixelDecoderConfig(spatial_channels=3, spatial_upsample="pixel_shuffle"),
     # For the tiny CLIP (64 tokens x 128).
     "tiny": PixelDecoderConfig(),
     # For the tiny CLIP with target_pool=2 (16 tokens x 128).
@@ -130,8 +153,9 @@ class PixelDecoder(nn.Module):
         self.feature_pos_embed = nn.Parameter(
             0.02 * torch.randn(config.num_feature_tokens, config.feature_dim)
         )
+        per_token = config.spatial_factor**2 if config.spatial_upsample == "pixel_shuffle" else 1
         self.feature_to_pixels = (
-            nn.Conv2d(config.feature_dim, config.spatial_channels, kernel_size=1)
+            nn.Conv2d(config.feature_dim, config.spatial_channels * per_token, kernel_size=1)
             if config.spatial_channels
             else None
         )
@@ -185,8 +209,11 @@ class PixelDecoder(nn.Module):
         if self.feature_to_pixels is not None:
             grid = self.feature_to_pixels(
                 tokens_to_grid(features)
-            )  # (B, S, g, g); zero features -> bias only
-            spatial = F.interpolate(grid, size=noisy.shape[-2:], mode="nearest")  # (B, S, H, W)
+            )  # (B, S or S*f*f, g, g); zero -> bias only
+            if self.config.spatial_upsample == "pixel_shuffle":
+                spatial = F.pixel_shuffle(grid, self.config.spatial_factor)  # (B, S, H, W)
+            else:
+                spatial = F.interpolate(grid, size=noisy.shape[-2:], mode="nearest")  # (B, S, H, W)
             noisy = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)  # (B, 3 + S, H, W)
         return self.unet(noisy, timestep, encoder_hidden_states=condition).sample
 
@@ -229,6 +256,37 @@ class PixelDecoder(nn.Module):
             velocity = guided_velocity(self.velocity, sample, batch_timestep, features, cfg_scale)
             sample = scheduler.step(velocity, timestep, sample).prev_sample.to(features.dtype)
         return sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def init_spatial_from_clip(self, clip: ClipEncoder) -> None:
+        """Start the pixel-shuffle branch as CLIP's auxiliary pixel head, re-expressed for this decoder.
+
+        The head maps raw last-layer tokens to CLIP-normalised pixels; the branch reads normalised tokens
+        (raw = norm * std + mean) and should produce decoder pixels in [-1, 1] (y = 2 (std_px h + mean_px) - 1).
+        Both maps are affine, so the composition is exact: at step 0 the branch already draws what the head
+        draws, and the UNet starts from a coarse rendering instead of learning geometry from scratch.
+        """
+        cfg = self.config
+        if clip.pixel_head is None:
+            raise ValueError("the CLIP encoder has no pixel head (ClipConfig.reconstruction_weight is 0)")
+        if (cfg.spatial_upsample, cfg.spatial_channels) != ("pixel_shuffle", 3):
+            raise ValueError(
+                "init_spatial_from_clip needs spatial_upsample='pixel_shuffle', spatial_channels=3"
+            )
+        if clip.config.patch_size != cfg.spatial_factor or clip.config.target_pool != 1:
+            raise ValueError(
+                "the CLIP patch grid must be the decoder's token grid (patch size = spatial factor)"
+            )
+        if not clip.feature_normalization_fitted:
+            raise ValueError("fit CLIP's feature normalisation before initialising from its pixel head")
+        f2 = cfg.spatial_factor**2
+        channel = torch.arange(3).repeat_interleave(f2)  # (3 f^2,) colour channel of each output
+        px_std = clip.pixel_std.flatten()[channel]  # (3 f^2,)
+        px_mean = clip.pixel_mean.flatten()[channel]  # (3 f^2,)
+        weight = clip.pixel_head.weight * clip.feature_std  # (3 f^2, D): acts on normalised tokens
+        bias = clip.pixel_head.weight @ clip.feature_mean + clip.pixel_head.bias  # (3 f^2,)
+        self.feature_to_pixels.weight.copy_((2 * px_std[:, None] * weight)[:, :, None, None])
+        self.feature_to_pixels.bias.copy_(2 * (px_std * bias + px_mean) - 1)
 
     # ---- save / load ---------------------------------------------------------------------------------------
 

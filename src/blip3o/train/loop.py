@@ -40,6 +40,7 @@ from blip3o.train.checkpoint import (
 )
 from blip3o.train.config import ConfigError, RunConfig, StageConfig
 from blip3o.train.data import BatchPlan, DataError, ensure_shards, instruct_examples, load_shards, make_batch
+from blip3o.train.evaluate import evaluate_run
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
 from blip3o.train.parallelize import (
     DistInfo,
@@ -181,6 +182,10 @@ def train_stage(
         and not model.clip.feature_normalization_fitted
     ):
         fit_feature_statistics(model, [e.image for e in examples[:STATS_IMAGES]])
+    dec = model.decoder.config
+    if kind == "decoder" and model.clip.pixel_head is not None and dec.spatial_upsample == "pixel_shuffle":
+        # The decoder's per-patch rendering branch starts as CLIP's pixel head (a resume overwrites it).
+        model.decoder.init_spatial_from_clip(model.clip)
     if kind in GENERATION_KINDS and config.model.target == "vae" and not model.vae.scaling_fitted:
         fit_vae_scaling(model, [e.image for e in examples[:STATS_IMAGES]])
     if kind == "instruct":
@@ -377,6 +382,8 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
             if final.is_symlink() or final.exists():
                 final.unlink()
             final.symlink_to(previous.relative_to(out), target_is_directory=True)
+        if dist.is_main and previous is not None:
+            evaluate_run(config.eval, out / "final", out / "eval", progress)
         return results
     finally:
         barrier(dist)
