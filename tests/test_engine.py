@@ -364,3 +364,14 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     again = _train(args, tmp_path)  # resumed: nothing to train, nothing to evaluate again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "evaluation already done" in again.stderr and summary_path.stat().st_mtime_ns == before
+
+    from blip3o.cli.card import main as card_main
+
+    assert card_main([str(tmp_path / "run"), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    stage = json.loads((tmp_path / "run" / "generation" / "stage_summary.json").read_text())
+    assert stage["steps_run"] == 1 and stage["wall_s"] > 0
+    assert f"{summary['geneval']['overall']['mean']:.3f} ± " in card and "| **overall** |" in card
+    assert (tmp_path / "card" / "curves.png").exists() and (tmp_path / "card" / "curves.csv").exists()
+    assert (tmp_path / "card" / "failures.png").exists() or (tmp_path / "card" / "passes.png").exists()
+    assert card_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "card2")]) == 2

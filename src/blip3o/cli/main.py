@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("blip3o.cli.train", "train a preset's stages (resumable; torchrun for many processes)"),
     "generate": ("blip3o.cli.generate", "text -> images with a trained model (PNG files, optional grid)"),
     "ask": ("blip3o.cli.ask", "answer questions about images with a trained model"),
+    "card": ("blip3o.cli.card", "a model card (scores, curves, grids, failures) from a finished run"),
     "demo": (
         "blip3o.cli.demo",
         "the model generating and answering, judged (grid.png, report.html, summary.json)",

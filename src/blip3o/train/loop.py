@@ -321,12 +321,15 @@ def train_stage(
             _export(plain, stage_dir / "model")
     elif dist.is_main:
         _export(unwrap(wrapped).model, stage_dir / "model")
+    wall_s = time.perf_counter() - start_time
     if dist.is_main:
         writer.close()
+        # Read by `blip3o card`. A resumed stage reports the time of its last session only, and says so.
+        summary = {"steps_run": stage.steps - start_step, "resumed_at": start_step, "wall_s": wall_s,
+                   "final_loss": None if last_loss is None else float(last_loss)}  # fmt: skip
+        _write_json_atomic(stage_dir / "stage_summary.json", summary)
     barrier(dist)
-    return StageResult(
-        stage.name, stage.steps - start_step, last_loss, time.perf_counter() - start_time, stage_dir / "model"
-    )
+    return StageResult(stage.name, stage.steps - start_step, last_loss, wall_s, stage_dir / "model")
 
 
 def _sample_grid(wrapped, model, ema, path, step, writer, dist) -> None:

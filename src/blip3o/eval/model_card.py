@@ -1,0 +1,233 @@
+"""A model card built from a finished run folder: recipe, compute, scores, curves, sample grids, failures.
+
+Everything in the card is read from the run (`blip3o train` writes config.json, <stage>/log.jsonl,
+<stage>/samples/, <stage>/model and <out>/eval), so the numbers in it are the ones that run measured; nothing is
+typed in by hand. Stage wall times come from `<stage>/stage_summary.json` when the run wrote one, else from the
+files' modification times (the end of the previous stage to this stage's exported model), which the card says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from blip3o.eval.curves import plot, read_run, write_csv
+from blip3o.viz import image_grid
+from blip3o.world.prompts import CATEGORIES
+
+CARD_NAME = "MODEL_CARD.md"
+EXAMPLES_PER_CATEGORY = 4
+
+
+class ModelCardError(RuntimeError):
+    """The run folder lacks what a card needs."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelCardError(f"cannot read {path}: {err}") from err
+
+
+def stage_facts(run: Path, config: dict) -> list[dict]:
+    """Per stage: kind, steps, batch, lr, first/last logged loss, median samples/s, wall time and its source."""
+    facts = []
+    previous_end = (run / "data" / "manifest.json").stat().st_mtime if (run / "data").exists() else None
+    for stage in config["stages"]:
+        name = stage["name"]
+        log = [json.loads(line) for line in (run / name / "log.jsonl").read_text().splitlines() if line]
+        if not log:
+            raise ModelCardError(f"{run / name / 'log.jsonl'} is empty")
+        end = (run / name / "model" / "config.json").stat().st_mtime
+        summary_path = run / name / "stage_summary.json"
+        if summary_path.exists():
+            wall, source = _read_json(summary_path)["wall_s"], "stage_summary.json"
+        else:
+            wall, source = (end - previous_end if previous_end else None), "file times"
+        previous_end = end
+        rates = sorted(r["samples_per_s"] for r in log if "samples_per_s" in r)
+        facts.append(
+            {
+                "name": name,
+                "kind": stage["kind"],
+                "steps": stage["steps"],
+                "batch_size": stage["batch_size"],
+                "lr": stage["lr"],
+                "first_loss": log[0]["loss"],
+                "last_loss": log[-1]["loss"],
+                "samples_per_s": rates[len(rates) // 2] if rates else None,
+                "wall_s": wall,
+                "wall_source": source,
+            }
+        )
+    return facts
+
+
+def _examples(
+    results_path: Path, samples_root: Path, want_correct: bool, out: Path, title: str
+) -> Path | None:
+    """A grid of up to EXAMPLES_PER_CATEGORY images per category that the judge passed (or failed)."""
+    if not results_path.exists():
+        return None
+    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line]
+    images, labels = [], []
+    for tag in CATEGORIES:
+        picked = [r for r in rows if r["tag"] == tag and bool(r["correct"]) == want_correct]
+        step = max(1, len(picked) // EXAMPLES_PER_CATEGORY)  # spread through the category, not the first few
+        for r in picked[::step][:EXAMPLES_PER_CATEGORY]:
+            with Image.open(samples_root / r["image"]) as img:
+                images.append(img.convert("RGB"))
+            reason = "" if want_correct else f" | {r['reason']}"
+            labels.append(f"[{tag}] {r['prompt']}{reason}")
+    if not images:
+        return None
+    grid = image_grid(images, labels, columns=EXAMPLES_PER_CATEGORY, cell=160, title=title, label_lines=3)
+    grid.save(out)
+    return out
+
+
+def _stage_row(f: dict) -> str:
+    rate = "" if f["samples_per_s"] is None else f"{f['samples_per_s']:.0f}"
+    wall = "" if f["wall_s"] is None else f"{f['wall_s'] / 60:.1f} min"
+    return (
+        f"| {f['name']} | {f['kind']} | {f['steps']} | {f['batch_size']} | {f['lr']:g} | "
+        f"{f['first_loss']:.4f} | {f['last_loss']:.4f} | {rate} | {wall} |"
+    )
+
+
+def _mean_std(d: dict) -> str:
+    return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+def _scores_section(run: Path) -> list[str]:
+    summary_path = run / "eval" / "summary.json"
+    if not summary_path.exists():
+        return ["## Scores", "", "The run has no evaluation yet (`<run>/eval/summary.json` is missing).", ""]
+    s = _read_json(summary_path)
+    lines = ["## Scores", ""]
+    if "geneval" in s:
+        g = s["geneval"]
+        geneval_summary = _read_json(run / "eval" / "geneval" / "geneval_summary.json")
+        seeds = geneval_summary.get("seeds", [])
+        lines += [
+            f"ShapesGenEval (the project's judge, not the GenEval benchmark's detector), sampling seeds {seeds}, "
+            f"{geneval_summary.get('images_per_seed')} images per seed; mean ± sample std over seeds:",
+            "",
+            "| category | accuracy |",
+            "|---|---|",
+            *[
+                f"| {tag} | {_mean_std(g['categories'][tag])} |"
+                for tag in CATEGORIES
+                if tag in g["categories"]
+            ],
+            f"| **overall** (mean of categories) | **{_mean_std(g['overall'])}** |",
+            "",
+        ]
+    if "vqa" in s:
+        v = s["vqa"]
+        lines += [
+            "ShapesVQA (greedy answers, so the seed does not matter; std is 0 by construction):",
+            "",
+            "| question kind | accuracy |",
+            "|---|---|",
+            *[f"| {kind} | {val['mean']:.3f} |" for kind, val in v["per_kind"].items()],
+            f"| **overall** | **{v['overall']['mean']:.3f}** |",
+            "",
+        ]
+    lines += [
+        "Measured by the run itself (`eval` section of its config); the same numbers come from "
+        f"`blip3o eval geneval --model {run}/final --out DIR --seeds ...` and "
+        f"`blip3o eval vqa --model {run}/final`.",
+        "",
+    ]
+    return lines
+
+
+def build_model_card(
+    run_dir: str | Path, out_dir: str | Path, title: str = "blip3o ShapesWorld model"
+) -> Path:
+    """Write <out>/MODEL_CARD.md with curves (PNG + CSV), sample grids and pass/fail examples; returns its path."""
+    run, out = Path(run_dir), Path(out_dir)
+    config = _read_json(run / "config.json")
+    out.mkdir(parents=True, exist_ok=True)
+    facts = stage_facts(run, config)
+    curves = read_run(run)
+    write_csv(curves, out / "curves.csv")
+    plot(curves, out / "curves.png", title=f"{config['preset']} reference curves")
+    grids = []
+    for stage in config["stages"]:
+        for png in sorted((run / stage["name"] / "samples").glob("*.png")):
+            target = out / "samples" / f"{stage['name']}_{png.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, target)
+            grids.append(target)
+    seed0 = run / "eval" / "geneval" / "seed_0"
+    results = seed0 / "geneval_results.jsonl"
+    passed = _examples(results, seed0, True, out / "passes.png", "judged correct (seed 0)")
+    failed = _examples(
+        results, seed0, False, out / "failures.png", "judged wrong (seed 0), with the judge's reason"
+    )
+
+    trained = sum(f["wall_s"] or 0 for f in facts)
+    sources = sorted({f["wall_source"] for f in facts})
+    lines = [
+        f"# {title}",
+        "",
+        f"Card generated {datetime.now(UTC):%Y-%m-%d} by `blip3o card {run} --out {out}` from the run folder.",
+        "",
+        "## Recipe",
+        "",
+        f"`blip3o train --preset {config['preset']} --out {run}`: every stage from scratch on ShapesWorld, "
+        f"{config['data']['num_samples']:,} samples (world seed {config['data']['seed']}); stage 3 uses the "
+        f"GenEval-style training prompts ({config['data']['instruct_renders']} renders each), disjoint from "
+        "the evaluation prompts.",
+        "",
+        "| stage | kind | steps | batch | lr | first loss | last loss | samples/s (median) | wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[_stage_row(f) for f in facts],
+        "",
+        f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
+        "before the first stage not included).",
+        "",
+        "## Compute",
+        "",
+        f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, fp32, one process. "
+        "Throughput depends on what else runs on the machine; the figures above are as measured in this run.",
+        "",
+        *_scores_section(run),
+        "## Reference curves",
+        "",
+        "Loss per logged step for every stage: `curves.png`, data in `curves.csv`. Compare a run of your own "
+        f"with `blip3o curves runs/mine --reference {out}/curves.csv`.",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## Sample grids during training",
+        "",
+        "Fixed prompts, sampled at fixed steps of the generation stages (EMA weights):",
+        "",
+        *[f"![{g.stem}](samples/{g.name})" for g in grids],
+        "",
+        "## Known failure modes",
+        "",
+    ]
+    if failed:
+        lines += [
+            "Images the judge failed, up to four per category, spread through the category, with its reason:",
+            "",
+            "![failures](failures.png)",
+            "",
+        ]
+    if passed:
+        lines += ["And images it passed, for comparison:", "", "![passes](passes.png)", ""]
+    path = out / CARD_NAME
+    path.write_text("\n".join(lines) + "\n")
+    return path
