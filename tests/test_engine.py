@@ -93,6 +93,10 @@ def test_stage2_step_leaves_backbone_bitwise_unchanged(tiny_model: Blip3o) -> No
     fit_feature_statistics(model, batch["images"])
     set_trainable(model, "generation")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    questions = ["what color is the star?", "how many shapes are there?", "is there a red circle?"]
+    model.eval()
+    answers_before = model.understand(batch["images"][:3], questions, max_new_tokens=6)
+    model.train()
     optimizer = build_optimizer(parameters_of(model), lr=1e-2, weight_decay=0.0)
     # Several steps: the DiT starts as the zero map (DiT-style init), so the first gradients reach only its
     # output layer, the next ones its modulation, and only then the condition and the queries.
@@ -107,6 +111,9 @@ def test_stage2_step_leaves_backbone_bitwise_unchanged(tiny_model: Blip3o) -> No
     assert "backbone.latent_queries" in changed
     assert any(n.startswith("dit.") for n in changed)
     assert not any(n.startswith(("clip.", "decoder.")) for n in changed)
+    # Understanding exactly as it was: the same greedy answers (token for token) after stage-2 steps.
+    model.eval()
+    assert model.understand(batch["images"][:3], questions, max_new_tokens=6) == answers_before
 
 
 def test_stage2_overfits_a_fixed_batch(tiny_model: Blip3o) -> None:
