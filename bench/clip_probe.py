@@ -44,10 +44,10 @@ def probe(model_dir: str, n_scenes: int = 900) -> dict[str, float]:
     rng = np.random.default_rng(WORLD_SEED)
     scenes = [sample_scene(rng) for _ in range(n_scenes)]
     singles = [sample_scene(rng, specs=[ObjectSpec()]) for _ in range(n_scenes)]
+    images = [render(s) for s in scenes]
     if not model.clip.feature_normalization_fitted:  # a clip-stage export: fit on these (unlabelled) images
-        model.clip.fit_feature_normalization(model.clip.encode_image_raw(model.clip.preprocess(
-            [render(s) for s in scenes])))  # fmt: skip
-    feats = model.encode_image([render(s) for s in scenes]).numpy()  # (M, N, D)
+        model.clip.fit_feature_normalization(model.clip.encode_image_raw(model.clip.preprocess(images)))
+    feats = model.encode_image(images).numpy()  # (M, N, D)
     pooled = model.encode_image([render(s) for s in singles]).mean(1).numpy()  # (M, D)
     rows, shapes, colors, split = [], [], [], 0
     for i, scene in enumerate(scenes):
@@ -63,7 +63,7 @@ def probe(model_dir: str, n_scenes: int = 900) -> dict[str, float]:
     n_train = n_scenes * 2 // 3
     extra = {}
     if model.clip.pixel_head is not None:  # how well the auxiliary head redraws the images, in [0, 1] pixels
-        pixels = model.clip.preprocess([render(s) for s in scenes[:200]])  # (B, 3, S, S), CLIP-normalised
+        pixels = model.clip.preprocess(images[:200])  # (B, 3, S, S), CLIP-normalised
         recon = model.clip.reconstruct_pixels(pixels)
         std = model.clip.pixel_std
         mse = float((((recon - pixels) * std) ** 2).mean())

@@ -15,37 +15,17 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, decoder_config
-from blip3o.train.config import DataConfig, StageConfig, preset
+from blip3o.models.decoder import PixelDecoder, decoder_config
+from blip3o.train.config import DataConfig, StageConfig, preset, set_fields
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
-
-
-def parse_set(items: list[str]) -> dict:
-    return parse_fields(PixelDecoderConfig, PixelDecoderConfig(), items)
-
-
-def parse_fields(cls: type, default: object, items: list[str]) -> dict:
-    """`key=value` strings -> typed field values of a dataclass (tuples as comma lists)."""
-    types = {f.name: f.type for f in fields(cls)}
-    out = {}
-    for item in items:
-        key, text = item.split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown {cls.__name__} field {key}")
-        current = getattr(default, key)
-        if isinstance(current, tuple):
-            out[key] = tuple(type(current[0])(v) for v in text.split(","))
-        else:
-            out[key] = type(current)(text)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         model = Blip3o.from_pretrained(args.init)
     else:
         base = tiny_config()
-        backbone = replace(base.backbone, **parse_fields(type(base.backbone), base.backbone, args.backbone))
-        clip = replace(base.clip, **parse_fields(type(base.clip), base.clip, args.clip))
+        backbone = set_fields(base.backbone, args.backbone)
+        clip = set_fields(base.clip, args.clip)
         model = Blip3o.from_config(replace(base, backbone=backbone, clip=clip), seed=args.seed)
     if args.kind == "decoder":
-        dec_cfg = decoder_config(args.decoder, **parse_set(args.set))
+        dec_cfg = set_fields(decoder_config(args.decoder), args.set)
         torch.manual_seed(args.seed)
         model.decoder = PixelDecoder(dec_cfg)
         model.config = replace(model.config, decoder=dec_cfg)

@@ -357,18 +357,12 @@ class ClipEncoder(nn.Module):
         negative = F.normalize(self._text_embeddings(negative_ids, negative_mask), dim=-1)  # (B', P)
         all_logits = torch.cat([logits, scale * image @ negative.T], dim=1)  # (B, B + B')
         width = max(input_ids.shape[1], negative_ids.shape[1])
-        all_ids = torch.cat(
-            [
-                F.pad(input_ids, (0, width - input_ids.shape[1])),
-                F.pad(negative_ids, (0, width - negative_ids.shape[1])),
-            ]
-        )  # (B + B', W)
-        all_mask = torch.cat(
-            [
-                F.pad(attention_mask, (0, width - attention_mask.shape[1])),
-                F.pad(negative_mask, (0, width - negative_mask.shape[1])),
-            ]
-        )  # (B + B', W)
+
+        def stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # right-pad both to width, then concat
+            return torch.cat([F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1]))])
+
+        all_ids = stack(input_ids, negative_ids)  # (B + B', W)
+        all_mask = stack(attention_mask, negative_mask)  # (B + B', W)
         all_positives = same_caption_matrix(all_ids, all_mask)[: input_ids.shape[0]].float()  # (B, B + B')
         image_to_text = F.cross_entropy(all_logits, all_positives / all_positives.sum(dim=1, keepdim=True))
         return (image_to_text + text_to_image) / 2

@@ -93,9 +93,8 @@ class EvalConfig:
     geneval_seeds: tuple[int, ...] = ()  # ShapesGenEval sampling seeds; empty: no GenEval
     geneval_max_prompts: int = 0  # a category-balanced subset of the 560 prompts (0: all of them)
     geneval_images_per_prompt: int = 0  # cap on each prompt's images (0: the benchmark's n_samples)
-    vqa_questions: int = (
-        -1
-    )  # ShapesVQA questions: -1 none, 0 the full 2,100-question set, N an N-question set
+    # ShapesVQA questions: -1 none, 0 the full 2,100-question set, N an N-question set.
+    vqa_questions: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "geneval_seeds", tuple(int(s) for s in self.geneval_seeds))
@@ -347,6 +346,16 @@ def _set(obj: Any, path: list[str], text: str, where: str) -> Any:
         return replace(obj, **{key: new})
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from err
+
+
+def set_fields(obj: Any, items: list[str]) -> Any:
+    """A copy of dataclass `obj` with `field=value` strings applied, parsed to each field's type (as overrides)."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        obj = _set(obj, key.strip().split("."), text, item)
+    return obj
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
