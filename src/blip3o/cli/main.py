@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "blip3o.cli.demo",
         "the model generating and answering, judged (grid.png, report.html, summary.json)",
     ),
+    "study": (
+        "blip3o.cli.study",
+        "the paper's design study: generation designs on equal time budgets, measured, reported",
+    ),
 }
 
 

@@ -88,6 +88,8 @@ class StageResult:
     final_loss: float | None
     seconds: float
     model_dir: Path
+    end_step: int = 0  # the global step the exported model has (< stage.steps when stopped by time)
+    train_s: float = 0.0  # seconds in the optimisation loop of this call (no setup, checkpoint or export)
 
 
 def _stage_seed(config: RunConfig, index: int) -> int:
@@ -169,9 +171,19 @@ def train_stage(
     dist: DistInfo,
     rebuild,
     progress: bool = True,
+    stop_after_s: float | None = None,
 ) -> StageResult:
     """Train one stage of `model` in place and export it. `rebuild()` makes a fresh copy of the model as the
-    stage received it (only needed to export from FSDP2 shards)."""
+    stage received it (only needed to export from FSDP2 shards).
+
+    stop_after_s: a wall-time budget for this call. After the first optimizer step at which the loop has run
+    that long, the stage saves a checkpoint and exports its model as if it had ended there (EMA weights as
+    usual); calling again resumes from that checkpoint. Budgeted runs (the design study) pair this with a
+    huge `steps` and a constant LR after warmup (min_lr_ratio=1), so where the budget cuts is not a schedule
+    end. Under several processes each rank measures its own time; pass None there unless ranks stay in step.
+    """
+    if stop_after_s is not None and stop_after_s < 0:
+        raise ValueError(f"stop_after_s must be >= 0, got {stop_after_s}")
     stage_dir = out / stage.name
     kind = stage.kind
     start_time = time.perf_counter()
@@ -235,6 +247,7 @@ def train_stage(
         leave=False,
     )
     window_start, window_samples, last_loss = time.perf_counter(), 0, None
+    loop_start, train_s, end_step = time.perf_counter(), 0.0, stage.steps
     for step in range(start_step, stage.steps):
         wrapped.train()
         optimizer.zero_grad(set_to_none=True)
@@ -257,7 +270,9 @@ def train_stage(
             ema.update(model)
         window_samples += stage.batch_size
         done = step + 1
-        if done % stage.log_every == 0 or done == stage.steps:
+        train_s = time.perf_counter() - loop_start
+        stopping = stop_after_s is not None and train_s >= stop_after_s and done < stage.steps
+        if done % stage.log_every == 0 or done == stage.steps or stopping:
             last_loss = all_reduce_mean(step_loss, dist)
             elapsed = time.perf_counter() - window_start
             rate = window_samples / max(elapsed, 1e-9)
@@ -273,8 +288,12 @@ def train_stage(
                 }
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if stop_after_s is not None:  # a time budget ends the call: show that instead of steps
+                    where, eta = f"step {done}", min(eta, max(stop_after_s - train_s, 0.0))
+                else:
+                    where = f"step {done}/{stage.steps}"
                 line = (
-                    f"[{stage.name}] step {done}/{stage.steps} | loss {last_loss:.4f} | grad {grad_norm:.3f} | "
+                    f"[{stage.name}] {where} | loss {last_loss:.4f} | grad {grad_norm:.3f} | "
                     f"lr {lr:.2e} | {rate:.1f} samples/s | eta {_format_eta(eta)}"
                 )
                 bar.write(line) if progress else log.info(line)
@@ -291,12 +310,16 @@ def train_stage(
             _sample_grid(
                 wrapped, model, ema, stage_dir / "samples" / f"step_{done:06d}.png", done, writer, dist
             )
-        if done % stage.ckpt_every == 0 or done == stage.steps:
+        if done % stage.ckpt_every == 0 or done == stage.steps or stopping:
             save_training_state(
                 stage_dir, done, wrapped, optimizer, scheduler, ema=ema, data_state={"step": done},
                 generators={"flow": generator}, config=json.loads(config.to_json()), keep_last=config.keep_last,
                 dist=dist, trainable_only=True,
             )  # fmt: skip
+        if stopping:
+            end_step = done
+            log.info("[%s] time budget of %.0f s reached at step %d", stage.name, stop_after_s, done)
+            break
     bar.close()
 
     # The stage's model: EMA weights where there is an EMA (sampling uses them), exported in release layout.
@@ -307,8 +330,8 @@ def train_stage(
             wrapped,
             model,
             None,
-            stage_dir / "samples" / f"step_{stage.steps:06d}.png",
-            stage.steps,
+            stage_dir / "samples" / f"step_{end_step:06d}.png",
+            end_step,
             writer,
             dist,
         )
@@ -325,11 +348,14 @@ def train_stage(
     if dist.is_main:
         writer.close()
         # Read by `blip3o card`. A resumed stage reports the time of its last session only, and says so.
-        summary = {"steps_run": stage.steps - start_step, "resumed_at": start_step, "wall_s": wall_s,
+        summary = {"steps_run": end_step - start_step, "resumed_at": start_step, "end_step": end_step,
+                   "wall_s": wall_s, "train_s": train_s,
                    "final_loss": None if last_loss is None else float(last_loss)}  # fmt: skip
         _write_json_atomic(stage_dir / "stage_summary.json", summary)
     barrier(dist)
-    return StageResult(stage.name, stage.steps - start_step, last_loss, wall_s, stage_dir / "model")
+    return StageResult(
+        stage.name, end_step - start_step, last_loss, wall_s, stage_dir / "model", end_step, train_s
+    )
 
 
 def _sample_grid(wrapped, model, ema, path, step, writer, dist) -> None:

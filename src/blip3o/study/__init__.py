@@ -1,0 +1,1 @@
+"""The paper's design study on ShapesWorld: generation designs trained on equal terms, measured, reported."""
