@@ -196,6 +196,26 @@ def test_findings_rules() -> None:
     assert decide_findings({"base": {}, "variants": {}})[0].verdict == "not run"
 
 
+def test_report_appends_a_hand_written_analysis_under_its_own_heading(tmp_path: Path) -> None:
+    from blip3o.study.report import ANALYSIS_FILE, write_report
+
+    point = {**_point(0.0, 0.3, 0.55), "generation_images_per_s": 2.0, "loss": 0.5}
+    variants = {"clip_fm": {"label": "CLIP + FM", "points": [point], "tokens_per_image": 64}}
+    results = json.loads(json.dumps({"commands": ["blip3o study --budget-minutes 1 --out x"], "base": {"vqa": 0.55},
+                                     "variants": variants}))  # fmt: skip
+    results["settings"] = StudyConfig(budget_minutes=1.0, base="b").to_dict()
+    results["environment"], results["started"] = (
+        {"threads": 1, "cpus": 1, "machine": "x", "torch": "t"},
+        "now",
+    )
+    write_report(tmp_path, results)
+    assert "Analysis (written by hand" not in (tmp_path / "report.md").read_text()
+    (tmp_path / ANALYSIS_FILE).write_text("GenEval is 0 because the DiT draws no objects.\n")
+    report = write_report(tmp_path, results).read_text()
+    head, analysis = report.split("## Analysis (written by hand after the run, not generated)")
+    assert "reproduced: **" in head and analysis.strip() == "GenEval is 0 because the DiT draws no objects."
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

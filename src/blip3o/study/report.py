@@ -7,6 +7,10 @@ from pathlib import Path
 from blip3o.eval.frechet import FRECHET_NOTE
 from blip3o.study.findings import decide_findings
 
+ANALYSIS_FILE = (
+    "analysis.md"  # optional hand-written interpretation, appended to report.md under its own heading
+)
+
 PLOTS = {
     # file: (title, y label, value of a point)
     "geneval_vs_step.png": ("ShapesGenEval overall vs training step", "GenEval overall", lambda p: p["geneval"]["overall"]),
@@ -126,6 +130,13 @@ def format_report(results: dict) -> str:
             "",
             f"Stage-1 backbone (the sequential design's understanding): ShapesVQA {base['vqa']:.3f}.",
         ]
+    if "reference_clip_score" in base:
+        ref = base["reference_clip_score"]
+        lines += [
+            "",
+            f"Real renders of the same GenEval prompts (the CLIP-FD reference set) have CLIP score {ref['mean']:.4f} "
+            f"(std {ref['std']:.4f}, n = {ref['n']}): the level of a generator that draws exactly what is asked.",
+        ]
     if "vae_stage" in variants.get("vae_fm", {}):
         v = variants["vae_fm"]["vae_stage"]
         lines += [
@@ -154,10 +165,21 @@ def format_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analysis_section(out: Path) -> str:
+    """`<out>/ANALYSIS_FILE`, if someone wrote one after the run, under a heading that says it is not measured
+    output: the report's numbers and verdicts stay what the code computed."""
+    path = out / ANALYSIS_FILE
+    if not path.is_file():
+        return ""
+    return (
+        "\n## Analysis (written by hand after the run, not generated)\n\n" + path.read_text().strip() + "\n"
+    )
+
+
 def write_report(out: Path, results: dict) -> Path:
     write_plots(out, results)
     path = out / "report.md"
     tmp = out / "report.md.tmp"
-    tmp.write_text(format_report(results))
+    tmp.write_text(format_report(results) + analysis_section(out))
     tmp.replace(path)
     return path
