@@ -243,7 +243,14 @@ def test_tiny_study_writes_report_and_resumes(base_dir: Path, shards: Path, tmp_
     assert "blip3o study --budget-minutes 0.02" in report and report.count("reproduced: **") == 5
     assert "NOT Inception-FID" in report
     assert 0 < results["variants"]["clip_fm"]["points"][-1]["clip_score"]["n"] == 6
-    for png in ("geneval_vs_step.png", "geneval_vs_time.png", "diversity_vs_time.png", "vqa_vs_time.png"):
+    assert "samples.png" in report
+    for png in (
+        "samples.png",
+        "geneval_vs_step.png",
+        "geneval_vs_time.png",
+        "diversity_vs_time.png",
+        "vqa_vs_time.png",
+    ):
         assert (out / png).stat().st_size > 0
     # The same command again: everything is measured already, nothing changes.
     assert main(args) == 0

@@ -58,6 +58,42 @@ def write_plots(out: Path, results: dict) -> list[str]:
     return written
 
 
+SAMPLES_PNG = "samples.png"
+SAMPLES_PER_VARIANT = 12
+
+
+def write_sample_grid(out: Path, results: dict) -> str | None:
+    """samples.png: a row per variant of its final point's first GenEval images (the same prompts and seed in
+    every row), so the variants can be compared by eye."""
+    from PIL import Image, ImageDraw
+
+    from blip3o.eval.model_eval import seed_dir
+    from blip3o.study.measure import generated_images
+
+    seed = results["settings"]["seed"]
+    rows: list[tuple[str, list[Image.Image]]] = []
+    for variant, state in results["variants"].items():
+        if not state["points"]:
+            continue
+        folder = seed_dir(out / variant / "points" / str(len(state["points"])) / "geneval", seed)
+        if folder.is_dir():
+            images, _ = generated_images(folder)
+            rows.append((variant, images[:SAMPLES_PER_VARIANT]))
+    if not rows:
+        return None
+    size, label_w = 64, 80
+    width = label_w + size * max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (width, size * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (variant, images) in enumerate(rows):
+        draw.text((4, r * size + size // 2 - 6), variant, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((size, size)), (label_w + c * size, r * size))
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
+    grid.save(out / SAMPLES_PNG)
+    return SAMPLES_PNG
+
+
 def _number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -162,6 +198,12 @@ def format_report(results: dict) -> str:
                 )
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({name})" for name in PLOTS]
+    lines += [
+        "",
+        "## Samples (final point, the first GenEval prompts, the same sampling seed in every row)",
+        "",
+        f"![{SAMPLES_PNG}]({SAMPLES_PNG})",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +220,7 @@ def analysis_section(out: Path) -> str:
 
 def write_report(out: Path, results: dict) -> Path:
     write_plots(out, results)
+    write_sample_grid(out, results)
     path = out / "report.md"
     tmp = out / "report.md.tmp"
     tmp.write_text(format_report(results) + analysis_section(out))
