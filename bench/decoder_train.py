@@ -1,8 +1,12 @@
-"""Train one stage-0 component (CLIP or the pixel decoder) through the project's `train_stage`, for sweeps.
+"""Train one stage (CLIP, pixel decoder, understanding or generation) through the project's `train_stage`, for sweeps.
 
     .venv/bin/python bench/decoder_train.py --kind clip --out runs/dec/clip --steps 600 --batch 64 --lr 5e-4
     .venv/bin/python bench/decoder_train.py --kind decoder --init runs/dec/clip/clip/model --out runs/dec/a \
         --steps 300 --batch 32 --lr 5e-4 --decoder tiny --set block_out_channels=32,64
+
+    .venv/bin/python bench/decoder_train.py --kind generation --init runs/shapes/understanding/model \
+        --shards runs/shapes/data --out runs/exp4/gA --steps 1200 --batch 16 --lr 5e-4 \
+        --dit dim=256 n_layers=6 n_heads=8 n_kv_heads=8 --fresh-queries --ema 0.999 --geneval 60
 
 The decoder run starts from a saved model folder (its CLIP is used frozen) and swaps in a fresh decoder built
 from a DECODER_PRESETS entry plus optional field overrides. Checkpoints every --ckpt-every steps are kept,
@@ -30,7 +34,9 @@ from blip3o.train.parallelize import init_distributed
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("clip", "decoder", "understanding"), required=True)
+    parser.add_argument(
+        "--kind", choices=("clip", "decoder", "understanding", "generation", "instruct"), required=True
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--init", help="model folder to start from (decoder: supplies the frozen CLIP)")
     parser.add_argument("--shards", default="runs/quick1/data")
@@ -50,6 +56,13 @@ def main(argv: list[str] | None = None) -> None:
         "--backbone", nargs="*", default=[], help="backbone field overrides (fresh model only)"
     )
     parser.add_argument("--clip", nargs="*", default=[], help="ClipConfig field overrides (fresh model only)")
+    parser.add_argument("--dit", nargs="*", help="generation: a fresh DiT with these DiTConfig overrides")
+    parser.add_argument("--fresh-queries", action="store_true", help="generation: re-initialise the queries")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: none)")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--geneval", type=int, default=0, help="generation: score N GenEval prompts x 2 after"
+    )
     parser.add_argument("--vqa", type=int, default=0, help="understanding: score N ShapesVQA questions after")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,11 +83,23 @@ def main(argv: list[str] | None = None) -> None:
         model.decoder = PixelDecoder(dec_cfg)
         model.config = replace(model.config, decoder=dec_cfg)
         print(f"decoder params: {sum(p.numel() for p in model.decoder.parameters()):,}")
+    if args.dit is not None:
+        from blip3o.models.dit import DiT
+
+        dit_cfg = set_fields(model.config.dit, args.dit)
+        torch.manual_seed(args.seed)
+        model.dit = DiT(dit_cfg)
+        model.config = replace(model.config, dit=dit_cfg)
+        print(f"dit params: {model.dit.num_params():,}")
+    if args.fresh_queries:
+        with torch.no_grad():
+            q = model.backbone.latent_queries
+            q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(args.seed)) * q.std())
     warmup = min(100, args.steps // 10) if args.warmup < 0 else args.warmup
     stage = StageConfig(
         args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
         log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=args.short_prob, qa_share=args.qa_share,
-        hard_negatives=args.hard_negatives,
+        hard_negatives=args.hard_negatives, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio,
     )  # fmt: skip
     config = replace(
         preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,
@@ -98,6 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         vqa = vqa_with_model(model, n_questions=args.vqa)
         summary["vqa"] = vqa["overall"]["mean"]
         summary["vqa_per_kind"] = {k: v["mean"] for k, v in vqa["per_kind"].items()}
+    if args.geneval:
+        from blip3o.eval.model_eval import geneval_with_model
+
+        ge = geneval_with_model(
+            model, out / "geneval", seeds=[0], max_prompts=args.geneval, images_per_prompt=2, progress=False
+        )
+        summary["geneval"] = ge
     (out / "summary.json").write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary))
 
