@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--clip", nargs="*", default=[], help="ClipConfig field overrides (fresh model only)")
     parser.add_argument("--dit", nargs="*", help="generation: a fresh DiT with these DiTConfig overrides")
+    parser.add_argument("--flow", nargs="*", default=[], help="FlowMatchingConfig overrides, e.g. shift=4")
     parser.add_argument("--fresh-queries", action="store_true", help="generation: re-initialise the queries")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: none)")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         model.dit = DiT(dit_cfg)
         model.config = replace(model.config, dit=dit_cfg)
         print(f"dit params: {model.dit.num_params():,}")
+    if args.flow:
+        from blip3o.transport import build_objective
+
+        flow = set_fields(model.config.flow, args.flow)
+        model.config = replace(model.config, flow=flow)
+        model.objective = build_objective(model.config.objective, flow)
     if args.fresh_queries:
         with torch.no_grad():
             q = model.backbone.latent_queries

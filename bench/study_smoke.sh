@@ -5,8 +5,9 @@
 #     bash bench/study_smoke.sh              # writes out/study_smoke/{report.md,results.json,*.png}
 #     bash bench/study_smoke.sh --shards runs/shapes/data   # reuse existing ShapesWorld shards
 #
-# About 30 minutes on the 2-core CPU when idle: 4 x 5 min of training, a 3-minute VAE stage, 2 points per
-# variant at ~15 s each, and writing 4,000 shards. Re-running the command resumes where it stopped.
+# Measured: 25 min 12 s on the idle 2-core CPU with --shards runs/study/data (2026-11-28): 4 x 5 min of
+# training, a 3-minute VAE stage, 2 points per variant at 6-16 s each (without --shards add ~10 s of writing
+# 4,000 shards). Re-running the command resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec .venv/bin/blip3o study --budget-minutes 5 --out out/study_smoke \
