@@ -49,27 +49,12 @@ from blip3o.study.variants import (
 )
 from blip3o.train.checkpoint import CHECKPOINTS, STEP_DIR
 from blip3o.train.data import ensure_shards, load_shards
-from blip3o.train.loop import STATS_IMAGES, train_stage
+from blip3o.train.loop import STATS_IMAGES, export_model, train_stage, write_json_atomic
 from blip3o.train.parallelize import init_distributed
 from blip3o.train.stages import fit_vae_scaling
 
 log = logging.getLogger("blip3o.study")
 RESULTS_FILE = "results.json"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_model_atomic(model: Blip3o, directory: Path) -> None:
-    """A folder with a config.json is complete: write elsewhere, then rename into place."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
 
 
 def load_results(out: Path, config: StudyConfig, command: str) -> dict:
@@ -179,7 +164,7 @@ class Study:
         if model.vae is not None:
             model = self.train_vae(model, state)
         state["tokens_per_image"] = tokens_per_image(model)
-        save_model_atomic(model, init_dir)
+        export_model(model, init_dir)
         return init_dir
 
     def train_vae(self, model: Blip3o, state: dict) -> Blip3o:

@@ -96,7 +96,7 @@ def _stage_seed(config: RunConfig, index: int) -> int:
     return config.seed * 1000 + index
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
@@ -114,7 +114,7 @@ def _check_run_config(out: Path, config: RunConfig, dist: DistInfo) -> None:
             )
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, json.loads(config.to_json()))
+        write_json_atomic(path, json.loads(config.to_json()))
 
 
 def _format_eta(seconds: float) -> str:
@@ -135,7 +135,7 @@ def _truncate_log(path: Path, from_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _export(model: Blip3o, directory: Path) -> None:
+def export_model(model: Blip3o, directory: Path) -> None:
     """Atomic release export: write to a temporary folder, then rename."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,9 +341,9 @@ def train_stage(
         if dist.is_main:
             plain = rebuild()
             plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
-            _export(plain, stage_dir / "model")
+            export_model(plain, stage_dir / "model")
     elif dist.is_main:
-        _export(unwrap(wrapped).model, stage_dir / "model")
+        export_model(unwrap(wrapped).model, stage_dir / "model")
     wall_s = time.perf_counter() - start_time
     if dist.is_main:
         writer.close()
@@ -351,7 +351,7 @@ def train_stage(
         summary = {"steps_run": end_step - start_step, "resumed_at": start_step, "end_step": end_step,
                    "wall_s": wall_s, "train_s": train_s,
                    "final_loss": None if last_loss is None else float(last_loss)}  # fmt: skip
-        _write_json_atomic(stage_dir / "stage_summary.json", summary)
+        write_json_atomic(stage_dir / "stage_summary.json", summary)
     barrier(dist)
     return StageResult(
         stage.name, end_step - start_step, last_loss, wall_s, stage_dir / "model", end_step, train_s
