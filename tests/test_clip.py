@@ -152,8 +152,8 @@ def test_text_embedding_does_not_depend_on_padding_side(tokenizer):
     right = tokenizer(captions, padding=True, return_tensors="pt", padding_side="right")
     assert not torch.equal(left["attention_mask"], right["attention_mask"])
     with torch.no_grad():
-        from_left = encoder._text_embeddings(left["input_ids"], left["attention_mask"])
-        from_right = encoder._text_embeddings(right["input_ids"], right["attention_mask"])
+        from_left = encoder.text_embeddings(left["input_ids"], left["attention_mask"])
+        from_right = encoder.text_embeddings(right["input_ids"], right["attention_mask"])
     assert torch.allclose(from_left, from_right, atol=1e-5)
 
 

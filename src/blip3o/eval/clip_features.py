@@ -55,9 +55,7 @@ class ClipImageFeatures(nn.Module):
                 chunk = F.interpolate(chunk, size=(size, size), mode="bicubic", align_corners=False).clamp(
                     0, 1
                 )
-            embedding = self.clip.clip.get_image_features(
-                pixel_values=self.clip.normalize_pixels(chunk)
-            ).pooler_output  # (b, projection_dim)
+            embedding = self.clip.image_embeddings(self.clip.normalize_pixels(chunk))  # (b, projection_dim)
             out.append(F.normalize(embedding.float(), dim=-1))
         return torch.cat(out)  # (N, projection_dim)
 
@@ -78,7 +76,7 @@ def clip_text_features(model: Blip3o, captions: list[str], batch_size: int = 256
     out = []
     for start in range(0, len(captions), batch_size):
         text = model.clip_text_inputs(captions[start : start + batch_size])
-        embedding = model.clip._text_embeddings(text["input_ids"], text["attention_mask"])  # (b, P)
+        embedding = model.clip.text_embeddings(text["input_ids"], text["attention_mask"])  # (b, P)
         out.append(F.normalize(embedding.float(), dim=-1))
     return torch.cat(out)  # (N, projection_dim)
 

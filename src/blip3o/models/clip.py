@@ -261,7 +261,8 @@ class ClipEncoder(nn.Module):
 
     # ---- contrastive training ------------------------------------------------------------------------------
 
-    def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, projection_dim) projected caption embeddings, unnormalised."""
         # transformers pools text at the first `eos_token_id` (or the highest id), which ties the model to a
         # tokenizer's special ids. Under the causal mask the caption's last token has seen the whole caption,
         # so pooling there is CLIP's EOT pooling without a magic id. Positions count attended tokens only, so a
@@ -277,15 +278,16 @@ class ClipEncoder(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, text_hidden)
         return self.clip.text_projection(pooled)  # (B, projection_dim)
 
-    def _image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) CLIP input -> (B, projection_dim) projected image embeddings, unnormalised."""
         return self.clip.get_image_features(pixel_values=pixel_values).pooler_output  # (B, projection_dim)
 
     def similarity(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """(B, B) scaled cosine similarities, image rows x text columns (CLIP's logits_per_image)."""
-        image = F.normalize(self._image_embeddings(pixel_values), dim=-1)  # (B, P)
-        text = F.normalize(self._text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
+        image = F.normalize(self.image_embeddings(pixel_values), dim=-1)  # (B, P)
+        text = F.normalize(self.text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
         return self.clip.logit_scale.exp() * image @ text.T  # (B, B)
 
     def contrastive_loss(
@@ -315,7 +317,7 @@ class ClipEncoder(nn.Module):
         """
         vision = self.clip.vision_model(pixel_values=pixel_values)
         image = F.normalize(self.clip.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
-        text = F.normalize(self._text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
+        text = F.normalize(self.text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
         recon = self._reconstruction_loss(vision.last_hidden_state[:, 1:], pixel_values)
         return self._contrastive(image, text, input_ids, attention_mask, negative_ids, negative_mask) + recon
 
@@ -354,7 +356,7 @@ class ClipEncoder(nn.Module):
             return (F.cross_entropy(logits, targets) + text_to_image) / 2
         if negative_mask is None:
             raise ValueError("negative_ids needs negative_mask")
-        negative = F.normalize(self._text_embeddings(negative_ids, negative_mask), dim=-1)  # (B', P)
+        negative = F.normalize(self.text_embeddings(negative_ids, negative_mask), dim=-1)  # (B', P)
         all_logits = torch.cat([logits, scale * image @ negative.T], dim=1)  # (B, B + B')
         width = max(input_ids.shape[1], negative_ids.shape[1])
 

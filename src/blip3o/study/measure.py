@@ -6,7 +6,6 @@ same GenEval prompt subset and sampling seed, the same VQA questions.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from blip3o.eval.clip_features import clip_score
 from blip3o.eval.diversity import sample_diversity
 from blip3o.eval.frechet import clip_frechet_distance
-from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR
+from blip3o.eval.geneval import read_sample_folder
 from blip3o.eval.model_eval import balanced_subset, geneval_with_model, seed_dir, vqa_with_model
 from blip3o.models.blip3o import Blip3o
 from blip3o.study.config import DIVERSITY_PROMPTS, StudyConfig
@@ -42,11 +41,10 @@ def reference_images(config: StudyConfig) -> tuple[list[Image.Image], list[str]]
 def generated_images(folder: Path) -> tuple[list[Image.Image], list[str]]:
     """Every sample image of a GenEval-layout folder and its prompt, in prompt-folder then sample order."""
     images, prompts = [], []
-    for prompt_dir in sorted(d for d in folder.iterdir() if (d / METADATA_FILE).is_file()):
-        prompt = json.loads((prompt_dir / METADATA_FILE).read_text().splitlines()[0])["prompt"]
-        for path in sorted((prompt_dir / SAMPLES_SUBDIR).glob("*.png")):
+    for prompt in read_sample_folder(folder):
+        for path in prompt.images:
             images.append(Image.open(path).convert("RGB"))
-            prompts.append(prompt)
+            prompts.append(prompt.meta["prompt"])
     return images, prompts
 
 

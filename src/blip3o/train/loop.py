@@ -89,7 +89,9 @@ class StageResult:
     seconds: float
     model_dir: Path
     end_step: int = 0  # the global step the exported model has (< stage.steps when stopped by time)
-    train_s: float = 0.0  # seconds in the optimisation loop of this call (no setup, checkpoint or export)
+    # Seconds in the optimisation loop of this call: no setup, final checkpoint or export (periodic checkpoints
+    # and sample grids inside the loop do count).
+    train_s: float = 0.0
 
 
 def _stage_seed(config: RunConfig, index: int) -> int:
