@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hard-negatives", action="store_true", help="clip: swapped-shape negative captions")
     parser.add_argument("--short-prob", type=float, default=0.3, help="share of short captions")
     parser.add_argument("--qa-share", type=float, default=0.5, help="understanding: share of QA samples")
+    parser.add_argument("--average", choices=("token", "sample"), default="token", help="understanding loss")
     parser.add_argument(
         "--backbone", nargs="*", default=[], help="backbone field overrides (fresh model only)"
     )
@@ -77,7 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         base = tiny_config()
         backbone = set_fields(base.backbone, args.backbone)
         clip = set_fields(base.clip, args.clip)
-        model = Blip3o.from_config(replace(base, backbone=backbone, clip=clip), seed=args.seed)
+        # The DiT and the decoder read the CLIP target, so their shapes follow the CLIP overrides.
+        dit = replace(base.dit, in_channels=clip.feature_dim, input_size=clip.target_grid)
+        decoder = replace(
+            base.decoder, feature_dim=clip.feature_dim, num_feature_tokens=clip.num_target_tokens
+        )
+        config = replace(base, backbone=backbone, clip=clip, dit=dit, decoder=decoder)
+        model = Blip3o.from_config(config, seed=args.seed)
     if args.kind == "decoder":
         dec_cfg = set_fields(decoder_config(args.decoder), args.set)
         torch.manual_seed(args.seed)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = StageConfig(
         args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
         log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=args.short_prob, qa_share=args.qa_share,
-        hard_negatives=args.hard_negatives, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio,
+        hard_negatives=args.hard_negatives, understanding_average=args.average, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio,
     )  # fmt: skip
     config = replace(
         preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,

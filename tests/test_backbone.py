@@ -196,6 +196,27 @@ def test_understanding_loss_decreases_and_understand_is_batch_invariant(backbone
     assert model.understand(images[1:], prompts[1:], max_new_tokens=6) == answers_out[1:]
 
 
+def test_understanding_loss_sample_average_weighs_each_sample_equally(backbone, images):
+    model = copy.deepcopy(backbone).eval()
+    prompts = ["Describe.", "What colour is it?"]
+    answers = ["a red square above a green star and a blue circle left of a black cross", "red"]
+    with torch.no_grad():
+        alone = [
+            model.understanding_loss(images[i : i + 1], prompts[i : i + 1], answers[i : i + 1])
+            for i in (0, 1)
+        ]
+        by_token = model.understanding_loss(images, prompts, answers, average="token")
+        by_sample = model.understanding_loss(images, prompts, answers, average="sample")
+    assert by_sample.item() == pytest.approx((alone[0].item() + alone[1].item()) / 2, rel=1e-4)
+    # Token averaging weighs the long caption by its length, so the two differ on unequal answers.
+    n = [len(model.processor.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers]
+    expected_token = (alone[0].item() * n[0] + alone[1].item() * n[1]) / sum(n)
+    assert by_token.item() == pytest.approx(expected_token, rel=1e-4)
+    assert abs(by_token.item() - by_sample.item()) > 1e-3
+    with pytest.raises(ValueError, match="average"):
+        model.understanding_loss(images, prompts, answers, average="batch")
+
+
 def test_save_load_round_trip_gives_identical_outputs(backbone, images, tmp_path):
     backbone.save_pretrained(tmp_path)
     for name in ["config.json", "model.safetensors", "tokenizer.json", "processor_config.json"]:

@@ -344,6 +344,10 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
         apply_overrides(preset("tiny-test"), ["stages.generation.hard_negatives=true"])
     with pytest.raises(ConfigError, match="qa_share"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.qa_share=1.5"])
+    with pytest.raises(ConfigError, match="understanding_average"):
+        apply_overrides(preset("tiny-test"), ["stages.understanding.understanding_average=batch"])
+    sample = apply_overrides(preset("tiny-test"), ["stages.understanding.understanding_average=sample"])
+    assert sample.stage("understanding").understanding_average == "sample"
 
 
 def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:

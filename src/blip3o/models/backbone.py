@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +39,8 @@ from blip3o.data.tokenizer import (
     reject_special_tokens,
     special_token_ids,
 )
+
+LossAverage = Literal["token", "sample"]  # how the understanding loss averages (see understanding_loss)
 
 BACKBONE_CONFIG_FILE = "blip3o_backbone.json"
 QUERIES_FILE = "blip3o_queries.safetensors"  # kept apart so model.safetensors stays a plain Qwen2.5-VL
@@ -386,13 +390,33 @@ class Backbone(nn.Module):
         }
 
     def understanding_loss(
-        self, images: list[Image.Image], prompts: list[str], answers: list[str]
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        answers: list[str],
+        average: LossAverage = "token",
     ) -> torch.Tensor:
-        """Stage 1 (captioning, QA): mean next-token cross-entropy over the answer tokens."""
+        """Stage 1 (captioning, QA): next-token cross-entropy over the answer tokens.
+
+        average "token": the mean over every answer token of the batch (transformers' own loss), so a 100-token
+        caption weighs 30x a 3-token answer. "sample": each sample's mean, then the mean over samples, so short
+        answers (ShapesVQA's one word) get an equal share of the gradient."""
+        if average not in ("token", "sample"):
+            raise ValueError(f"average must be 'token' or 'sample', got {average!r}")
         batch = self.understanding_inputs(images, prompts, answers)
         device = self.latent_queries.device
         batch = {k: v.to(device) for k, v in batch.items()}
-        return self.vlm(**batch, use_cache=False).loss
+        if average == "token":
+            return self.vlm(**batch, use_cache=False).loss
+        labels = batch.pop("labels")  # (B, T)
+        logits = self.vlm(**batch, use_cache=False).logits.float()  # (B, T, V)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        per_token = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        counted = (targets != -100).float()  # (B, T-1)
+        per_sample = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)  # (B,)
+        return per_sample.mean()
 
     @torch.no_grad()
     def understand(

@@ -51,6 +51,9 @@ class StageConfig:
     ema_decay: float = 0.0  # 0 = no EMA; generation stages sample with the EMA weights when enabled
     short_caption_prob: float = 0.1  # generation data: share of short captions (the release: ~10%)
     understanding_weight: float = 1.0  # joint: weight of the understanding loss
+    # understanding / joint: "token" (mean over all answer tokens) or "sample" (each sample's mean, then the mean
+    # over samples: one-word VQA answers weigh as much as 100-token captions; see Backbone.understanding_loss)
+    understanding_average: str = "token"
     qa_share: float = 0.5  # understanding data: share of question/answer samples (the rest: captioning)
     hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     log_every: int = 10
@@ -71,6 +74,11 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.short_caption_prob <= 1.0:
             raise ConfigError(f"stage {self.name!r}: short_caption_prob must be in [0, 1]")
+        if self.understanding_average not in ("token", "sample"):
+            raise ConfigError(
+                f"stage {self.name!r}: understanding_average must be 'token' or 'sample', "
+                f"got {self.understanding_average!r}"
+            )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
         if self.hard_negatives and self.kind != "clip":

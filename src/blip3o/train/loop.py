@@ -209,7 +209,7 @@ def train_stage(
     set_trainable(model, kind)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
-    module = StageModule(model, kind, stage.understanding_weight)
+    module = StageModule(model, kind, stage.understanding_weight, stage.understanding_average)
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     optimizer = build_optimizer(parameters_of(model), stage.lr, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import images_to_tensor
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
@@ -90,11 +91,18 @@ class StageModule(nn.Module):
     the VAE's posterior sample.
     """
 
-    def __init__(self, model: Blip3o, kind: str, understanding_weight: float = 1.0):
+    def __init__(
+        self,
+        model: Blip3o,
+        kind: str,
+        understanding_weight: float = 1.0,
+        understanding_average: LossAverage = "token",
+    ):
         super().__init__()
         self.model = model
         self.kind = kind
         self.understanding_weight = understanding_weight
+        self.understanding_average = understanding_average
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -122,7 +130,10 @@ class StageModule(nn.Module):
             pixels = images_to_tensor(batch["images"]).to(m.device)
             return m.vae.loss(pixels, generator), {}
         if kind == "understanding":
-            return m.backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"]), {}
+            loss = m.backbone.understanding_loss(
+                batch["images"], batch["prompts"], batch["answers"], self.understanding_average
+            )
+            return loss, {}
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, Q, H)
@@ -133,7 +144,9 @@ class StageModule(nn.Module):
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
         if kind != "joint":
             return gen_loss, {}
-        und_loss = m.backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"])
+        und_loss = m.backbone.understanding_loss(
+            batch["images"], batch["prompts"], batch["answers"], self.understanding_average
+        )
         loss = gen_loss + self.understanding_weight * und_loss
         return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
 
