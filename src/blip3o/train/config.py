@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from blip3o.models.backbone import BackboneConfig
+from blip3o.models.backbone import BackboneConfig, LossAverage
 from blip3o.models.blip3o import Blip3oConfig, tiny_config
 from blip3o.models.clip import clip_config
 from blip3o.models.decoder import PixelDecoderConfig, decoder_config
@@ -53,7 +53,7 @@ class StageConfig:
     understanding_weight: float = 1.0  # joint: weight of the understanding loss
     # understanding / joint: "token" (mean over all answer tokens) or "sample" (each sample's mean, then the mean
     # over samples: one-word VQA answers weigh as much as 100-token captions; see Backbone.understanding_loss)
-    understanding_average: str = "token"
+    understanding_average: LossAverage = "token"
     qa_share: float = 0.5  # understanding data: share of question/answer samples (the rest: captioning)
     hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     log_every: int = 10
