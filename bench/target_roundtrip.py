@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="a saved model folder")
     parser.add_argument("--prompts", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0, help="decoder sampling seed")
+    parser.add_argument(
+        "--decoder-steps", type=int, help="the decoder's sampling steps (default: the model's)"
+    )
     parser.add_argument("--grid", help="write the first 16 renders and their round trips to this PNG")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     with torch.no_grad():
         target = model.encode_target(renders)  # (B, C, h, w)
-        rows = {"decoder": model.decode_target(target, generator=torch.Generator().manual_seed(args.seed))}
+        generator = torch.Generator().manual_seed(args.seed)
+        rows = {"decoder": model.decode_target(target, decoder_steps=args.decoder_steps, generator=generator)}
         clip_config = model.config.clip
         if (
             model.config.target == "clip"
