@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh-queries", action="store_true", help="generation: re-initialise the queries")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: none)")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
         "--geneval", type=int, default=0, help="generation: score N GenEval prompts x 2 after"
     )
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = StageConfig(
         args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
         log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=args.short_prob, qa_share=args.qa_share,
-        hard_negatives=args.hard_negatives, understanding_average=args.average, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio,
+        hard_negatives=args.hard_negatives, understanding_average=args.average, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
     )  # fmt: skip
     config = replace(
         preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,
