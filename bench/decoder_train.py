@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from blip3o.models.backbone import LOSS_AVERAGES
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.decoder import PixelDecoder, decoder_config
 from blip3o.train.config import DataConfig, StageConfig, preset, set_fields
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hard-negatives", action="store_true", help="clip: swapped-shape negative captions")
     parser.add_argument("--short-prob", type=float, default=0.3, help="share of short captions")
     parser.add_argument("--qa-share", type=float, default=0.5, help="understanding: share of QA samples")
-    parser.add_argument("--average", choices=("token", "sample"), default="token", help="understanding loss")
+    parser.add_argument("--average", choices=LOSS_AVERAGES, default="token", help="understanding loss")
     parser.add_argument(
         "--backbone", nargs="*", default=[], help="backbone field overrides (fresh model only)"
     )

@@ -16,12 +16,12 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from blip3o.eval.geneval import score_detections
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
+from blip3o.models.decoder import tensor_to_images
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
@@ -32,13 +32,9 @@ from blip3o.world.render import render
 def pixel_head_images(model: Blip3o, target: torch.Tensor) -> list[Image.Image]:
     """(B, D, g, g) normalised CLIP target -> images through CLIP's linear pixel head."""
     clip = model.clip
-    raw = clip.denormalize_features(grid_to_tokens(target))  # (B, N, D)
-    size, patch = clip.config.image_size, clip.config.patch_size
-    patches = clip.pixel_head(raw).transpose(1, 2)  # (B, 3 * p * p, N)
-    pixels = F.fold(patches, (size, size), kernel_size=patch, stride=patch)  # (B, 3, S, S), normalised
-    pixels = (pixels * clip.pixel_std + clip.pixel_mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
-    arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B, S, S, 3)
-    return [Image.fromarray(a) for a in arrays]
+    pixels = clip.pixels_from_patch_tokens(clip.denormalize_features(grid_to_tokens(target)))  # (B, 3, S, S)
+    unit = (pixels * clip.pixel_std + clip.pixel_mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
+    return tensor_to_images(unit * 2 - 1)  # tensor_to_images reads [-1, 1]
 
 
 def main(argv: list[str] | None = None) -> None:

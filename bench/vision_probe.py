@@ -4,8 +4,8 @@
 
 Two representations are probed: the backbone's merged vision tokens (what the language model reads) and the
 CLIP target tokens (what the DiT generates). Each image's tokens are pooled to mean, max and min over tokens
-(a translation-invariant summary, since the object can be anywhere), then a linear classifier is fitted on
-5/6 of the images and scored on the rest, for the object's shape and for its colour. The figures are held-out
+(a translation-invariant summary, since the object can be anywhere), then clip_probe.py's one-vs-all ridge
+classifier is fitted on 5/6 of the images and scored on the rest, for the object's shape and for its colour. The figures are held-out
 accuracies against chance; a vision tower whose shape probe is near chance cannot support shape questions,
 whatever the language model learns.
 """
@@ -16,12 +16,12 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.world.render import render
 from blip3o.world.sampler import ObjectSpec, sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES
+from clip_probe import ridge_accuracy  # bench/ is on sys.path when this script runs
 
 
 def pooled(tokens: torch.Tensor) -> torch.Tensor:
@@ -39,22 +39,6 @@ def backbone_tokens(model: Blip3o, images: list) -> torch.Tensor:
     return merged.reshape(len(images), -1, merged.shape[-1])
 
 
-def probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int = 300) -> float:
-    """Held-out accuracy of a linear classifier (full-batch Adam) on standardised features."""
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
-    x = (x - mean) / std
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(x[:n_train]), y[:n_train])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return (head(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder")
@@ -68,10 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     scenes = [sample_scene(rng, [ObjectSpec()]) for _ in range(args.images)]
     images = [render(s) for s in scenes]
     labels = {
-        "shape": torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes]),
-        "colour": torch.tensor([COLOR_NAMES.index(s.objects[0].color) for s in scenes]),
+        "shape": ([s.objects[0].shape for s in scenes], list(SHAPES)),
+        "colour": ([s.objects[0].color for s in scenes], list(COLOR_NAMES)),
     }
-    chance = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOR_NAMES)}
     chunks = range(0, len(images), 100)
     features = {
         "backbone vision tokens": torch.cat(
@@ -86,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}: {len(images)} single-object scenes, probes fitted on {n_train}, scored on the rest")
     for name, x in features.items():
         scores = ", ".join(
-            f"{what} {probe(x, y, n_train):.3f} (chance {chance[what]:.3f})" for what, y in labels.items()
+            f"{what} {ridge_accuracy(x.numpy(), y, classes, n_train):.3f} (chance {1 / len(classes):.3f})"
+            for what, (y, classes) in labels.items()
         )
         print(f"  {name:24s} {scores}")
 

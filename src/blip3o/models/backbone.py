@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from blip3o.data.tokenizer import (
 )
 
 LossAverage = Literal["token", "sample"]  # how the understanding loss averages (see understanding_loss)
+LOSS_AVERAGES: tuple[str, ...] = get_args(LossAverage)
 
 BACKBONE_CONFIG_FILE = "blip3o_backbone.json"
 QUERIES_FILE = "blip3o_queries.safetensors"  # kept apart so model.safetensors stays a plain Qwen2.5-VL
@@ -401,8 +402,8 @@ class Backbone(nn.Module):
         average "token": the mean over every answer token of the batch (transformers' own loss), so a 100-token
         caption weighs 30x a 3-token answer. "sample": each sample's mean, then the mean over samples, so short
         answers (ShapesVQA's one word) get an equal share of the gradient."""
-        if average not in ("token", "sample"):
-            raise ValueError(f"average must be 'token' or 'sample', got {average!r}")
+        if average not in LOSS_AVERAGES:
+            raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
         batch = self.understanding_inputs(images, prompts, answers)
         device = self.latent_queries.device
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -332,10 +332,16 @@ class ClipEncoder(nn.Module):
     @torch.no_grad()
     def reconstruct_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) CLIP input -> the pixel head's (B, 3, S, S) reconstruction, in the same normalised space."""
+        patches = self.clip.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (B, g*g, D)
+        return self.pixels_from_patch_tokens(patches)
+
+    @torch.no_grad()
+    def pixels_from_patch_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised, unpooled) patch tokens (B, g*g, D) -> the pixel head's (B, 3, S, S) image, in CLIP's
+        normalised pixel space. Also reads generated targets back (denormalize_features first)."""
         if self.pixel_head is None:
             raise ValueError("this encoder has no pixel head (reconstruction_weight is 0)")
         s, p = self.config.image_size, self.config.patch_size
-        patches = self.clip.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (B, g*g, D)
         return F.fold(self.pixel_head(patches).transpose(1, 2), (s, s), kernel_size=p, stride=p)
 
     def _contrastive(

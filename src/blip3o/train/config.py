@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from blip3o.models.backbone import BackboneConfig, LossAverage
+from blip3o.models.backbone import LOSS_AVERAGES, BackboneConfig, LossAverage
 from blip3o.models.blip3o import Blip3oConfig, tiny_config
 from blip3o.models.clip import clip_config
 from blip3o.models.decoder import PixelDecoderConfig, decoder_config
@@ -74,9 +74,9 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.short_caption_prob <= 1.0:
             raise ConfigError(f"stage {self.name!r}: short_caption_prob must be in [0, 1]")
-        if self.understanding_average not in ("token", "sample"):
+        if self.understanding_average not in LOSS_AVERAGES:
             raise ConfigError(
-                f"stage {self.name!r}: understanding_average must be 'token' or 'sample', "
+                f"stage {self.name!r}: understanding_average must be one of {LOSS_AVERAGES}, "
                 f"got {self.understanding_average!r}"
             )
         if not 0.0 <= self.qa_share <= 1.0:
