@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
+        "--freeze-vision", action="store_true", help="understanding: keep the vision tower frozen"
+    )
+    parser.add_argument(
         "--geneval", type=int, default=0, help="generation: score N GenEval prompts x 2 after"
     )
     parser.add_argument("--vqa", type=int, default=0, help="understanding: score N ShapesVQA questions after")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = StageConfig(
         args.kind, args.kind, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=warmup,
         log_every=10, ckpt_every=args.ckpt_every, short_caption_prob=args.short_prob, qa_share=args.qa_share,
-        hard_negatives=args.hard_negatives, understanding_average=args.average, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        hard_negatives=args.hard_negatives, understanding_average=args.average, ema_decay=args.ema, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, freeze_vision=args.freeze_vision,
     )  # fmt: skip
     config = replace(
         preset("shapes-quick"), model=model.config, stages=(stage,), keep_last=100,

@@ -29,16 +29,6 @@ def pooled(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.mean(1), tokens.amax(1), tokens.amin(1)], dim=1)
 
 
-@torch.no_grad()
-def backbone_tokens(model: Blip3o, images: list) -> torch.Tensor:
-    """The backbone's merged vision tokens, (B, N, H), as the language model receives them."""
-    processor = model.backbone.processor
-    enc = processor.image_processor(images=images, return_tensors="pt")
-    out = model.backbone.vlm.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
-    merged = out.pooler_output  # (B * N, H)
-    return merged.reshape(len(images), -1, merged.shape[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder")
@@ -48,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
+    torch.set_grad_enabled(False)
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, [ObjectSpec()]) for _ in range(args.images)]
     images = [render(s) for s in scenes]
@@ -58,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     chunks = range(0, len(images), 100)
     features = {
         "backbone vision tokens": torch.cat(
-            [pooled(backbone_tokens(model, images[i : i + 100])) for i in chunks]
+            [pooled(model.backbone.vision_tokens(images[i : i + 100])) for i in chunks]
         )
     }
     if model.config.target == "clip" and model.clip.feature_normalization_fitted:

@@ -352,6 +352,18 @@ class Backbone(nn.Module):
 
     # ---- understanding ------------------------------------------------------------------------------------
 
+    def vision_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """The merged vision tokens the language model reads, (B, N, H), in raster order of the merged grid.
+
+        Every image must give the same token count (ShapesWorld: 64x64 -> 4x4 merged tokens)."""
+        processor = self._require_processor()
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        device = self.latent_queries.device
+        merged = self.vlm.model.visual(
+            enc["pixel_values"].to(device, self.vlm.dtype), grid_thw=enc["image_grid_thw"].to(device)
+        ).pooler_output  # (sum of N, H): the visual model undoes its window order before returning
+        return merged.reshape(len(images), -1, merged.shape[-1])  # (B, N, H)
+
     def _prompt_texts(self, prompts: list[str]) -> list[str]:
         tokenizer = self._require_processor().tokenizer
         texts = []

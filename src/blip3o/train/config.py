@@ -6,6 +6,7 @@ each names its kind (what it trains and on which data) and its optimisation sett
     stage kinds                trains                         data
     clip          (stage 0)    the CLIP target encoder        ShapesWorld shards: image + caption
     decoder       (stage 0)    the pixel decoder               shards: image (+ its own CLIP features)
+    vision        (stage 0)    the backbone's vision tower     shards: image + scene labels (scene_supervision.py)
     vae           (stage 0)    the VAE (study variant)         shards: image
     understanding (stage 1)    the backbone                    shards: image + caption / question -> answer
     generation    (stage 2)    queries + DiT, backbone frozen  shards: caption -> image (10% short captions)
@@ -26,8 +27,17 @@ from blip3o.models.clip import clip_config
 from blip3o.models.decoder import PixelDecoderConfig, decoder_config
 from blip3o.models.dit import DiTConfig
 
-StageKind = Literal["clip", "decoder", "vae", "understanding", "generation", "instruct", "joint"]
-STAGE_KINDS: tuple[str, ...] = ("clip", "decoder", "vae", "understanding", "generation", "instruct", "joint")
+StageKind = Literal["clip", "decoder", "vae", "vision", "understanding", "generation", "instruct", "joint"]
+STAGE_KINDS: tuple[str, ...] = (
+    "clip",
+    "decoder",
+    "vae",
+    "vision",
+    "understanding",
+    "generation",
+    "instruct",
+    "joint",
+)
 Strategy = Literal["none", "ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
 
@@ -55,6 +65,9 @@ class StageConfig:
     # over samples: one-word VQA answers weigh as much as 100-token captions; see Backbone.understanding_loss)
     understanding_average: LossAverage = "token"
     qa_share: float = 0.5  # understanding data: share of question/answer samples (the rest: captioning)
+    # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
+    # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
+    freeze_vision: bool = False
     hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     log_every: int = 10
     ckpt_every: int = 100
@@ -81,6 +94,10 @@ class StageConfig:
             )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
+        if self.freeze_vision and self.kind not in ("understanding", "joint"):
+            raise ConfigError(
+                f"stage {self.name!r}: freeze_vision applies to understanding and joint stages only"
+            )
         if self.hard_negatives and self.kind != "clip":
             raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
 
@@ -186,6 +203,7 @@ def _tiny_test() -> RunConfig:
         stages=(
             StageConfig("clip", "clip", steps=3, batch_size=8, lr=1e-3, **common),
             StageConfig("decoder", "decoder", steps=2, batch_size=4, lr=1e-3, **common),
+            StageConfig("vision", "vision", steps=2, batch_size=4, lr=1e-3, **common),
             StageConfig("understanding", "understanding", steps=3, batch_size=4, lr=1e-3, **common),
             StageConfig("generation", "generation", steps=4, batch_size=4, lr=1e-3, ema_decay=0.9, **common),
             StageConfig("instruct", "instruct", steps=2, batch_size=4, lr=1e-3, **common),

@@ -21,6 +21,7 @@ from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.render import render
+from blip3o.world.scene import Scene
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,14 @@ class Example:
     short_caption: str
     long_caption: str
     qa: list[tuple[str, str]]  # (question, answer)
+    scene: Scene | None = None  # the scene graph it was rendered from (the "vision" stage's labels)
 
 
 def load_shards(shard_dir: str | Path) -> tuple[list[Example], ShardReadStats]:
     """Read every readable shard into memory; corrupt shards are skipped and counted (see iter_samples)."""
     stats = ShardReadStats()
     examples = [
-        Example(s.image, s.short_caption, s.long_caption, [(q.question, q.answer) for q in s.qa])
+        Example(s.image, s.short_caption, s.long_caption, [(q.question, q.answer) for q in s.qa], s.scene)
         for s in iter_samples(shard_dir, stats=stats)
     ]
     if stats.shards_skipped:
@@ -73,7 +75,7 @@ def instruct_examples(seed: int, renders_per_prompt: int, max_prompts: int | Non
     for i, record in enumerate(records):
         for k in range(renders_per_prompt):
             scene = scene_for_prompt(record, np.random.default_rng([seed, i, k]), distractors=0)
-            out.append(Example(render(scene), record["prompt"], record["prompt"], []))
+            out.append(Example(render(scene), record["prompt"], record["prompt"], [], scene))
     return out
 
 
@@ -167,4 +169,6 @@ def make_batch(
         batch["negative_captions"] = negatives
     if kind in ("understanding", "joint"):
         batch["prompts"], batch["answers"] = prompts, answers
+    if kind == "vision":
+        batch["scenes"] = [examples[row].scene for row in rows]
     return batch

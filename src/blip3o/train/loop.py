@@ -206,18 +206,20 @@ def train_stage(
         examples = instruct_examples(
             config.data.seed, config.data.instruct_renders, config.data.instruct_max_prompts or None
         )
-    set_trainable(model, kind)
+    set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
     module = StageModule(model, kind, stage.understanding_weight, stage.understanding_average)
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
-    optimizer = build_optimizer(parameters_of(model), stage.lr, stage.weight_decay)
+    # The module, not the model: it also holds the vision stage's scene head.
+    optimizer = build_optimizer(parameters_of(module), stage.lr, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
     ema = EMA(model, stage.ema_decay) if stage.ema_decay > 0 else None
     # Diffusion draws are per sample (batch["seeds"]); this generator only drives the VAE's posterior sample.
     # Per-rank seeds come from parallelize.rank_seed (a hash), which cannot collide across seeds and ranks.
     generator = torch.Generator().manual_seed(seed_everything(seed, dist.rank))
 
+    params = [p for p in module.parameters() if p.requires_grad]
     start_step = 0
     ckpt = latest_checkpoint(stage_dir)
     if ckpt is not None:
@@ -237,9 +239,8 @@ def train_stage(
         log.info(
             "[%s] kind=%s steps=%d batch=%d (micro %d x accum %d x ranks %d) trainable params=%d",
             stage.name, kind, stage.steps, stage.batch_size, plan.micro_batch, stage.grad_accum,
-            dist.world_size, sum(p.numel() for p in model.parameters() if p.requires_grad),
+            dist.world_size, sum(p.numel() for p in params),
         )  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     bar = tqdm(
         total=stage.steps,

@@ -1,7 +1,9 @@
 """What each stage kind trains and how its loss is computed, on top of the single-device `Blip3o`.
 
 `StageModule` is the thing handed to DDP / FSDP2: every computation of a step (and of in-training sampling)
-goes through its `forward`, so the wrappers' hooks see it. It owns no parameters beyond the model's.
+goes through its `forward`, so the wrappers' hooks see it. It owns no parameters beyond the model's, except
+the "vision" stage's scene head: training scaffolding that is optimised and checkpointed with the stage but
+never exported.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import images_to_tensor
+from blip3o.train.scene_supervision import SceneCellHead
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
@@ -32,6 +35,8 @@ def trainable_modules(model: Blip3o, kind: str) -> list[nn.Module | nn.Parameter
         return [model.vae]
     if kind == "understanding":
         return [model.backbone.vlm]
+    if kind == "vision":
+        return [model.backbone.vlm.model.visual]
     if kind in ("generation", "instruct"):
         # The release's stage 2/3: the backbone is frozen; only the queries and the DiT learn.
         return [model.backbone.latent_queries, model.dit]
@@ -40,11 +45,15 @@ def trainable_modules(model: Blip3o, kind: str) -> list[nn.Module | nn.Parameter
     raise ValueError(f"unknown stage kind {kind!r}")
 
 
-def set_trainable(model: Blip3o, kind: str) -> list[str]:
-    """Freeze everything, then unfreeze what `kind` trains; returns the trainable parameter names."""
+def set_trainable(model: Blip3o, kind: str, freeze_vision: bool = False) -> list[str]:
+    """Freeze everything, then unfreeze what `kind` trains; returns the trainable parameter names.
+
+    freeze_vision: keep the backbone's vision tower frozen even where `kind` trains the backbone."""
     model.requires_grad_(False)
     for part in trainable_modules(model, kind):
         part.requires_grad_(True)
+    if freeze_vision:
+        model.backbone.vlm.model.visual.requires_grad_(False)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -103,6 +112,8 @@ class StageModule(nn.Module):
         self.kind = kind
         self.understanding_weight = understanding_weight
         self.understanding_average = understanding_average
+        if kind == "vision":
+            self.scene_head = SceneCellHead(model.config.backbone.hidden_size).to(model.device)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -129,6 +140,9 @@ class StageModule(nn.Module):
         if kind == "vae":
             pixels = images_to_tensor(batch["images"]).to(m.device)
             return m.vae.loss(pixels, generator), {}
+        if kind == "vision":
+            tokens = m.backbone.vision_tokens(batch["images"])  # (B, N, H)
+            return self.scene_head.loss(tokens, batch["scenes"])
         if kind == "understanding":
             loss = m.backbone.understanding_loss(
                 batch["images"], batch["prompts"], batch["answers"], self.understanding_average

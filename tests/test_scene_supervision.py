@@ -1,0 +1,121 @@
+"""The "vision" stage: scene-cell labels, the linear scene head, and what the stage trains."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip3o.data.shards import write_shards
+from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.data import load_shards
+from blip3o.train.loop import train_stage
+from blip3o.train.optim import build_optimizer
+from blip3o.train.parallelize import init_distributed
+from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, SceneCellHead, scene_cell_labels
+from blip3o.train.stages import StageModule, parameters_of, set_trainable
+from blip3o.world.render import render
+from blip3o.world.sampler import sample_scene
+from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene, SceneObject
+
+
+def _object(shape: str, color: str, cx: float, cy: float, half: float) -> SceneObject:
+    return SceneObject(
+        shape, color, (0, 0, 0), (cx, cy), 0.0, 1.0, (cx - half, cy - half, cx + half, cy + half)
+    )
+
+
+def test_cell_labels_follow_object_centres_in_raster_order() -> None:
+    scene = Scene(
+        background=(128, 128, 128),
+        objects=(
+            _object("star", "red", 56.0, 8.0, 8.0),  # top-right cell of 4 x 4 (16 px cells): index 3
+            _object("circle", "blue", 20.0, 40.0, 6.0),  # row 2, column 1: index 9
+            _object("square", "green", 22.0, 44.0, 10.0),  # same cell, larger box: wins
+        ),
+    )
+    shape, colour = scene_cell_labels(scene, grid=4)
+    assert shape.shape == colour.shape == (16,)
+    assert shape[3] == SHAPES.index("star") and colour[3] == COLOR_NAMES.index("red")
+    assert shape[9] == SHAPES.index("square") and colour[9] == COLOR_NAMES.index("green")
+    others = [i for i in range(16) if i not in (3, 9)]
+    assert (shape[others] == NO_OBJECT_SHAPE).all() and (colour[others] == NO_OBJECT_COLOR).all()
+
+
+def test_scene_head_loss_and_bad_input() -> None:
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(3)]
+    head = SceneCellHead(hidden_size=8)
+    loss, metrics = head.loss(torch.randn(3, 16, 8), scenes)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert 0.0 <= metrics["shape_acc"] <= 1.0 and 0.0 <= metrics["colour_acc"] <= 1.0
+    with pytest.raises(ValueError, match="square grid"):
+        head.loss(torch.randn(3, 15, 8), scenes)
+    with pytest.raises(ValueError, match="one scene per image"):
+        head.loss(torch.randn(3, 16, 8), [scenes[0], None, scenes[2]])
+
+
+def test_vision_stage_trains_only_the_vision_tower_and_learns_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(8)]
+    batch = {"images": [render(s) for s in scenes], "scenes": scenes}
+    trainable = set_trainable(model, "vision")
+    assert trainable and all(n.startswith("backbone.vlm.model.visual.") for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    module = StageModule(model, "vision")
+    # The optimiser takes the module's parameters: the model's trainable ones plus the stage's scene head.
+    named = list(parameters_of(module))
+    assert any(n.startswith("scene_head.") for n, _ in named)
+    optimizer = build_optimizer(named, lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss, _ = module(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    print(f"vision stage, fixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < losses[0] / 3
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("backbone.vlm.model.visual.") for n in changed)
+    # The head is scaffolding: nothing of it is in the model's weights.
+    assert not any("scene_head" in n for n in model.state_dict())
+
+
+def test_freeze_vision_keeps_the_tower_out_of_stage_one() -> None:
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
+    frozen = set_trainable(model, "understanding", freeze_vision=True)
+    full = set_trainable(model, "understanding")
+    assert not any(n.startswith("backbone.vlm.model.visual.") for n in frozen)
+    assert any(n.startswith("backbone.vlm.model.language_model.") for n in frozen)
+    assert set(frozen) < set(full) and any(n.startswith("backbone.vlm.model.visual.") for n in full)
+    with pytest.raises(ConfigError, match="freeze_vision"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, freeze_vision=True)
+    assert StageConfig("und", "understanding", steps=1, batch_size=1, freeze_vision=True).freeze_vision
+
+
+def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
+    """The head is trained state: a stopped vision stage resumes with it; the export leaves it out."""
+    shards = tmp_path / "data"
+    write_shards(shards, n=16, seed=0, progress=False)
+    examples, _ = load_shards(shards)
+    stage = StageConfig("vision", "vision", steps=10, batch_size=4, lr=1e-3, log_every=1, ckpt_every=5)
+    run = replace(preset("tiny-test"), stages=(stage,), data=DataConfig(shards=str(shards)))
+    model = Blip3o.from_config(run.model, seed=0)
+    dist = init_distributed("cpu")
+    first = train_stage(model, stage, 0, run, tmp_path, examples, dist, None, progress=False, stop_after_s=0)
+    assert first.end_step == 1
+    saved = load_file(tmp_path / "vision" / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert any(k.startswith("scene_head.") for k in saved)
+    exported = Blip3o.from_pretrained(first.model_dir)
+    assert not any("scene_head" in n for n in exported.state_dict())
+    second = train_stage(
+        Blip3o.from_config(run.model, seed=0), stage, 0, run, tmp_path, examples, dist, None, progress=False,
+        stop_after_s=0,
+    )  # fmt: skip
+    assert (second.end_step, second.steps_run) == (2, 1)  # resumed, head included (a missing key would raise)
