@@ -244,7 +244,8 @@ def _shapes(quick: bool) -> RunConfig:
 
     `shapes-quick` (under 10 minutes) is for trying things; `shapes` is the full recipe (at most 120 minutes of
     training). Step counts come from idle 2-core throughputs: CLIP ~115 samples/s at batch 64, the decoder
-    ~30 samples/s, understanding ~110 samples/s, generation ~67 samples/s at batch 16.
+    ~30 samples/s, vision ~830 samples/s at batch 64, understanding ~110 samples/s, generation ~67 samples/s at
+    batch 16.
     """
 
     def stage(name: str, kind: str, steps: int, batch: int, lr: float, **kw) -> StageConfig:
@@ -262,7 +263,18 @@ def _shapes(quick: bool) -> RunConfig:
         stages=(
             stage("clip", "clip", steps(150, 1500), 64, 5e-4, short_caption_prob=0.3),
             stage("decoder", "decoder", steps(200, 2000), 16, 1e-3),
-            stage("understanding", "understanding", steps(1000, 8000), 16, 1e-3, qa_share=0.8),
+            # The vision tower learns shape from scene labels, then stays frozen in stage 1: trained through the
+            # language-model loss alone it barely encodes shape (bench/vision_probe.py, scene_supervision.py).
+            stage("vision", "vision", steps(300, 3000), 64, 1e-3),
+            stage(
+                "understanding",
+                "understanding",
+                steps(1000, 8000),
+                16,
+                1e-3,
+                qa_share=0.8,
+                freeze_vision=True,
+            ),
             stage(
                 "generation",
                 "generation",
