@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
     dist = init_distributed("cpu")
     first = train_stage(model, stage, 0, run, tmp_path, examples, dist, None, progress=False, stop_after_s=0)
     assert first.end_step == 1
+    record = json.loads((tmp_path / "vision" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["shape_acc"] <= 1.0 and 0.0 <= record["colour_acc"] <= 1.0  # the head's figures
     saved = load_file(tmp_path / "vision" / "checkpoints" / "step_00000001" / "model.safetensors")
     assert any(k.startswith("scene_head.") for k in saved)
     exported = Blip3o.from_pretrained(first.model_dir)

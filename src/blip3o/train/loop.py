@@ -255,6 +255,7 @@ def train_stage(
         wrapped.train()
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=dist.device)
+        step_metrics: dict[str, torch.Tensor] = {}  # a stage's own figures (vision: accuracies; joint: parts)
         for micro in range(stage.grad_accum):
             positions = plan.positions(step, micro, dist.rank)
             batch = make_batch(
@@ -263,9 +264,11 @@ def train_stage(
             )  # fmt: skip
             sync = micro == stage.grad_accum - 1 or config.distributed != "ddp"
             with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
-                loss, _ = wrapped(batch, generator)
+                loss, metrics = wrapped(batch, generator)
             (loss / stage.grad_accum).backward()
             step_loss += loss.detach().float() / stage.grad_accum
+            for key, value in metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value.detach().float() / stage.grad_accum
         grad_norm = clip_grad_norm(params, stage.grad_clip if stage.grad_clip > 0 else math.inf)
         optimizer.step()
         scheduler.step()
@@ -277,6 +280,7 @@ def train_stage(
         stopping = stop_after_s is not None and train_s >= stop_after_s and done < stage.steps
         if done % stage.log_every == 0 or done == stage.steps or stopping:
             last_loss = all_reduce_mean(step_loss, dist)
+            extra = {key: all_reduce_mean(value, dist) for key, value in step_metrics.items()}
             elapsed = time.perf_counter() - window_start
             rate = window_samples / max(elapsed, 1e-9)
             eta = (stage.steps - done) * stage.batch_size / max(rate, 1e-9)
@@ -288,6 +292,7 @@ def train_stage(
                     "grad_norm": grad_norm,
                     "lr": lr,
                     "samples_per_s": rate,
+                    **extra,
                 }
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -298,9 +303,10 @@ def train_stage(
                 line = (
                     f"[{stage.name}] {where} | loss {last_loss:.4f} | grad {grad_norm:.3f} | "
                     f"lr {lr:.2e} | {rate:.1f} samples/s | eta {_format_eta(eta)}"
+                    + "".join(f" | {key} {value:.3f}" for key, value in extra.items())
                 )
                 bar.write(line) if progress else log.info(line)
-                for key in ("loss", "grad_norm", "lr", "samples_per_s"):
+                for key in ("loss", "grad_norm", "lr", "samples_per_s", *extra):
                     writer.add_scalar(f"{stage.name}/{key}", record[key], done)
             window_start, window_samples = time.perf_counter(), 0
         bar.update(1)
