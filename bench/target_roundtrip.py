@@ -33,7 +33,7 @@ def pixel_head_images(model: Blip3o, target: torch.Tensor) -> list[Image.Image]:
     """(B, D, g, g) normalised CLIP target -> images through CLIP's linear pixel head."""
     clip = model.clip
     pixels = clip.pixels_from_patch_tokens(clip.denormalize_features(grid_to_tokens(target)))  # (B, 3, S, S)
-    unit = (pixels * clip.pixel_std + clip.pixel_mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
+    unit = clip.denormalize_pixels(pixels).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
     return tensor_to_images(unit * 2 - 1)  # tensor_to_images reads [-1, 1]
 
 

@@ -247,7 +247,7 @@ def test_pixel_shuffle_branch_starts_as_the_clip_pixel_head(tmp_path, images):
     decoder.init_spatial_from_clip(clip)
     with torch.no_grad():
         spatial = F.pixel_shuffle(decoder.feature_to_pixels(tokens_to_grid(clip.encode_image(pixels))), 8)
-        head = clip.reconstruct_pixels(pixels) * clip.pixel_std + clip.pixel_mean  # (8, 3, 64, 64) in [0, 1]
+        head = clip.denormalize_pixels(clip.reconstruct_pixels(pixels))  # (8, 3, 64, 64) in [0, 1]
     assert spatial.shape == (8, 3, 64, 64)
     assert torch.allclose(spatial, 2 * head - 1, atol=1e-4)
     decoder.save_pretrained(tmp_path)

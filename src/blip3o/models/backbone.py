@@ -352,6 +352,11 @@ class Backbone(nn.Module):
 
     # ---- understanding ------------------------------------------------------------------------------------
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """Qwen2.5-VL's vision encoder with its patch merger: what the "vision" stage trains, `freeze_vision` freezes."""
+        return self.vlm.model.visual
+
     def vision_tokens(self, images: list[Image.Image]) -> torch.Tensor:
         """The merged vision tokens the language model reads, (B, N, H), in raster order of the merged grid.
 
@@ -359,7 +364,7 @@ class Backbone(nn.Module):
         processor = self._require_processor()
         enc = processor.image_processor(images=images, return_tensors="pt")
         device = self.latent_queries.device
-        merged = self.vlm.model.visual(
+        merged = self.vision_tower(
             enc["pixel_values"].to(device, self.vlm.dtype), grid_thw=enc["image_grid_thw"].to(device)
         ).pooler_output  # (sum of N, H): the visual model undoes its window order before returning
         return merged.reshape(len(images), -1, merged.shape[-1])  # (B, N, H)

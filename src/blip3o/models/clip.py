@@ -239,6 +239,10 @@ class ClipEncoder(nn.Module):
         """(B, 3, H, W) RGB in [0, 1] -> CLIP input (mean/std normalised)."""
         return (images - self.pixel_mean) / self.pixel_std
 
+    def denormalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize_pixels`: CLIP-normalised (B, 3, H, W) -> RGB, [0, 1] for real images."""
+        return pixels * self.pixel_std + self.pixel_mean
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> (B, 3, S, S) CLIP input, S = image_size.
 

@@ -36,7 +36,7 @@ def trainable_modules(model: Blip3o, kind: str) -> list[nn.Module | nn.Parameter
     if kind == "understanding":
         return [model.backbone.vlm]
     if kind == "vision":
-        return [model.backbone.vlm.model.visual]
+        return [model.backbone.vision_tower]
     if kind in ("generation", "instruct"):
         # The release's stage 2/3: the backbone is frozen; only the queries and the DiT learn.
         return [model.backbone.latent_queries, model.dit]
@@ -53,7 +53,7 @@ def set_trainable(model: Blip3o, kind: str, freeze_vision: bool = False) -> list
     for part in trainable_modules(model, kind):
         part.requires_grad_(True)
     if freeze_vision:
-        model.backbone.vlm.model.visual.requires_grad_(False)
+        model.backbone.vision_tower.requires_grad_(False)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
