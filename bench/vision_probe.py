@@ -8,11 +8,16 @@ CLIP target tokens (what the DiT generates). Each image's tokens are pooled to m
 classifier is fitted on 5/6 of the images and scored on the rest, for the object's shape and for its colour. The figures are held-out
 accuracies against chance; a vision tower whose shape probe is near chance cannot support shape questions,
 whatever the language model learns.
+
+A third probe reads each merged vision token on its own (not pooled) for the row and the column of its grid
+cell: whether a token's content says where it is, which relation questions ("is the red circle left of the
+blue star?") need once the language model has found the object (see train/scene_supervision.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -64,6 +69,21 @@ def main(argv: list[str] | None = None) -> None:
             for what, (y, classes) in labels.items()
         )
         print(f"  {name:24s} {scores}")
+
+    per_token = torch.cat(
+        [model.backbone.vision_tokens(images[i : i + 100]) for i in chunks[:6]]
+    )  # (M, N, H)
+    m, n, _ = per_token.shape
+    grid = math.isqrt(n)
+    cell = np.tile(np.arange(n), m)  # raster index of each token's cell
+    x = per_token.reshape(m * n, -1).numpy()
+    classes = [str(i) for i in range(grid)]
+    rows, cols = [str(i // grid) for i in cell], [str(i % grid) for i in cell]
+    n_tokens = m * 5 // 6 * n  # fitted on the tokens of 5/6 of the images
+    print(
+        f"  {'each vision token, own cell':24s} row {ridge_accuracy(x, rows, classes, n_tokens):.3f}, "
+        f"column {ridge_accuracy(x, cols, classes, n_tokens):.3f} (chance {1 / grid:.3f}; {m} images)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.optim import build_optimizer
 from blip3o.train.parallelize import init_distributed
-from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, SceneCellHead, scene_cell_labels
+from blip3o.train.scene_supervision import (
+    NO_OBJECT_COLOR,
+    NO_OBJECT_SHAPE,
+    SceneCellHead,
+    cell_centres,
+    scene_cell_labels,
+)
 from blip3o.train.stages import StageModule, parameters_of, set_trainable
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -60,6 +66,38 @@ def test_scene_head_loss_and_bad_input() -> None:
         head.loss(torch.randn(3, 16, 8), [scenes[0], None, scenes[2]])
 
 
+def test_cell_centres_follow_the_label_raster() -> None:
+    centres = cell_centres(4)
+    assert centres.shape == (16, 2)
+    assert centres[3].tolist() == [
+        0.75,
+        -0.75,
+    ]  # top-right cell (index 3 in scene_cell_labels): y grows downward
+    assert centres[9].tolist() == [-0.25, 0.25]  # row 2, column 1
+
+
+def test_position_head_is_optional_and_scores_its_cells() -> None:
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(3)]
+    assert SceneCellHead(16).position is None  # off by default: no extra weights in older checkpoints
+    head = SceneCellHead(16, position_weight=2.0)
+    plain = SceneCellHead(16)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("position.")})
+    tokens = torch.eye(16).expand(3, 16, 16)  # (B, N, H): token i is one-hot in channel i
+    with torch.no_grad():  # a regressor that reads each token's cell exactly
+        head.position.weight.copy_(cell_centres(4).T)
+        head.position.bias.zero_()
+    exact, metrics = head.loss(tokens, scenes)
+    classification_only, _ = plain.loss(tokens, scenes)
+    assert metrics["position_acc"] == 1.0 and torch.allclose(exact, classification_only)
+    with torch.no_grad():
+        head.position.bias.fill_(0.5)  # every prediction moves one cell right and down
+    shifted, metrics = head.loss(tokens, scenes)
+    assert torch.allclose(shifted, classification_only + 2.0 * 0.25)
+    assert metrics["position_acc"] == pytest.approx(1 / 16)  # only the bottom-right cell clamps back
+    with pytest.raises(ValueError, match="position_weight"):
+        SceneCellHead(16, position_weight=-1.0)
+
+
 def test_vision_stage_trains_only_the_vision_tower_and_learns_a_fixed_batch() -> None:
     torch.manual_seed(0)
     model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
@@ -98,6 +136,10 @@ def test_freeze_vision_keeps_the_tower_out_of_stage_one() -> None:
     with pytest.raises(ConfigError, match="freeze_vision"):
         StageConfig("gen", "generation", steps=1, batch_size=1, freeze_vision=True)
     assert StageConfig("und", "understanding", steps=1, batch_size=1, freeze_vision=True).freeze_vision
+    with pytest.raises(ConfigError, match="cell_position_weight"):
+        StageConfig("und", "understanding", steps=1, batch_size=1, cell_position_weight=1.0)
+    with pytest.raises(ConfigError, match="cell_position_weight"):
+        StageConfig("vision", "vision", steps=1, batch_size=1, cell_position_weight=-0.5)
 
 
 def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
@@ -105,7 +147,16 @@ def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
     shards = tmp_path / "data"
     write_shards(shards, n=16, seed=0, progress=False)
     examples, _ = load_shards(shards)
-    stage = StageConfig("vision", "vision", steps=10, batch_size=4, lr=1e-3, log_every=1, ckpt_every=5)
+    stage = StageConfig(
+        "vision",
+        "vision",
+        steps=10,
+        batch_size=4,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=5,
+        cell_position_weight=1.0,
+    )
     run = replace(preset("tiny-test"), stages=(stage,), data=DataConfig(shards=str(shards)))
     model = Blip3o.from_config(run.model, seed=0)
     dist = init_distributed("cpu")
@@ -113,8 +164,9 @@ def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
     assert first.end_step == 1
     record = json.loads((tmp_path / "vision" / "log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= record["shape_acc"] <= 1.0 and 0.0 <= record["colour_acc"] <= 1.0  # the head's figures
+    assert 0.0 <= record["position_acc"] <= 1.0
     saved = load_file(tmp_path / "vision" / "checkpoints" / "step_00000001" / "model.safetensors")
-    assert any(k.startswith("scene_head.") for k in saved)
+    assert any(k.startswith("scene_head.position.") for k in saved)
     exported = Blip3o.from_pretrained(first.model_dir)
     assert not any("scene_head" in n for n in exported.state_dict())
     second = train_stage(

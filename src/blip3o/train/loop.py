@@ -209,7 +209,9 @@ def train_stage(
     set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
-    module = StageModule(model, kind, stage.understanding_weight, stage.understanding_average)
+    module = StageModule(
+        model, kind, stage.understanding_weight, stage.understanding_average, stage.cell_position_weight
+    )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head.
     optimizer = build_optimizer(parameters_of(module), stage.lr, stage.weight_decay)

@@ -10,6 +10,12 @@ reads every token and predicts the shape and the colour of the object whose cent
 "none". Linear, so the tower has to make shape and colour linearly readable, which is what the language
 model's first layer can use. The head is training scaffolding: it lives in the stage, not in the model, and
 is not exported.
+
+Optionally (`StageConfig.cell_position_weight`), every token also regresses the centre of its own cell, as
+(x, y) in [-1, 1]. Why: the Qwen2.5-VL tower knows positions only through rotary attention, so a token's
+content hardly says where it is (a linear probe of the merged tokens for their row or column: 0.33, chance
+0.25), and the language model can then find "the red circle" but not read off where it is; ShapesVQA's
+relation questions sit at chance (0.51). With the loss the probe reads 0.84 / 0.82 after 600 steps.
 """
 
 from __future__ import annotations
@@ -47,13 +53,25 @@ def scene_cell_labels(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tens
     return shape, colour
 
 
-class SceneCellHead(nn.Module):
-    """Linear shape and colour classifiers over each merged vision token."""
+def cell_centres(grid: int) -> torch.Tensor:
+    """(grid * grid, 2) centre of each cell in raster order, as (x, y) in [-1, 1] (y grows downward)."""
+    index = torch.arange(grid * grid)
+    col, row = index % grid, index // grid
+    return torch.stack([(col + 0.5) / grid * 2 - 1, (row + 0.5) / grid * 2 - 1], dim=1)  # (N, 2)
 
-    def __init__(self, hidden_size: int):
+
+class SceneCellHead(nn.Module):
+    """Linear shape and colour classifiers over each merged vision token, and optionally a linear regressor
+    of the token's own cell centre (only built when `position_weight` > 0, so older checkpoints still load)."""
+
+    def __init__(self, hidden_size: int, position_weight: float = 0.0):
         super().__init__()
+        if position_weight < 0:
+            raise ValueError(f"position_weight must be >= 0, got {position_weight}")
         self.shape = nn.Linear(hidden_size, NO_OBJECT_SHAPE + 1)
         self.colour = nn.Linear(hidden_size, NO_OBJECT_COLOR + 1)
+        self.position_weight = position_weight
+        self.position = nn.Linear(hidden_size, 2) if position_weight > 0 else None
 
     def loss(self, tokens: torch.Tensor, scenes: list[Scene]) -> tuple[torch.Tensor, dict]:
         """tokens (B, N, H) with N = grid * grid; the summed cross-entropies, and the object-cell accuracies."""
@@ -75,4 +93,13 @@ class SceneCellHead(nn.Module):
                 "shape_acc": (shape_logits.argmax(1) == shape_y)[has_object].sum() / n,
                 "colour_acc": (colour_logits.argmax(1) == colour_y)[has_object].sum() / n,
             }
+        if self.position is not None:
+            centres = cell_centres(grid).to(flat.device).repeat(len(scenes), 1)  # (B * N, 2)
+            predicted = self.position(flat)  # (B * N, 2)
+            loss = loss + self.position_weight * F.mse_loss(predicted, centres)
+            with torch.no_grad():
+                # The cell a prediction falls in, per axis; right when both axes are.
+                cell = ((predicted + 1) / 2 * grid).floor().clamp(0, grid - 1)  # (B * N, 2)
+                true_cell = ((centres + 1) / 2 * grid).floor()  # (B * N, 2)
+                metrics["position_acc"] = (cell == true_cell).all(dim=1).float().mean()
         return loss, metrics

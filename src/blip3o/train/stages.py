@@ -106,6 +106,7 @@ class StageModule(nn.Module):
         kind: str,
         understanding_weight: float = 1.0,
         understanding_average: LossAverage = "token",
+        cell_position_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -113,7 +114,9 @@ class StageModule(nn.Module):
         self.understanding_weight = understanding_weight
         self.understanding_average = understanding_average
         if kind == "vision":
-            self.scene_head = SceneCellHead(model.config.backbone.hidden_size).to(model.device)
+            self.scene_head = SceneCellHead(model.config.backbone.hidden_size, cell_position_weight).to(
+                model.device
+            )
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
