@@ -69,10 +69,8 @@ def test_scene_head_loss_and_bad_input() -> None:
 def test_cell_centres_follow_the_label_raster() -> None:
     centres = cell_centres(4)
     assert centres.shape == (16, 2)
-    assert centres[3].tolist() == [
-        0.75,
-        -0.75,
-    ]  # top-right cell (index 3 in scene_cell_labels): y grows downward
+    # The top-right cell (index 3 in scene_cell_labels' raster); y grows downward.
+    assert centres[3].tolist() == [0.75, -0.75]
     assert centres[9].tolist() == [-0.25, 0.25]  # row 2, column 1
 
 

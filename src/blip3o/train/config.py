@@ -70,7 +70,8 @@ class StageConfig:
     freeze_vision: bool = False
     hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     # vision: weight of the cell-position loss, each token regressing its own cell's centre (0: off). The
-    # Qwen2.5-VL tower has rotary positions only, so without it a token's content hardly says where it is.
+    # Qwen2.5-VL tower has rotary positions only, so without it a token's content hardly says where it is
+    # (see scene_supervision.py; it did not lift ShapesVQA's relation questions, so the recipe keeps it off).
     cell_position_weight: float = 0.0
     log_every: int = 10
     ckpt_every: int = 100
