@@ -9,8 +9,8 @@ training path) and lets the model's own guided Euler sampler finish the trajecto
 prompt; then the pixel decoder draws it and the judge scores it as a generated image. s = 0 is the target
 round trip (the ceiling), s = 1 is plain generation. The level where the score falls tells which part of
 the trajectory the DiT has not learned: a fall at high s only means it cannot lay out a scene, a fall at
-low s that it cannot draw the objects it is given. The sampler uses the same sigma grid as a full run
-(`sampling_schedule`), entered at s.
+low s that it cannot draw the objects it is given. The sampler is `sample_euler(..., start_sigma=s)`: the
+same sigma grid as a full run, entered at s.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from blip3o.eval.geneval import score_detections
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
-from blip3o.transport.flow_matching import guided_velocity, sampling_schedule
+from blip3o.transport.flow_matching import interpolate, sample_euler
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
@@ -37,16 +37,9 @@ def sample_from(
     model: Blip3o, x0: torch.Tensor, condition: torch.Tensor, sigma: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Noise x0 (B, C, h, w) to `sigma`, then run the model's guided Euler sampler from there to 0."""
-    flow = model.config.flow
-    grid = sampling_schedule(flow.sample_steps, flow).sigmas  # (steps + 1,) from 1 down to 0
-    sigmas = torch.cat([torch.tensor([sigma]), grid[grid < sigma]])  # (k + 1,) s, then the grid below it
     noise = torch.randn(x0.shape, generator=generator)  # (B, C, h, w)
-    x = (1 - sigma) * x0 + sigma * noise  # (B, C, h, w)
-    for k in range(len(sigmas) - 1):
-        timestep = (sigmas[k] * flow.timestep_scale).long().expand(x.shape[0])  # (B,) as the sampler feeds it
-        velocity = guided_velocity(model.dit, x, timestep, condition, flow.cfg_scale)  # (B, C, h, w)
-        x = x + (sigmas[k + 1] - sigmas[k]) * velocity
-    return x
+    x_sigma = interpolate(x0, noise, torch.tensor(sigma))  # (B, C, h, w)
+    return sample_euler(model.dit, x_sigma, condition, model.config.flow, start_sigma=sigma)
 
 
 def save_plot(sigmas: list[float], scores: list[float], errors: list[float], path: Path, title: str) -> None:

@@ -52,11 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         "colour": ([s.objects[0].color for s in scenes], list(COLOR_NAMES)),
     }
     chunks = range(0, len(images), 100)
-    features = {
-        "backbone vision tokens": torch.cat(
-            [pooled(model.backbone.vision_tokens(images[i : i + 100])) for i in chunks]
-        )
-    }
+    vision_tokens = [model.backbone.vision_tokens(images[i : i + 100]) for i in chunks]  # each (100, N, H)
+    features = {"backbone vision tokens": torch.cat([pooled(t) for t in vision_tokens])}
     if model.config.target == "clip" and model.clip.feature_normalization_fitted:
         features["CLIP target tokens"] = torch.cat(
             [pooled(model.encode_image(images[i : i + 100])) for i in chunks]
@@ -70,9 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"  {name:24s} {scores}")
 
-    per_token = torch.cat(
-        [model.backbone.vision_tokens(images[i : i + 100]) for i in chunks[:6]]
-    )  # (M, N, H)
+    per_token = torch.cat(vision_tokens[:6])  # (M, N, H): the first 600 images' tokens, unpooled
     m, n, _ = per_token.shape
     grid = math.isqrt(n)
     cell = np.tile(np.arange(n), m)  # raster index of each token's cell

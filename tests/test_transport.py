@@ -333,6 +333,20 @@ def test_euler_one_step_with_a_linear_field_by_hand() -> None:
     assert field.calls[0][1].tolist() == [1000] and field.calls[0][1].dtype == torch.int64
 
 
+def test_euler_from_a_start_sigma_follows_the_grid_below_it() -> None:
+    x0, noise = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, 3.0]])
+    # The exact velocity of the straight path (noise - x0) carries x_s back to x0 from any level.
+    field = RecordingField(lambda x, t, c: noise - x0)
+    x0_hat = sample_euler(field, interpolate(x0, noise, torch.tensor(0.6)), None, steps=5, start_sigma=0.6)
+    assert torch.allclose(x0_hat, x0)
+    # The 5-step grid is 1, 0.8, 0.6, 0.4, 0.2, 0: entered at 0.6, the steps are 0.6 -> 0.4 -> 0.2 -> 0.
+    assert [call[1].tolist() for call in field.calls] == [[600], [400], [200]]
+    full = sample_euler(lambda x, t, c: 2 * x + 1, noise, None, steps=5)
+    assert torch.equal(sample_euler(lambda x, t, c: 2 * x + 1, noise, None, steps=5, start_sigma=1.0), full)
+    with pytest.raises(ValueError, match="start_sigma"):
+        sample_euler(field, noise, None, start_sigma=0.0)
+
+
 def test_euler_two_steps_with_a_linear_field_by_hand() -> None:
     field = RecordingField(lambda x, t, c: 2 * x + 1)
     noise = torch.tensor([[1.0, -2.0]])

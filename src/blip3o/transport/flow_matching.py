@@ -313,6 +313,7 @@ def sample_euler(
     cfg_scale: float | None = None,
     progress: bool = False,
     callback: StepCallback | None = None,
+    start_sigma: float = 1.0,
 ) -> Tensor:
     """Integrate the flow from ``noise`` (sigma = 1) to a sample ``x0_hat`` (sigma = 0) with Euler steps.
 
@@ -321,12 +322,21 @@ def sample_euler(
     The state is kept in float32 (the scheduler upcasts too); the network gets it as is, so a bf16
     network should be wrapped (autocast or a casting closure). Deterministic given ``noise``; draw it with
     ``initial_noise(shape, generator)``. ``callback(k, x)`` is called after step k with the new state.
+
+    ``start_sigma`` < 1 starts part-way (SDEdit-style): ``noise`` is then the state at that level, e.g.
+    ``interpolate(x0, noise, sigma)``, and the trajectory runs through the same grid's levels below it.
     """
+    if not 0.0 < start_sigma <= 1.0:
+        raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
     cfg = cfg or FlowMatchingConfig()
     cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     schedule = sampling_schedule(steps, cfg)
     sigmas = schedule.sigmas.to(noise.device)  # (steps + 1,)
     network_timesteps = schedule.network_timesteps.to(noise.device)  # (steps,)
+    if start_sigma < 1.0:
+        below = sigmas[sigmas < start_sigma]  # (k,) the grid's levels under the start, ending with 0
+        sigmas = torch.cat([sigmas.new_tensor([start_sigma]), below])  # (k + 1,)
+        network_timesteps = (sigmas[:-1] * cfg.timestep_scale).long()  # (k,) as sampling_schedule casts
     x = noise.to(torch.float32)  # (B, ...)
     batch = x.shape[0]
 
