@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip3o.eval.model_eval import balanced_subset
+from blip3o.eval.prompt_targets import parse_sigmas, prompt_targets
 from blip3o.models.blip3o import Blip3o
 from blip3o.transport.flow_matching import interpolate, velocity_target
-from blip3o.world.conditioned import scene_for_prompt
-from blip3o.world.prompts import load_eval_prompts
-from blip3o.world.render import render
 
 CONDITIONS = ("real", "zero", "shuffled")
 
@@ -79,19 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="write the three losses against s to this PNG")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    sigmas = [float(s) for s in args.sigmas.split(",")]
-    if any(not 0.0 <= s <= 1.0 for s in sigmas):
-        parser.error(f"--sigmas must lie in [0, 1], got {args.sigmas}")
+    try:
+        sigmas = parse_sigmas(args.sigmas)
+    except ValueError as err:
+        parser.error(str(err))
     if args.draws < 1 or args.prompts < 2:
         parser.error("need --draws >= 1 and --prompts >= 2 (the shuffled condition needs another prompt)")
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
-    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
-    rng = np.random.default_rng(args.seed)
-    renders = [render(scene_for_prompt(r, rng)) for r in records]
-    with torch.no_grad():
-        x0 = model.encode_target(renders)  # (B, C, h, w)
-        condition = model.condition([r["prompt"] for r in records]).float()  # (B, Q, H)
+    records, x0, condition = prompt_targets(model, args.prompts, args.seed)  # x0 (B, C, h, w), cond (B, Q, H)
 
     print(f"{args.model}: {len(records)} prompts x {args.draws} noise draws per level")
     print("| s | real | zero | shuffled | zero - real | shuffled - real |\n|---|---|---|---|---|---|")

@@ -23,13 +23,10 @@ import torch
 from PIL import Image
 
 from blip3o.eval.geneval import score_detections
-from blip3o.eval.model_eval import balanced_subset
+from blip3o.eval.prompt_targets import parse_sigmas, prompt_targets
 from blip3o.models.blip3o import Blip3o
 from blip3o.transport.flow_matching import interpolate, sample_euler
-from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
-from blip3o.world.prompts import load_eval_prompts
-from blip3o.world.render import render
 
 
 @torch.no_grad()
@@ -71,17 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grids", help="write each level's first 48 images as DIR/sigma_S.png")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    sigmas = [float(s) for s in args.sigmas.split(",")]
-    if any(not 0.0 <= s <= 1.0 for s in sigmas):
-        parser.error(f"--sigmas must lie in [0, 1], got {args.sigmas}")
+    try:
+        sigmas = parse_sigmas(args.sigmas)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
-    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
-    rng = np.random.default_rng(args.seed)
-    renders = [render(scene_for_prompt(r, rng)) for r in records]
-    with torch.no_grad():
-        x0 = model.encode_target(renders)  # (B, C, h, w)
-        condition = model.condition([r["prompt"] for r in records]).float()  # (B, Q, H)
+    records, x0, condition = prompt_targets(model, args.prompts, args.seed)  # x0 (B, C, h, w), cond (B, Q, H)
 
     print(
         f"{len(records)} prompts, cfg {model.config.flow.cfg_scale}, {model.config.flow.sample_steps} steps"
