@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip3o.eval.prompt_targets import parse_sigmas, prompt_targets
+from blip3o.eval.prompt_targets import add_probe_arguments, load_probe
 from blip3o.models.blip3o import Blip3o
 from blip3o.transport.flow_matching import interpolate, velocity_target
 
@@ -68,23 +68,13 @@ def save_plot(sigmas: list[float], rows: list[dict[str, float]], path: Path, tit
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a saved model folder")
-    parser.add_argument("--sigmas", default="1,0.9,0.8,0.7,0.5,0.3")
-    parser.add_argument("--prompts", type=int, default=120, help="category-balanced ShapesGenEval prompts")
+    add_probe_arguments(parser, "1,0.9,0.8,0.7,0.5,0.3", 120, "scene and noise seed")
     parser.add_argument("--draws", type=int, default=4, help="noise draws per prompt and level")
-    parser.add_argument("--seed", type=int, default=0, help="scene and noise seed")
     parser.add_argument("--plot", help="write the three losses against s to this PNG")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    try:
-        sigmas = parse_sigmas(args.sigmas)
-    except ValueError as err:
-        parser.error(str(err))
     if args.draws < 1 or args.prompts < 2:
         parser.error("need --draws >= 1 and --prompts >= 2 (the shuffled condition needs another prompt)")
-    torch.set_num_threads(args.threads)
-    model = Blip3o.from_pretrained(args.model).eval()
-    records, x0, condition = prompt_targets(model, args.prompts, args.seed)  # x0 (B, C, h, w), cond (B, Q, H)
+    sigmas, model, (records, x0, condition) = load_probe(parser, args)  # x0 (B, C, h, w), cond (B, Q, H)
 
     print(f"{args.model}: {len(records)} prompts x {args.draws} noise draws per level")
     print("| s | real | zero | shuffled | zero - real | shuffled - real |\n|---|---|---|---|---|---|")

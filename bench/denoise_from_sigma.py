@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from blip3o.eval.geneval import score_detections
-from blip3o.eval.prompt_targets import parse_sigmas, prompt_targets
+from blip3o.eval.prompt_targets import add_probe_arguments, load_probe
 from blip3o.models.blip3o import Blip3o
 from blip3o.transport.flow_matching import interpolate, sample_euler
 from blip3o.world.judge import detect
@@ -60,21 +60,11 @@ def save_plot(sigmas: list[float], scores: list[float], errors: list[float], pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a saved model folder with a CLIP or VAE target")
-    parser.add_argument("--sigmas", default="0,0.3,0.5,0.6,0.7,0.8,0.9,1")
-    parser.add_argument("--prompts", type=int, default=60, help="category-balanced ShapesGenEval prompts")
-    parser.add_argument("--seed", type=int, default=0, help="scene, noise and decoder seed")
+    add_probe_arguments(parser, "0,0.3,0.5,0.6,0.7,0.8,0.9,1", 60, "scene, noise and decoder seed")
     parser.add_argument("--plot", help="write the score and error against s to this PNG")
     parser.add_argument("--grids", help="write each level's first 48 images as DIR/sigma_S.png")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    try:
-        sigmas = parse_sigmas(args.sigmas)
-    except ValueError as err:
-        parser.error(str(err))
-    torch.set_num_threads(args.threads)
-    model = Blip3o.from_pretrained(args.model).eval()
-    records, x0, condition = prompt_targets(model, args.prompts, args.seed)  # x0 (B, C, h, w), cond (B, Q, H)
+    sigmas, model, (records, x0, condition) = load_probe(parser, args)  # x0 (B, C, h, w), cond (B, Q, H)
 
     print(
         f"{len(records)} prompts, cfg {model.config.flow.cfg_scale}, {model.config.flow.sample_steps} steps"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 import blip3o.eval.prompt_targets as prompt_targets_module
 from blip3o.eval.geneval import score_detections
-from blip3o.eval.prompt_targets import parse_sigmas, prompt_targets
+from blip3o.eval.prompt_targets import add_probe_arguments, load_probe, parse_sigmas, prompt_targets
 from blip3o.world.judge import detect
 from blip3o.world.prompts import CATEGORIES
 
@@ -21,10 +23,27 @@ def test_parse_sigmas_reads_levels_and_refuses_bad_ones():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, one_thread):
+def model_folder(tmp_path_factory, one_thread):
     from conftest import save_untrained_tiny_model
 
-    return save_untrained_tiny_model(tmp_path_factory.mktemp("tiny"))
+    folder = tmp_path_factory.mktemp("tiny")
+    return save_untrained_tiny_model(folder), folder
+
+
+@pytest.fixture(scope="module")
+def model(model_folder):
+    return model_folder[0]
+
+
+def test_load_probe_reads_the_shared_arguments(model_folder):
+    parser = argparse.ArgumentParser()
+    add_probe_arguments(parser, "1,0.5", 6, "seed")
+    sigmas, loaded, targets = load_probe(parser, parser.parse_args([str(model_folder[1]), "--threads", "1"]))
+    assert sigmas == [1.0, 0.5]
+    assert not loaded.training
+    assert len(targets.records) == 6 and targets.x0.shape[0] == 6
+    with pytest.raises(SystemExit):  # parser.error, before any model is loaded
+        load_probe(parser, parser.parse_args(["no/such/model", "--sigmas", "1.5"]))
 
 
 def test_prompt_targets_shapes_categories_and_seed(model):

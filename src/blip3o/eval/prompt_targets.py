@@ -6,6 +6,7 @@ into the DiT's target space; the prompt's condition comes from the backbone and 
 
 from __future__ import annotations
 
+import argparse
 from typing import NamedTuple
 
 import numpy as np
@@ -41,3 +42,29 @@ def prompt_targets(model: Blip3o, n_prompts: int, seed: int = 0) -> PromptTarget
     x0 = model.encode_target(renders)  # (B, C, h, w)
     condition = model.condition([r["prompt"] for r in records]).float()  # (B, Q, H)
     return PromptTargets(records, x0, condition)
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, sigmas: str, prompts: int, seed_help: str) -> None:
+    """The arguments every noise-level probe in bench/ takes: the model, the levels, the prompt subset, the
+    seed and the torch threads (`load_probe` reads them back)."""
+    parser.add_argument("model", help="a saved model folder")
+    parser.add_argument("--sigmas", default=sigmas, help="comma-separated noise levels in [0, 1]")
+    parser.add_argument(
+        "--prompts", type=int, default=prompts, help="category-balanced ShapesGenEval prompts"
+    )
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def load_probe(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[float], Blip3o, PromptTargets]:
+    """The levels, the model (eval mode) and its prompt targets from `add_probe_arguments`' arguments; a bad
+    level list exits through `parser.error`."""
+    try:
+        sigmas = parse_sigmas(args.sigmas)
+    except ValueError as err:
+        parser.error(str(err))
+    torch.set_num_threads(args.threads)
+    model = Blip3o.from_pretrained(args.model).eval()
+    return sigmas, model, prompt_targets(model, args.prompts, args.seed)
