@@ -161,6 +161,25 @@ class Attention(nn.Module):
         if output_projection:
             self.to_out = nn.ModuleList([nn.Linear(q_dim, dim, bias=False)])  # named to_out.0 in the release
 
+    def _heads(
+        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor, rotate_keys: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, N, E), k and v (B, Hkv, M, E) in the projections' dtype, q (and k if rotate_keys) rotated."""
+        q = self.norm_q(self.to_q(x))  # (B, N, H*E)
+        k = self.norm_k(self.to_k(context))  # (B, M, Hkv*E)
+        v = self.to_v(context)  # (B, M, Hkv*E)
+        compute_dtype = v.dtype  # the projections' dtype (bf16 under autocast); qk-norm may have upcast
+        q = apply_rope(q.unflatten(-1, (self.n_heads, self.head_dim)), rope)  # (B, N, H, E)
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, M, Hkv, E)
+        if rotate_keys:
+            k = apply_rope(k, rope)
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, M, Hkv, E)
+        return (
+            q.to(compute_dtype).transpose(1, 2),  # (B, H, N, E)
+            k.to(compute_dtype).transpose(1, 2),  # (B, Hkv, M, E)
+            v.transpose(1, 2),  # (B, Hkv, M, E)
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -174,22 +193,19 @@ class Attention(nn.Module):
         Queries are always image tokens and always rotated; keys are rotated only when they are image
         tokens too (self-attention), not when they are condition tokens.
         """
-        q = self.norm_q(self.to_q(x))  # (B, N, H*E)
-        k = self.norm_k(self.to_k(context))  # (B, M, Hkv*E)
-        v = self.to_v(context)  # (B, M, Hkv*E)
-        compute_dtype = v.dtype  # the projections' dtype (bf16 under autocast); qk-norm may have upcast
-        q = apply_rope(q.unflatten(-1, (self.n_heads, self.head_dim)), rope)  # (B, N, H, E)
-        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, M, Hkv, E)
-        if rotate_keys:
-            k = apply_rope(k, rope)
-        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, M, Hkv, E)
+        q, k, v = self._heads(x, context, rope, rotate_keys)
         out = F.scaled_dot_product_attention(
-            q.to(compute_dtype).transpose(1, 2),  # (B, H, N, E)
-            k.to(compute_dtype).transpose(1, 2),  # (B, Hkv, M, E)
-            v.transpose(1, 2),  # (B, Hkv, M, E)
-            enable_gqa=self.n_kv_heads != self.n_heads,  # query head i reads kv head i // (H / Hkv)
-        )  # (B, H, N, E)
+            q, k, v, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, N, E); query head i reads kv head i // (H / Hkv)
         return out.transpose(1, 2)  # (B, N, H, E)
+
+    def attention_weights(
+        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor, rotate_keys: bool
+    ) -> torch.Tensor:
+        """The softmax weights `forward` applies, (B, H, N, M) in fp32, for inspection (not used in training)."""
+        q, k, _ = self._heads(x, context, rope, rotate_keys)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, M, E)
+        return (q.float() @ k.float().transpose(-1, -2) * self.head_dim**-0.5).softmax(dim=-1)  # (B, H, N, M)
 
 
 # ------------------------------------------------------------------------------------------------- FFN
