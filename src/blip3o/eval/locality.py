@@ -19,6 +19,22 @@ from blip3o.transport.flow_matching import interpolate
 SHARES = ("self", "neighbours", "rest")
 
 
+def _require_interior(height: int, width: int) -> None:
+    """Every share is taken over interior tokens (those with 8 neighbours): refuse grids without one."""
+    if min(height, width) < 3:
+        raise ValueError(f"the target grid {height}x{width} has no interior token (needs at least 3x3)")
+
+
+def _noised(
+    x0: torch.Tensor, sigma: float, generator: torch.Generator, timestep_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_s (B, C, h, w) at level `sigma` with noise from `generator`, and the DiT's timestep (B,)."""
+    batch = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)  # (B, C, h, w)
+    x_s = interpolate(x0, noise, torch.full((batch,), sigma))  # (B, C, h, w)
+    return x_s, torch.full((batch,), sigma * timestep_scale)
+
+
 def locality_shares(
     dit: torch.nn.Module,
     x0: torch.Tensor,
@@ -33,14 +49,12 @@ def locality_shares(
 
     dit(x (B, C, h, w), timestep (B,), condition) -> velocity; x0 (B, C, h, w) targets; condition (B, Q, H).
     """
-    batch, _, height, width = x0.shape
-    if min(height, width) < 3:
-        raise ValueError(f"the target grid {height}x{width} has no interior token (needs at least 3x3)")
+    height, width = x0.shape[2:]
+    _require_interior(height, width)
     if projections < 1:
         raise ValueError(f"projections must be >= 1, got {projections}")
-    noise = torch.randn(x0.shape, generator=generator)  # (B, C, h, w)
-    x_s = interpolate(x0, noise, torch.full((batch,), sigma)).requires_grad_(True)  # (B, C, h, w)
-    timestep = torch.full((batch,), sigma * timestep_scale)  # (B,)
+    x_s, timestep = _noised(x0, sigma, generator, timestep_scale)  # (B, C, h, w), (B,)
+    x_s.requires_grad_(True)
     with torch.enable_grad():
         x0_hat = x_s - sigma * dit(x_s, timestep, condition)  # (B, C, h, w)
 
@@ -81,8 +95,7 @@ def linear_denoiser_shares(targets: torch.Tensor, sigmas: list[float]) -> dict[f
     knows the tokens' clustered distribution can read more from the token itself).
     """
     n, channels, height, width = targets.shape
-    if min(height, width) < 3:
-        raise ValueError(f"the target grid {height}x{width} has no interior token (needs at least 3x3)")
+    _require_interior(height, width)
     flat = targets.reshape(n, -1).double()  # (N, C*h*w)
     flat = flat - flat.mean(dim=0)
     _, singular, basis = torch.linalg.svd(flat / n**0.5, full_matrices=False)  # basis (r, C*h*w)
@@ -113,9 +126,8 @@ def self_attention_shares(
     `dit` is a `blip3o.models.dit.DiT`; its blocks' `attn1` inputs are captured with hooks and their softmax
     weights recomputed with `Attention.attention_weights`.
     """
-    batch, _, height, width = x0.shape
-    if min(height, width) < 3:
-        raise ValueError(f"the target grid {height}x{width} has no interior token (needs at least 3x3)")
+    height, width = x0.shape[2:]
+    _require_interior(height, width)
     layers = dit.model.layers
     captured: list[torch.Tensor] = []
 
@@ -125,9 +137,7 @@ def self_attention_shares(
 
     handles = [layer.attn1.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
     try:
-        noise = torch.randn(x0.shape, generator=generator)  # (B, C, h, w)
-        x_s = interpolate(x0, noise, torch.full((batch,), sigma))  # (B, C, h, w)
-        dit(x_s, torch.full((batch,), sigma * timestep_scale), condition)
+        dit(*_noised(x0, sigma, generator, timestep_scale), condition)
     finally:
         for handle in handles:
             handle.remove()
