@@ -1,6 +1,8 @@
 """Can the generation target be turned back into judged-correct images? Real renders -> target -> pixels -> judge.
 
     .venv/bin/python bench/target_roundtrip.py runs/shapes/final [--prompts 80] [--grid out.png]
+    .venv/bin/python bench/target_roundtrip.py MODEL --components 8 16 24 32   # what k would keep
+
 
 Renders one clean scene for each of N ShapesGenEval prompts (every 7th prompt, all categories), encodes it into
 the DiT's target space and decodes it back, then scores the result with the ShapesWorld judge exactly as a
@@ -8,11 +10,16 @@ generated image would be scored. Two decoders are measured for a CLIP target: th
 and, when CLIP has one, its linear per-patch pixel head (no diffusion, so it shows what the features alone
 carry; it reads unpooled patch tokens, so it is skipped for a pooled target). The figure is an upper bound on ShapesGenEval for a DiT that generated perfect targets: a target
 variant (width, pooling, VAE) that scores low here cannot score well when generated.
+
+`--components K ...` adds one row per K: the CLIP features cut to their top-K principal components
+(`ClipConfig.target_components`, fitted here on 1,024 fresh renders) and mapped back before the decoder, i.e. the
+bound for a DiT that generated K components instead.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,21 +27,44 @@ from PIL import Image
 
 from blip3o.eval.geneval import score_detections
 from blip3o.models.blip3o import Blip3o
-from blip3o.models.clip import grid_to_tokens
+from blip3o.models.clip import ClipEncoder, grid_to_tokens
 from blip3o.models.decoder import tensor_to_images
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
+from blip3o.world.sampler import sample_scene
 
 
 @torch.no_grad()
 def pixel_head_images(model: Blip3o, target: torch.Tensor) -> list[Image.Image]:
-    """(B, D, g, g) normalised CLIP target -> images through CLIP's linear pixel head."""
+    """(B, C, g, g) CLIP target -> images through CLIP's linear pixel head."""
     clip = model.clip
-    pixels = clip.pixels_from_patch_tokens(clip.denormalize_features(grid_to_tokens(target)))  # (B, 3, S, S)
+    features = clip.target_to_features(grid_to_tokens(target))  # (B, N, D), normalised
+    pixels = clip.pixels_from_patch_tokens(clip.denormalize_features(features))  # (B, 3, S, S)
     unit = clip.denormalize_pixels(pixels).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
     return tensor_to_images(unit * 2 - 1)  # tensor_to_images reads [-1, 1]
+
+
+@torch.no_grad()
+def component_round_trip(
+    model: Blip3o, renders: list[Image.Image], k: int, steps: int | None, generator: torch.Generator
+) -> list[Image.Image]:
+    """Renders -> CLIP features cut to their top-k principal components -> the model's decoder -> images."""
+    clip = model.clip
+    fit_images = [render(sample_scene(np.random.default_rng(10_000 + i))) for i in range(1024)]
+    raw_fit = torch.cat(
+        [clip.encode_image_raw(clip.preprocess(fit_images[i : i + 256])) for i in range(0, 1024, 256)]
+    )
+    cut = ClipEncoder(replace(clip.config, target_components=k), clip=clip.clip)  # shares the towers
+    cut.fit_feature_normalization(raw_fit)
+    raw = clip.encode_image_raw(clip.preprocess(renders))  # (B, N, D)
+    target = cut.features_to_target(cut.normalize_features(raw))  # (B, N, k)
+    kept = cut.denormalize_features(cut.target_to_features(target))  # (B, N, D), raw scale
+    pixels = model.decoder.decode(
+        clip.normalize_features(kept), steps=steps, generator=generator
+    )  # the model's own space
+    return tensor_to_images(pixels)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         "--decoder-steps", type=int, help="the decoder's sampling steps (default: the model's)"
     )
     parser.add_argument("--grid", help="write the first 16 renders and their round trips to this PNG")
+    parser.add_argument(
+        "--components",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also measure CLIP cut to these top-K components",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,11 +102,17 @@ def main(argv: list[str] | None = None) -> None:
             and clip_config.target_pool == 1
         ):
             rows["pixel head"] = pixel_head_images(model, target)
+        for k in args.components:
+            generator = torch.Generator().manual_seed(args.seed)
+            rows[f"decoder, top {k} components"] = component_round_trip(
+                model, renders, k, args.decoder_steps, generator
+            )
     print(f"{args.model}: {model.config.target} target {tuple(target.shape[1:])}, {len(records)} prompts")
     rows = {"renders themselves": renders, **{f"through the {k}": v for k, v in rows.items()}}
+    width = max(len(name) for name in rows)
     for name, images in rows.items():
         correct = sum(score_detections(r, detect(im))[0] for r, im in zip(records, images, strict=True))
-        print(f"  {name:24s} {correct:3d}/{len(records)} judged correct")
+        print(f"  {name:{width}s} {correct:3d}/{len(records)} judged correct")
     if args.grid:
         cols = min(16, len(renders))
         grid = Image.new("RGB", (cols * 66, len(rows) * 66), "white")

@@ -134,6 +134,75 @@ def test_feature_normalisation_fit_and_round_trip():
         assert torch.allclose(encoder.encode_image(pixels), expected)
 
 
+def _low_rank_raw(rank: int, n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 4, 128) raw features whose normalised tokens lie (up to tiny noise) in a `rank`-dim subspace with
+    distinct variances, and the noise-free latent scales, largest first."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(4.0, 1.0, rank)  # (rank,)
+    mixing = torch.linalg.qr(torch.randn(128, rank, generator=gen))[0]  # (128, rank), orthonormal columns
+    latent = torch.randn(n * 4, rank, generator=gen) * scales  # (4n, rank)
+    tokens = latent @ mixing.T + 1e-4 * torch.randn(n * 4, 128, generator=gen)  # (4n, 128)
+    return tokens.reshape(n, 4, 128) * 3.0 + 1.5, scales
+
+
+def test_target_components_are_whitened_top_principal_components():
+    with pytest.raises(ValueError, match="target_components"):
+        clip_config("tiny", target_components=129)
+    raw, _ = _low_rank_raw(rank=6)
+    encoder = make_encoder(target_components=4)
+    assert encoder.config.target_channels == 4 and make_encoder().config.target_channels == 128
+    with pytest.raises(RuntimeError, match="not fitted"):
+        encoder.features_to_target(torch.zeros(1, 4, 128))
+    encoder.fit_feature_normalization(raw)
+    basis = encoder.component_basis  # (128, 4)
+    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)  # orthonormal directions
+    assert torch.all(encoder.component_std[:-1] > encoder.component_std[1:])  # by decreasing variance
+    features = encoder.normalize_features(raw)  # (n, 4, 128)
+    target = encoder.features_to_target(features).reshape(-1, 4)  # (4n, 4)
+    assert torch.allclose(torch.cov(target.T), torch.eye(4), atol=1e-3)  # whitened and uncorrelated
+    # The kept components are the best rank-4 summary: what is lost is exactly the two smallest variances.
+    back = encoder.target_to_features(encoder.features_to_target(features))
+    lost = (features - back).pow(2).sum(-1).mean()
+    flat = features.reshape(-1, 128).double()
+    variances = torch.linalg.eigvalsh(flat.T @ flat / (flat.shape[0] - 1)).flip(0)
+    assert torch.isclose(lost.double(), variances[4:].sum(), rtol=1e-3)
+    # A refit on the same data gives the same basis (signs fixed), so a resumed run keeps its target.
+    again = make_encoder(seed=1, target_components=4)
+    again.fit_feature_normalization(raw)
+    assert torch.allclose(again.component_basis, basis, atol=1e-5)
+
+
+def test_all_components_round_trip_exactly_and_zero_components_is_the_identity():
+    raw, _ = _low_rank_raw(rank=128, n=100)
+    full = make_encoder(target_components=128)
+    full.fit_feature_normalization(raw)
+    features = full.normalize_features(raw)
+    assert torch.allclose(full.target_to_features(full.features_to_target(features)), features, atol=1e-3)
+    plain = make_encoder()
+    plain.fit_feature_normalization(raw)
+    assert plain.features_to_target(features) is features and plain.target_to_features(features) is features
+
+
+def test_target_components_are_saved_and_required_on_load(tmp_path):
+    raw, _ = _low_rank_raw(rank=6, n=50)
+    encoder = make_encoder(target_components=4)
+    encoder.fit_feature_normalization(raw)
+    encoder.save_pretrained(tmp_path / "k4")
+    loaded = ClipEncoder.from_pretrained(tmp_path / "k4")
+    assert torch.equal(loaded.component_basis, encoder.component_basis)
+    assert torch.equal(loaded.component_std, encoder.component_std)
+    # A folder fitted without components cannot silently load under a config that needs them.
+    plain = make_encoder()
+    plain.fit_feature_normalization(raw)
+    plain.save_pretrained(tmp_path / "plain")
+    config_file = tmp_path / "plain" / "config.json"
+    config_file.write_text(
+        config_file.read_text().replace('"target_components": 0', '"target_components": 4')
+    )
+    with pytest.raises(ValueError, match="component_basis"):
+        ClipEncoder.from_pretrained(tmp_path / "plain")
+
+
 def test_same_caption_matrix_compares_attended_tokens_only():
     pad = 0
     ids = torch.tensor([[5, 6, 7, pad], [5, 6, 7, 99], [5, 6, pad, pad], [8, 6, 7, pad]])

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.models.clip import grid_to_tokens
 from blip3o.train.config import ConfigError, apply_overrides, preset
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
@@ -250,6 +252,27 @@ def test_joint_stage_trains_backbone_and_dit(tiny_model: Blip3o) -> None:
     lm_grad = tiny_model.backbone.vlm.model.language_model.layers[0].mlp.down_proj.weight.grad
     assert lm_grad is not None and lm_grad.abs().sum() > 0
     tiny_model.zero_grad(set_to_none=True)
+
+
+def test_principal_component_target_trains_and_generates() -> None:
+    base = tiny_config(tokenizer_corpus_scenes=100)
+    with pytest.raises(ValueError, match=r"dit\.in_channels=8"):  # the DiT must generate the kept components
+        replace(base, clip=replace(base.clip, target_components=8))
+    config = replace(base, clip=replace(base.clip, target_components=8), dit=replace(base.dit, in_channels=8))
+    model = Blip3o.from_config(config, seed=0)
+    batch = _world_batch(4)
+    fit_feature_statistics(model, batch["images"])
+    assert model.config.target_shape == (8, 8, 8)
+    x0 = model.encode_target(batch["images"])  # (4, 8, 8, 8)
+    assert x0.shape == (4, 8, 8, 8)
+    # Decoding maps the components back to the 128-channel features the pixel decoder reads.
+    features = model.clip.target_to_features(grid_to_tokens(x0))  # (4, 64, 128)
+    assert features.shape == (4, 64, 128)
+    set_trainable(model, "generation")
+    loss, _ = StageModule(model, "generation")(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.generate(["a red circle"], steps=2)[0].size == (64, 64)
 
 
 def test_vae_target_variant_trains_and_generates() -> None:

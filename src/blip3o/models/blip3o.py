@@ -89,7 +89,7 @@ class Blip3oConfig:
     def target_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of what the DiT generates."""
         if self.target == "clip":
-            return (self.clip.feature_dim, self.clip.target_grid, self.clip.target_grid)
+            return (self.clip.target_channels, self.clip.target_grid, self.clip.target_grid)
         if self.vae is None:
             raise ValueError("target 'vae' needs a vae config")
         return (self.vae.latent_channels, self.vae.latent_size, self.vae.latent_size)
@@ -127,7 +127,7 @@ def tiny_config(**overrides: Any) -> Blip3oConfig:
     dit = DiTConfig(
         input_size=clip.target_grid,
         patch_size=1,
-        in_channels=clip.feature_dim,
+        in_channels=clip.target_channels,
         dim=128,
         n_layers=4,
         n_heads=4,
@@ -261,7 +261,7 @@ class Blip3o(nn.Module):
     def encode_target(self, images: list[Image.Image]) -> torch.Tensor:
         """What the DiT learns to generate, for real images: (B, C, h, w)."""
         if self.config.target == "clip":
-            return tokens_to_grid(self.encode_image(images))  # (B, D, g, g)
+            return tokens_to_grid(self.clip.features_to_target(self.encode_image(images)))  # (B, C, g, g)
         pixels = images_to_tensor(images).to(self.device)  # (B, 3, H, W) in [-1, 1]
         return self.vae.encode(pixels)  # (B, C, h, w)
 
@@ -312,7 +312,7 @@ class Blip3o(nn.Module):
         """DiT outputs -> pixels: the diffusion decoder for CLIP features, the VAE decoder for latents."""
         if self.config.target == "vae":
             return tensor_to_images(self.vae.decode(target))
-        features = grid_to_tokens(target)  # (B, N, D)
+        features = self.clip.target_to_features(grid_to_tokens(target))  # (B, N, D)
         pixels = self.decoder.decode(
             features, steps=decoder_steps, cfg_scale=decoder_cfg_scale, generator=generator
         )

@@ -76,8 +76,17 @@ class ClipConfig:
     # term makes them reconstructible, as unified-tokenizer encoders (VILA-U, UniTok) combine the two losses.
     reconstruction_weight: float = 0.0
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
+    # What the DiT generates from each normalised token: 0 = all `feature_dim` channels (the release); k > 0 =
+    # the top-k principal components, whitened, fitted on data with the normalisation. A small DiT trained on
+    # few samples draws coherent shapes sooner on this lower-dimensional, equal-scale target (README, "Where it
+    # fails"); the pixel decoder still reads full features, mapped back by `target_to_features`.
+    target_components: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.target_components <= self.feature_dim:
+            raise ValueError(
+                f"target_components must be in [0, feature_dim={self.feature_dim}], got {self.target_components}"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -103,8 +112,13 @@ class ClipConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Channels of a target token: the vision width (patch tokens are taken before any projection)."""
+        """Channels of a feature token: the vision width (patch tokens are taken before any projection)."""
         return self.vision_hidden
+
+    @property
+    def target_channels(self) -> int:
+        """Channels of what the DiT generates per token: `feature_dim`, or the principal components kept."""
+        return self.target_components or self.feature_dim
 
     def to_hf_config(self) -> CLIPConfig:
         text = CLIPTextConfig(
@@ -225,6 +239,11 @@ class ClipEncoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_std", torch.ones(config.feature_dim))
         self.register_buffer("feature_count", torch.zeros((), dtype=torch.long))
+        # With target_components = k > 0: the top-k principal directions of the normalised tokens (columns,
+        # by decreasing variance) and each direction's standard deviation; fitted together with the statistics.
+        if config.target_components:
+            self.register_buffer("component_basis", torch.zeros(config.feature_dim, config.target_components))
+            self.register_buffer("component_std", torch.ones(config.target_components))
         # The auxiliary patch-pixel head (see ClipConfig.reconstruction_weight); not part of the target.
         patch_values = 3 * config.patch_size**2
         self.pixel_head = (
@@ -393,13 +412,28 @@ class ClipEncoder(nn.Module):
 
     @torch.no_grad()
     def fit_feature_normalization(self, features: torch.Tensor) -> None:
-        """Store per-channel mean/std of raw pooled features (M, N, D), e.g. `encode_image_raw` on a data set."""
+        """Store per-channel mean/std of raw pooled features (M, N, D), e.g. `encode_image_raw` on a data set,
+        and with `target_components` the principal directions of the normalised tokens."""
         flat = features.reshape(-1, features.shape[-1]).double()  # (M*N, D)
         if flat.shape[0] < 2:
             raise ValueError("need at least two feature tokens to fit a standard deviation")
-        self.feature_mean.copy_(flat.mean(dim=0).float())
-        self.feature_std.copy_(flat.std(dim=0).clamp_min(1e-6).float())
+        mean, std = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)  # (D,), (D,)
+        if self.config.target_components:
+            self._fit_components((flat - mean) / std)
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.float())
         self.feature_count.fill_(flat.shape[0])
+
+    def _fit_components(self, normalised: torch.Tensor) -> None:
+        """Principal directions of (M, D) zero-mean tokens, by decreasing variance; each column's sign is fixed
+        (largest entry positive) so that a refit on the same data gives the same basis."""
+        k = self.config.target_components
+        covariance = normalised.T @ normalised / (normalised.shape[0] - 1)  # (D, D)
+        variances, vectors = torch.linalg.eigh(covariance)  # ascending
+        basis = vectors.flip(1)[:, :k]  # (D, k)
+        peak = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))  # (1, k)
+        self.component_basis.copy_((basis * peak.sign()).float())
+        self.component_std.copy_(variances.flip(0)[:k].clamp_min(1e-12).sqrt().float())
 
     def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
         if not self.feature_normalization_fitted:
@@ -412,10 +446,31 @@ class ClipEncoder(nn.Module):
         return features * self.feature_std + self.feature_mean
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) CLIP input -> (B, N, D) normalised target tokens, row-major over the pooled grid."""
+        """(B, 3, S, S) CLIP input -> (B, N, D) normalised feature tokens, row-major over the pooled grid."""
         return self.normalize_features(self.encode_image_raw(pixel_values))
 
+    def features_to_target(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised feature tokens (B, N, D) -> what the DiT generates, (B, N, target_channels)."""
+        if not self.config.target_components:
+            return features
+        if not self.feature_normalization_fitted:
+            raise RuntimeError("target components are not fitted: call fit_feature_normalization first")
+        return features @ self.component_basis / self.component_std  # (B, N, k), unit variance each
+
+    def target_to_features(self, target: torch.Tensor) -> torch.Tensor:
+        """The inverse of `features_to_target` (exact on the kept components): (B, N, k) -> (B, N, D)."""
+        if not self.config.target_components:
+            return target
+        if not self.feature_normalization_fitted:
+            raise RuntimeError("target components are not fitted: call fit_feature_normalization first")
+        return (target * self.component_std) @ self.component_basis.T  # (B, N, D)
+
     # ---- save / load ---------------------------------------------------------------------------------------
+
+    def _stat_names(self) -> tuple[str, ...]:
+        """The fitted buffers saved in feature_stats.safetensors."""
+        names = ("feature_mean", "feature_std", "feature_count")
+        return names + (("component_basis", "component_std") if self.config.target_components else ())
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (our fields) + clip/ (transformers' own format) + feature_stats.safetensors."""
@@ -429,11 +484,7 @@ class ClipEncoder(nn.Module):
                 for k, v in self.pixel_head.state_dict().items()
             }
             save_file(head, directory / PIXEL_HEAD_NAME)
-        stats = {
-            "feature_mean": self.feature_mean,
-            "feature_std": self.feature_std,
-            "feature_count": self.feature_count,
-        }
+        stats = {name: getattr(self, name) for name in self._stat_names()}
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in stats.items()}, directory / FEATURE_STATS_NAME
         )
@@ -444,7 +495,13 @@ class ClipEncoder(nn.Module):
         config = ClipConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         clip = CLIPModel.from_pretrained(directory / CLIP_SUBDIR, local_files_only=True)
         encoder = cls(config, clip=clip)
-        for name, value in load_file(directory / FEATURE_STATS_NAME).items():
+        stats = load_file(directory / FEATURE_STATS_NAME)
+        if set(stats) != set(encoder._stat_names()):
+            raise ValueError(
+                f"{directory / FEATURE_STATS_NAME} holds {sorted(stats)}, but this config needs "
+                f"{sorted(encoder._stat_names())}"
+            )
+        for name, value in stats.items():
             getattr(encoder, name).copy_(value)
         if encoder.pixel_head is not None:
             head = load_file(directory / PIXEL_HEAD_NAME)
