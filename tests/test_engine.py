@@ -406,6 +406,7 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     stage = json.loads((tmp_path / "run" / "generation" / "stage_summary.json").read_text())
     assert stage["steps_run"] == 1 and stage["wall_s"] > 0
     assert f"{summary['geneval']['overall']['mean']:.3f} ± " in card and "| **overall** |" in card
+    assert "- DiT: 4 layers of width 128, 4 heads, patch 1, 128 channels in and out" in card
     assert (tmp_path / "card" / "curves.png").exists() and (tmp_path / "card" / "curves.csv").exists()
     assert (tmp_path / "card" / "failures.png").exists() or (tmp_path / "card" / "passes.png").exists()
     assert card_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "card2")]) == 2

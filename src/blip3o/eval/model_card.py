@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from blip3o.eval.curves import plot, read_run, write_csv
+from blip3o.models.vae import VaeConfig
 from blip3o.viz import image_grid
 from blip3o.world.prompts import CATEGORIES
 
@@ -105,6 +106,43 @@ def _stage_row(f: dict) -> str:
 
 def _mean_std(d: dict) -> str:
     return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+def _model_section(model: dict) -> list[str]:
+    """The components' sizes and what the DiT generates, from the run's resolved model config."""
+    bb, clip, dit, dec = model["backbone"], model["clip"], model["dit"], model["decoder"]
+    grid = clip["image_size"] // clip["patch_size"] // clip["target_pool"]
+    channels = clip["vision_hidden"]
+    k = clip.get("target_components", 0)
+    target = (
+        f"the top {k} principal components of each, whitened (fitted on data with the feature statistics, "
+        f"mapped back to {channels} channels before the decoder)"
+        if k
+        else "all channels"
+    )
+    if model.get("target", "clip") == "vae":
+        vae = VaeConfig.from_dict(model["vae"])
+        side = vae.latent_size
+        target_line = f"- Generation target: VAE latents, {vae.latent_channels} channels x {side}x{side}."
+    else:
+        target_line = (
+            f"- Generation target: {grid}x{grid} = {grid * grid} CLIP tokens of {channels} channels "
+            f"({clip['image_size']} px, patch {clip['patch_size']}); the DiT generates {target}."
+        )
+    objective = model.get("objective", "flow_matching").replace("_", " ")
+    unet_channels = ", ".join(map(str, dec["block_out_channels"]))
+    return [
+        "## Model",
+        "",
+        f"- Backbone: Qwen2.5-VL layout, {bb['num_layers']} layers of width {bb['hidden_size']}, a vision tower "
+        f"of {bb['vision_depth']} blocks; {bb['n_queries']} learnable query tokens give the condition.",
+        target_line,
+        f"- DiT: {dit['n_layers']} layers of width {dit['dim']}, {dit['n_heads']} heads, patch {dit['patch_size']}, "
+        f"{dit['in_channels']} channels in and out; {objective}.",
+        f"- Pixel decoder: a diffusion UNet at {dec['image_size']} px (channels {unet_channels}), "
+        f"{dec['sample_steps']} sampling steps.",
+        "",
+    ]
 
 
 def _scores_section(run: Path) -> list[str]:
@@ -197,6 +235,7 @@ def build_model_card(
         f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
         "before the first stage not included).",
         "",
+        *_model_section(config["model"]),
         "## Compute",
         "",
         f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, fp32, one process. "
