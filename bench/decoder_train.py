@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         backbone = set_fields(base.backbone, args.backbone)
         clip = set_fields(base.clip, args.clip)
         # The DiT and the decoder read the CLIP target, so their shapes follow the CLIP overrides.
-        dit = replace(base.dit, in_channels=clip.feature_dim, input_size=clip.target_grid)
+        dit = replace(base.dit, in_channels=clip.target_channels, input_size=clip.target_grid)
         decoder = replace(
             base.decoder, feature_dim=clip.feature_dim, num_feature_tokens=clip.num_target_tokens
         )
