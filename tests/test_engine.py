@@ -254,7 +254,7 @@ def test_joint_stage_trains_backbone_and_dit(tiny_model: Blip3o) -> None:
     tiny_model.zero_grad(set_to_none=True)
 
 
-def test_principal_component_target_trains_and_generates() -> None:
+def test_principal_component_target_trains_and_generates(tmp_path: Path) -> None:
     base = tiny_config(tokenizer_corpus_scenes=100)
     with pytest.raises(ValueError, match=r"dit\.in_channels=8"):  # the DiT must generate the kept components
         replace(base, clip=replace(base.clip, target_components=8))
@@ -273,6 +273,11 @@ def test_principal_component_target_trains_and_generates() -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert model.generate(["a red circle"], steps=2)[0].size == (64, 64)
+    # The basis is a data statistic: float16 weight storage keeps it (and so the target) exact.
+    model.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    loaded = Blip3o.from_pretrained(tmp_path / "fp16")
+    assert torch.equal(loaded.clip.component_basis, model.clip.component_basis)
+    assert torch.equal(loaded.clip.component_std, model.clip.component_std)
 
 
 def test_vae_target_variant_trains_and_generates() -> None:

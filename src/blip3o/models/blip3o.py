@@ -20,7 +20,13 @@ from torch import nn
 
 from blip3o.data.tokenizer import shapes_corpus, train_tokenizer
 from blip3o.models.backbone import QUERIES_FILE, Backbone, BackboneConfig
-from blip3o.models.clip import ClipConfig, ClipEncoder, grid_to_tokens, tokens_to_grid
+from blip3o.models.clip import (
+    FEATURE_STATS_NAME,
+    ClipConfig,
+    ClipEncoder,
+    grid_to_tokens,
+    tokens_to_grid,
+)
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.vae import Vae, VaeConfig
@@ -166,10 +172,13 @@ def cast_weight_files(directory: Path, dtype: torch.dtype) -> None:
 
     Done on the files, after each component has saved itself in its library's format, so that no component's
     own save code has to know about storage precision. Only tensors of two or more dimensions are cast (they
-    hold nearly all the bytes); vectors and scalars (biases, norms, feature statistics) stay float32, and so
-    does any tensor that `dtype` cannot hold (values beyond its range would become inf).
+    hold nearly all the bytes); vectors and scalars (biases, norms) stay float32, and so does any tensor that
+    `dtype` cannot hold (values beyond its range would become inf). CLIP's fitted feature statistics, the
+    principal-component basis included, are data statistics rather than weights and stay float32 whole.
     """
     for path in sorted(directory.rglob("*.safetensors")):
+        if path.name == FEATURE_STATS_NAME:
+            continue
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         state = load_file(path)
