@@ -12,7 +12,7 @@ to read its prompt has a clearly lower loss with the real condition there. A gap
 cannot follow the prompt whatever the sampler does.
 
 Reading it: at s = 1 the loss is the error of the DiT's guess of x0 from the prompt alone (the targets are
-normalised to unit variance per channel, so predicting 0 everywhere scores about 1). Same prompts, scenes
+normalised to unit variance per channel, so guessing x0 = 0, i.e. v = noise, scores about 1). Same prompts, scenes
 and noise for every condition, so the differences are paired.
 """
 
