@@ -11,7 +11,9 @@ all channels; `ClipConfig.target_components`), and samples go back through the m
 `--eval-every` steps the DiT samples one image for each of 60 ShapesGenEval prompts (a scene built for each
 prompt gives the condition), at each `--cfg` scale, and the judge scores them: the share of images where it
 finds any object, and ShapesGenEval on those prompts. A target or DiT change that does not draw objects here
-cannot do so from the weaker real condition either. Figures on the bundled model's encoder: README, "Where it
+cannot do so from the weaker real condition either. `--condition model` swaps in the saved model's own
+condition (its frozen backbone and queries on each scene's caption, and on the prompt text when sampling), to
+measure what the real condition costs at the same DiT, target and steps. Figures on the bundled model's encoder: README, "Where it
 fails".
 """
 
@@ -36,6 +38,7 @@ from blip3o.transport.flow_matching import flow_matching_loss
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
+from blip3o.world.language import annotate
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -93,10 +96,23 @@ def decode_targets(model: Blip3o, cut: ClipEncoder, x: torch.Tensor, steps: int 
     return tensor_to_images(model.decoder.decode(features, steps=steps, generator=generator))
 
 
+@torch.no_grad()
+def model_conditions(model: Blip3o, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """The saved model's own condition (frozen backbone + queries) for each text: (N, Q, H)."""
+    return torch.cat([model.condition(texts[i : i + batch]).float() for i in range(0, len(texts), batch)])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder: its CLIP encoder, pixel decoder and DiT config")
     parser.add_argument("--components", type=int, default=16, help="principal components per token (0: all)")
+    parser.add_argument(
+        "--condition",
+        choices=("scene", "model"),
+        default="scene",
+        help="scene: the exact scene encoding; model: the saved model's frozen backbone + queries on each "
+        "scene's caption (10%% short, as stage 2) and on the prompt text, for comparison",
+    )
     parser.add_argument("--scenes", type=int, default=20_000, help="training renders (world seed 0)")
     parser.add_argument("--dim", type=int, help="DiT width (default: the model's)")
     parser.add_argument("--layers", type=int, help="DiT layers (default: the model's)")
@@ -125,7 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     targets, cut = encode_targets(model, [render(s) for s in scenes], args.components)  # (N, K, g, g)
     condition = SceneCondition(model.config.dit.latent_embedding_size, model.config.clip.image_size)
-    conditions = torch.stack([condition(s) for s in scenes]).to(device)  # (N, 9, H)
+    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
+    prompt_rng = np.random.default_rng(5)
+    if args.condition == "scene":
+        conditions = torch.stack([condition(s) for s in scenes]).to(device)  # (N, 9, H)
+        prompt_conditions = torch.stack([condition(scene_for_prompt(r, prompt_rng)) for r in records]).to(
+            device
+        )
+    else:
+        captions = [
+            a.short_caption if rng.random() < 0.1 else a.long_caption
+            for a in (annotate(s, rng) for s in scenes)
+        ]  # the recipe's stage-2 mix
+        conditions = model_conditions(model, captions)  # (N, Q, H)
+        prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
     print(
         f"{args.scenes} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s",
         flush=True,
@@ -139,9 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     flow = model.config.flow
-    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
-    prompt_rng = np.random.default_rng(5)
-    prompt_conditions = torch.stack([condition(scene_for_prompt(r, prompt_rng)) for r in records]).to(device)
     print(f"DiT {dit.num_params():,} params; {len(records)} judged prompts at CFG {args.cfg}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 3,
             )
             if args.out:
-                title = f"{args.components or 'all'} components, step {step}, CFG {scale:g}"
+                title = f"{args.condition} condition, {args.components or 'all'} components, step {step}, CFG {scale:g}"
                 grid = image_grid(images, [r["prompt"] for r in records], columns=10, cell=96, title=title)
                 grid.save(args.out / f"step_{step:06d}_cfg{scale:g}.png")
         print(json.dumps(row), flush=True)

@@ -74,3 +74,8 @@ def test_tiny_run_trains_samples_and_logs(oracle, tmp_path: Path) -> None:
         assert all(0.0 <= row[f"{k}@{s}"] <= 1.0 for k in ("found", "geneval") for s in ("1", "3"))
         assert row["loss"] > 0
     assert (out / "step_000003_cfg3.png").exists()
+    # The model's own condition instead of the scene encoding: same loop, its (B, 64, H) query states.
+    oracle.main([*argv, "--batch", "4", "--components", "0", "--condition", "model", "--sample-steps", "1",
+                 "--decoder-steps", "1", "--cfg", "3", "--threads", "1", "--out", str(tmp_path / "real")])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "real" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and set(rows[0]) == {"step", "loss", "found@3", "geneval@3"}
