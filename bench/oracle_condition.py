@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         conditions = model_conditions(model, captions)  # (N, Q, H)
         prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
     print(
-        f"{args.scenes} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s",
+        f"{args.scenes} targets {tuple(targets.shape[1:])} and conditions in {time.perf_counter() - started:.0f} s",
         flush=True,
     )
 
