@@ -82,8 +82,7 @@ def encode_targets(
             for i in range(0, len(images), batch)
         ]
     )  # (N, T, D)
-    cut = ClipEncoder(replace(clip.config, target_components=components), clip=clip.clip).to(model.device)
-    cut.fit_feature_normalization(raw[:1024])
+    cut = clip.with_target_components(components, raw[:1024])
     return tokens_to_grid(cut.features_to_target(cut.normalize_features(raw))), cut  # (N, K, g, g)
 
 

@@ -19,7 +19,6 @@ bound for a DiT that generated K components instead.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from PIL import Image
 
 from blip3o.eval.geneval import score_detections
 from blip3o.models.blip3o import Blip3o
-from blip3o.models.clip import ClipEncoder, grid_to_tokens
+from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import tensor_to_images
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
@@ -47,24 +46,26 @@ def pixel_head_images(model: Blip3o, target: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def component_round_trip(
-    model: Blip3o, renders: list[Image.Image], k: int, steps: int | None, generator: torch.Generator
-) -> list[Image.Image]:
-    """Renders -> CLIP features cut to their top-k principal components -> the model's decoder -> images."""
+def component_round_trips(
+    model: Blip3o, renders: list[Image.Image], ks: list[int], steps: int | None, seed: int
+) -> dict[int, list[Image.Image]]:
+    """Per k: renders -> CLIP features cut to their top-k principal components (fitted on 1,024 fresh
+    renders) -> the model's decoder -> images."""
     clip = model.clip
     fit_images = [render(sample_scene(np.random.default_rng(10_000 + i))) for i in range(1024)]
     raw_fit = torch.cat(
         [clip.encode_image_raw(clip.preprocess(fit_images[i : i + 256])) for i in range(0, 1024, 256)]
-    )
-    cut = ClipEncoder(replace(clip.config, target_components=k), clip=clip.clip)  # shares the towers
-    cut.fit_feature_normalization(raw_fit)
+    )  # (1024, N, D)
     raw = clip.encode_image_raw(clip.preprocess(renders))  # (B, N, D)
-    target = cut.features_to_target(cut.normalize_features(raw))  # (B, N, k)
-    kept = cut.denormalize_features(cut.target_to_features(target))  # (B, N, D), raw scale
-    pixels = model.decoder.decode(
-        clip.normalize_features(kept), steps=steps, generator=generator
-    )  # the model's own space
-    return tensor_to_images(pixels)
+    images = {}
+    for k in ks:
+        cut = clip.with_target_components(k, raw_fit)  # shares the towers
+        target = cut.features_to_target(cut.normalize_features(raw))  # (B, N, k)
+        kept = cut.denormalize_features(cut.target_to_features(target))  # (B, N, D), raw scale
+        generator = torch.Generator().manual_seed(seed)
+        pixels = model.decoder.decode(clip.normalize_features(kept), steps=steps, generator=generator)
+        images[k] = tensor_to_images(pixels)  # decoded in the model's own feature space
+    return images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,11 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             and clip_config.target_pool == 1
         ):
             rows["pixel head"] = pixel_head_images(model, target)
-        for k in args.components:
-            generator = torch.Generator().manual_seed(args.seed)
-            rows[f"decoder, top {k} components"] = component_round_trip(
-                model, renders, k, args.decoder_steps, generator
-            )
+        cut = component_round_trips(model, renders, args.components, args.decoder_steps, args.seed)
+        rows.update({f"decoder, top {k} components": images for k, images in cut.items()})
     print(f"{args.model}: {model.config.target} target {tuple(target.shape[1:])}, {len(records)} prompts")
     rows = {"renders themselves": renders, **{f"through the {k}": v for k, v in rows.items()}}
     width = max(len(name) for name in rows)

@@ -170,6 +170,12 @@ def test_target_components_are_whitened_top_principal_components():
     again = make_encoder(seed=1, target_components=4)
     again.fit_feature_normalization(raw)
     assert torch.allclose(again.component_basis, basis, atol=1e-5)
+    # The same target on another encoder's towers, without retraining: shares the towers, same fit.
+    plain = make_encoder()
+    tried = plain.with_target_components(4, raw)
+    assert tried.clip is plain.clip and tried.config.target_components == 4
+    assert torch.allclose(tried.component_basis, basis, atol=1e-5)
+    assert torch.equal(tried.feature_mean, encoder.feature_mean)
 
 
 def test_all_components_round_trip_exactly_and_zero_components_is_the_identity():

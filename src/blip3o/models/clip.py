@@ -424,6 +424,13 @@ class ClipEncoder(nn.Module):
         self.feature_std.copy_(std.float())
         self.feature_count.fill_(flat.shape[0])
 
+    def with_target_components(self, k: int, raw: torch.Tensor) -> ClipEncoder:
+        """An encoder sharing these towers whose DiT target is the top-k components (0: all channels), its
+        statistics fitted on raw pooled features (M, N, D): to try a target without retraining anything."""
+        other = ClipEncoder(replace(self.config, target_components=k), clip=self.clip)
+        other.to(self.feature_mean.device).fit_feature_normalization(raw)
+        return other
+
     def _fit_components(self, normalised: torch.Tensor) -> None:
         """Principal directions of (M, D) zero-mean tokens, by decreasing variance; each column's sign is fixed
         (largest entry positive) so that a refit on the same data gives the same basis."""
