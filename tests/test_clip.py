@@ -378,3 +378,61 @@ def test_pixel_head_learns_to_redraw_patches(shapes_batch):
         optimizer.step()
         errors.append(loss.item())
     assert errors[-1] < 0.5 * errors[0], errors
+
+
+def test_label_head_adds_its_loss_reads_tokens_and_round_trips(tmp_path, tokenizer, shapes_batch):
+    images, annotations = shapes_batch
+    labelled = dict(patch_label_weight=0.5, patch_label_groups=(3, 2), patch_label_values=2)
+    plain = make_encoder(text_vocab_size=len(tokenizer)).eval()
+    encoder = make_encoder(text_vocab_size=len(tokenizer), **labelled).eval()
+    assert plain.label_head is None and encoder.label_head.out_features == 7
+    pixels = encoder.preprocess(images[:4])  # (4, 3, 64, 64)
+    text = tokenizer([a.short_caption for a in annotations[:4]], padding=True, return_tensors="pt")
+    ids, mask = text["input_ids"], text["attention_mask"]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat(
+        [
+            torch.rand(4, 64, 3, generator=g).softmax(-1),
+            torch.rand(4, 64, 2, generator=g).softmax(-1),
+            torch.rand(4, 64, 2, generator=g),
+        ],
+        dim=-1,
+    )  # (4, 64, 7)
+    with pytest.raises(ValueError, match="patch_labels of shape"):
+        encoder.contrastive_loss(pixels, ids, mask)
+    with pytest.raises(ValueError, match="patch_labels of shape"):
+        encoder.contrastive_loss(pixels, ids, mask, patch_labels=labels[..., :6])
+    plain.load_state_dict({k: v for k, v in encoder.state_dict().items() if not k.startswith("label_head")})
+    with torch.no_grad():
+        extra = encoder.contrastive_loss(pixels, ids, mask, patch_labels=labels) - plain.contrastive_loss(
+            pixels, ids, mask
+        )
+        patches = encoder.clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # (4, 64, 128)
+        out = encoder.label_head(patches)  # (4, 64, 7)
+        expected = (
+            -(labels[..., :3] * out[..., :3].log_softmax(-1)).sum(-1).mean()
+            - (labels[..., 3:5] * out[..., 3:5].log_softmax(-1)).sum(-1).mean()
+            + torch.nn.functional.mse_loss(out[..., 5:], labels[..., 5:])
+        )
+        assert torch.allclose(extra, 0.5 * expected, atol=1e-5)
+        read = encoder.patch_labels_from_tokens(patches)  # (4, 64, 7)
+        assert torch.allclose(read[..., :3].sum(-1), torch.ones(4, 64))
+        assert torch.allclose(read[..., 3:5].sum(-1), torch.ones(4, 64))
+        assert torch.equal(read[..., 5:], out[..., 5:])
+        encoder.fit_feature_normalization(encoder.encode_image_raw(pixels))
+    with pytest.raises(ValueError, match="no patch-label head"):
+        plain.patch_labels_from_tokens(patches)
+    encoder.save_pretrained(tmp_path)
+    loaded = ClipEncoder.from_pretrained(tmp_path)
+    assert loaded.config == encoder.config  # the groups come back as a tuple from JSON
+    with torch.no_grad():
+        assert torch.equal(loaded.patch_labels_from_tokens(patches), read)
+
+
+def test_label_head_config_is_checked():
+    with pytest.raises(ValueError, match="needs patch_label_groups"):
+        clip_config("tiny", patch_label_weight=1.0)
+    with pytest.raises(ValueError, match="class counts"):
+        clip_config("tiny", patch_label_weight=1.0, patch_label_groups=(1,))
+    with pytest.raises(ValueError, match=">= 0"):
+        clip_config("tiny", patch_label_weight=-1.0)

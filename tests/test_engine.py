@@ -268,6 +268,13 @@ def test_principal_component_target_trains_and_generates(tmp_path: Path) -> None
     # Decoding maps the components back to the 128-channel features the pixel decoder reads.
     features = model.clip.target_to_features(grid_to_tokens(x0))  # (4, 64, 128)
     assert features.shape == (4, 64, 128)
+    # The decoder trains on exactly that: real tokens cut to the components, not the full tokens.
+    assert torch.allclose(model.decoder_features(batch["images"]), features, atol=1e-5)
+    full = model.encode_image(batch["images"])  # (4, 64, 128)
+    assert (full - features).abs().max() > 0.1
+    assert torch.allclose(
+        model.clip.target_to_features(model.clip.features_to_target(features)), features, atol=1e-4
+    )
     set_trainable(model, "generation")
     loss, _ = StageModule(model, "generation")(batch)
     loss.backward()

@@ -21,9 +21,13 @@ from blip3o.train.parallelize import init_distributed
 from blip3o.train.scene_supervision import (
     NO_OBJECT_COLOR,
     NO_OBJECT_SHAPE,
+    PATCH_LABEL_GROUPS,
+    PATCH_LABEL_VALUES,
     SceneCellHead,
     cell_centres,
+    clip_patch_labels,
     scene_cell_labels,
+    scene_patch_labels,
 )
 from blip3o.train.stages import StageModule, parameters_of, set_trainable
 from blip3o.world.render import render
@@ -172,3 +176,75 @@ def test_vision_stage_checkpoints_its_head_and_resumes(tmp_path: Path) -> None:
         stop_after_s=0,
     )  # fmt: skip
     assert (second.end_step, second.steps_run) == (2, 1)  # resumed, head included (a missing key would raise)
+
+
+def test_patch_labels_are_coverage_shares_in_raster_order() -> None:
+    # One axis-aligned 16 x 16 square covering patches (row 0..1, col 6..7) of the 8 x 8 grid exactly.
+    square = SceneObject("square", "red", (0, 0, 0), (56.0, 8.0), 0.0, 8.0, (48.0, 0.0, 64.0, 16.0))
+    star = SceneObject("star", "blue", (0, 0, 0), (20.0, 40.0), 0.0, 8.0, (12.0, 32.0, 28.0, 48.0))
+    scene = Scene(background=(230, 230, 230), objects=(square, star))
+    labels = scene_patch_labels(scene, grid=8)
+    n_shapes, n_colours = PATCH_LABEL_GROUPS
+    assert labels.shape == (64, n_shapes + n_colours + PATCH_LABEL_VALUES)
+    shapes, colours, quads = labels[:, :n_shapes], labels[:, n_shapes : n_shapes + n_colours], labels[:, -4:]
+    # Each group is a distribution over its classes, "none" last.
+    assert torch.allclose(shapes.sum(1), torch.ones(64)) and torch.allclose(colours.sum(1), torch.ones(64))
+    # The square's four patches are fully covered by a red square; so are all their quadrants.
+    for index in (6, 7, 14, 15):
+        assert shapes[index, SHAPES.index("square")] == pytest.approx(1.0, abs=0.02)
+        assert colours[index, COLOR_NAMES.index("red")] == pytest.approx(1.0, abs=0.02)
+        assert torch.allclose(quads[index], torch.ones(4), atol=0.02)
+    # The star lies around (20, 40): only patches near it see blue; far ones are "none".
+    blue = colours[:, COLOR_NAMES.index("blue")].reshape(8, 8)
+    assert blue[4:6, 1:4].sum() > 1.0 and blue[:2].sum() == 0 and blue[:, 5:].sum() == 0
+    assert shapes[0, -1] == 1.0 and colours[0, -1] == 1.0 and quads[0].sum() == 0
+    # Quadrants are the patch's own coverage, finer: their mean is the covered share.
+    assert torch.allclose(quads.mean(1), 1 - shapes[:, -1], atol=1e-5)
+
+
+def test_patch_labels_quadrant_order_and_batch_check() -> None:
+    # A 4 x 4 px square in the top-right quadrant of patch (0, 0): pixels x 4..8, y 0..4.
+    corner = SceneObject("square", "green", (0, 0, 0), (6.0, 2.0), 0.0, 2.0, (4.0, 0.0, 8.0, 4.0))
+    labels = scene_patch_labels(Scene(background=(230, 230, 230), objects=(corner,)), grid=8)
+    assert torch.allclose(labels[0, -4:], torch.tensor([0.0, 1.0, 0.0, 0.0]), atol=0.1)  # TL, TR, BL, BR
+    config = replace(
+        tiny_config().clip,
+        patch_label_weight=1.0,
+        patch_label_groups=PATCH_LABEL_GROUPS,
+        patch_label_values=PATCH_LABEL_VALUES,
+    )
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(2)]
+    assert clip_patch_labels(config, scenes).shape == (2, 64, 19)
+    with pytest.raises(ValueError, match="one scene per image"):
+        clip_patch_labels(config, None)
+    with pytest.raises(ValueError, match="do not match"):
+        clip_patch_labels(replace(config, patch_label_groups=(6, 8)), scenes)
+
+
+def test_clip_stage_trains_the_label_head_from_scenes() -> None:
+    clip = replace(
+        tiny_config().clip,
+        patch_label_weight=1.0,
+        patch_label_groups=PATCH_LABEL_GROUPS,
+        patch_label_values=PATCH_LABEL_VALUES,
+    )
+    model = Blip3o.from_config(tiny_config(clip=clip, tokenizer_corpus_scenes=200), seed=0)
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(8)]
+    batch = {"images": [render(s) for s in scenes], "scenes": scenes, "captions": ["a shape"] * 8}
+    set_trainable(model, "clip")
+    module = StageModule(model, "clip")
+    named = list(parameters_of(module))
+    assert any(n.startswith("model.clip.label_head.") for n, _ in named)
+    optimizer = build_optimizer(named, lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss, _ = module(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # Identical captions: the contrastive part is constant, the label part is what falls.
+    print(f"clip stage with patch labels, fixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < losses[0] - 1.0
+    with pytest.raises(ValueError, match="one scene per image"):
+        module({k: v for k, v in batch.items() if k != "scenes"})

@@ -129,6 +129,16 @@ def _model_section(model: dict) -> list[str]:
             f"- Generation target: {grid}x{grid} = {grid * grid} CLIP tokens of {channels} channels "
             f"({clip['image_size']} px, patch {clip['patch_size']}); the DiT generates {target}."
         )
+    aux = []
+    if clip.get("reconstruction_weight", 0):
+        aux.append(f"a linear head redraws each patch's pixels (weight {clip['reconstruction_weight']})")
+    if clip.get("patch_label_weight", 0):
+        aux.append(
+            "a linear head reads from each patch token what the scene holds there: the covered share of each "
+            f"class of {len(clip['patch_label_groups'])} groups (shape, colour) and {clip['patch_label_values']} "
+            f"finer coverage values (weight {clip['patch_label_weight']})"
+        )
+    clip_line = "- CLIP: trained here, contrastive" + (f"; auxiliary: {'; '.join(aux)}." if aux else ".")
     objective = model.get("objective", "flow_matching").replace("_", " ")
     unet_channels = ", ".join(map(str, dec["block_out_channels"]))
     return [
@@ -136,6 +146,7 @@ def _model_section(model: dict) -> list[str]:
         "",
         f"- Backbone: Qwen2.5-VL layout, {bb['num_layers']} layers of width {bb['hidden_size']}, a vision tower "
         f"of {bb['vision_depth']} blocks; {bb['n_queries']} learnable query tokens give the condition.",
+        clip_line,
         target_line,
         f"- DiT: {dit['n_layers']} layers of width {dit['dim']}, {dit['n_heads']} heads, patch {dit['patch_size']}, "
         f"{dit['in_channels']} channels in and out; {objective}.",

@@ -279,6 +279,18 @@ class Blip3o(nn.Module):
         """Normalised CLIP feature tokens (B, N, D) of images."""
         return self.clip.encode_image(self.clip.preprocess(images).to(self.device))
 
+    @torch.no_grad()
+    def decoder_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """What the pixel decoder is trained on: normalised CLIP tokens (B, N, D) as the DiT's target keeps them.
+
+        With `target_components` = k the decoder only ever sees generated targets mapped back from k
+        components, so it learns from real tokens cut the same way; else these are `encode_image`'s tokens.
+        """
+        features = self.encode_image(images)  # (B, N, D)
+        if self.config.target != "clip" or not self.clip.config.target_components:
+            return features
+        return self.clip.target_to_features(self.clip.features_to_target(features))  # (B, N, D)
+
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """The backbone's hidden states at the query positions for text-to-image prompts: (B, Q, H)."""
         inputs = self.backbone.generation_inputs(prompts)

@@ -41,6 +41,7 @@ CONFIG_NAME = "config.json"
 CLIP_SUBDIR = "clip"
 FEATURE_STATS_NAME = "feature_stats.safetensors"
 PIXEL_HEAD_NAME = "pixel_head.safetensors"
+LABEL_HEAD_NAME = "label_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,26 @@ class ClipConfig:
     # few samples draws coherent shapes sooner on this lower-dimensional, equal-scale target (README, "Where it
     # fails"); the pixel decoder still reads full features, mapped back by `target_to_features`.
     target_components: int = 0
+    # Weight of a second auxiliary loss: a linear head reads each last-layer patch token and predicts what the
+    # scene holds there (0: off). The target per patch is `patch_label_groups` soft class distributions (the
+    # covered share of each class, e.g. each shape and colour plus "none") followed by `patch_label_values`
+    # regressed values (e.g. the covered share of each quadrant). Why: the release's CLIP target is semantic
+    # (a token says "part of a red star"), which is what makes it easier to generate than VAE latents; the pixel
+    # head alone makes our tokens pixel-like, and the small DiT then has to draw every patch's pixels.
+    patch_label_weight: float = 0.0
+    patch_label_groups: tuple[int, ...] = ()
+    patch_label_values: int = 0
 
     def __post_init__(self) -> None:
+        if self.patch_label_weight < 0:
+            raise ValueError(f"patch_label_weight must be >= 0, got {self.patch_label_weight}")
+        if any(n < 2 for n in self.patch_label_groups) or self.patch_label_values < 0:
+            raise ValueError(
+                "patch_label_groups must be class counts >= 2 and patch_label_values >= 0, got "
+                f"{self.patch_label_groups} / {self.patch_label_values}"
+            )
+        if self.patch_label_weight and not self.patch_label_dim:
+            raise ValueError("patch_label_weight > 0 needs patch_label_groups or patch_label_values")
         if not 0 <= self.target_components <= self.feature_dim:
             raise ValueError(
                 f"target_components must be in [0, feature_dim={self.feature_dim}], got {self.target_components}"
@@ -114,6 +133,11 @@ class ClipConfig:
     def feature_dim(self) -> int:
         """Channels of a feature token: the vision width (patch tokens are taken before any projection)."""
         return self.vision_hidden
+
+    @property
+    def patch_label_dim(self) -> int:
+        """Width of one patch's label vector (the label head's output)."""
+        return sum(self.patch_label_groups) + self.patch_label_values
 
     @property
     def target_channels(self) -> int:
@@ -157,7 +181,9 @@ class ClipConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown ClipConfig fields: {sorted(unknown)}")
-        return cls(**values)
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        )  # JSON has no tuples
 
 
 CLIP_PRESETS: dict[str, ClipConfig] = {
@@ -249,6 +275,10 @@ class ClipEncoder(nn.Module):
         self.pixel_head = (
             nn.Linear(config.vision_hidden, patch_values) if config.reconstruction_weight else None
         )
+        # The auxiliary patch-label head (see ClipConfig.patch_label_weight); kept as a probe of generated targets.
+        self.label_head = (
+            nn.Linear(config.vision_hidden, config.patch_label_dim) if config.patch_label_weight else None
+        )
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -320,6 +350,7 @@ class ClipEncoder(nn.Module):
         attention_mask: torch.Tensor,
         negative_ids: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
+        patch_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """CLIP's symmetric InfoNCE, with every pair of identical captions counted as a positive.
 
@@ -337,12 +368,52 @@ class ClipEncoder(nn.Module):
         Random batches of ShapesWorld can be told apart by colour alone; swapped-shape negatives make the
         image embedding separate shapes. (Measured: they do not make the patch tokens, the generation target,
         more shape-decodable; the pixel head below does. bench/clip_probe.py.)
+
+        `patch_labels` (B, g*g, patch_label_dim): each patch's label vector, needed when the config has a label
+        head (ClipConfig.patch_label_weight); see `_patch_label_loss`.
         """
         vision = self.clip.vision_model(pixel_values=pixel_values)
         image = F.normalize(self.clip.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
         text = F.normalize(self.text_embeddings(input_ids, attention_mask), dim=-1)  # (B, P)
-        recon = self._reconstruction_loss(vision.last_hidden_state[:, 1:], pixel_values)
-        return self._contrastive(image, text, input_ids, attention_mask, negative_ids, negative_mask) + recon
+        patches = vision.last_hidden_state[:, 1:]  # (B, g*g, D)
+        aux = self._reconstruction_loss(patches, pixel_values) + self._patch_label_loss(patches, patch_labels)
+        return self._contrastive(image, text, input_ids, attention_mask, negative_ids, negative_mask) + aux
+
+    def _patch_label_loss(self, patches: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Weighted loss of the label head on (B, g*g, D) tokens: soft cross-entropy per class group, MSE on the
+        regressed values; 0 without a head."""
+        if self.label_head is None:
+            return patches.new_zeros(())
+        expected = (*patches.shape[:2], self.config.patch_label_dim)
+        if labels is None or tuple(labels.shape) != expected:
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(
+                f"this CLIP has a patch-label head: pass patch_labels of shape {expected}, got {got}"
+            )
+        out = self.label_head(patches)  # (B, g*g, L)
+        loss, start = patches.new_zeros(()), 0
+        for size in self.config.patch_label_groups:
+            logp = F.log_softmax(out[..., start : start + size], dim=-1)  # (B, g*g, size)
+            loss = loss - (labels[..., start : start + size] * logp).sum(-1).mean()
+            start += size
+        if self.config.patch_label_values:
+            loss = loss + F.mse_loss(out[..., start:], labels[..., start:])
+        return self.config.patch_label_weight * loss
+
+    @torch.no_grad()
+    def patch_labels_from_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) patch tokens (B, g*g, D) -> the label head's (B, g*g, L) reading: each class group
+        as probabilities, then the regressed values. Reads generated targets too (`target_to_features` and
+        `denormalize_features` first)."""
+        if self.label_head is None:
+            raise ValueError("this encoder has no patch-label head (ClipConfig.patch_label_weight is 0)")
+        out = self.label_head(patches)  # (B, g*g, L)
+        parts, start = [], 0
+        for size in self.config.patch_label_groups:
+            parts.append(out[..., start : start + size].softmax(-1))
+            start += size
+        parts.append(out[..., start:])
+        return torch.cat(parts, dim=-1)  # (B, g*g, L)
 
     def _reconstruction_loss(self, patches: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Weighted MSE of the linear head's patch pixels (B, g*g, D) -> (B, g*g, 3*p*p); 0 without a head."""
@@ -491,6 +562,12 @@ class ClipEncoder(nn.Module):
                 for k, v in self.pixel_head.state_dict().items()
             }
             save_file(head, directory / PIXEL_HEAD_NAME)
+        if self.label_head is not None:
+            head = {
+                f"label_head.{k}": v.detach().cpu().contiguous()
+                for k, v in self.label_head.state_dict().items()
+            }
+            save_file(head, directory / LABEL_HEAD_NAME)
         stats = {name: getattr(self, name) for name in self._stat_names()}
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in stats.items()}, directory / FEATURE_STATS_NAME
@@ -513,4 +590,7 @@ class ClipEncoder(nn.Module):
         if encoder.pixel_head is not None:
             head = load_file(directory / PIXEL_HEAD_NAME)
             encoder.pixel_head.load_state_dict({k.removeprefix("pixel_head."): v for k, v in head.items()})
+        if encoder.label_head is not None:
+            head = load_file(directory / LABEL_HEAD_NAME)
+            encoder.label_head.load_state_dict({k.removeprefix("label_head."): v for k, v in head.items()})
         return encoder.eval()

@@ -169,6 +169,6 @@ def make_batch(
         batch["negative_captions"] = negatives
     if kind in ("understanding", "joint"):
         batch["prompts"], batch["answers"] = prompts, answers
-    if kind == "vision":
+    if kind in ("vision", "clip"):  # scene labels: the vision stage's, and CLIP's optional patch labels
         batch["scenes"] = [examples[row].scene for row in rows]
     return batch

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip3o.models.clip import ClipConfig
+from blip3o.world.render import render_object_mask
 from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene
 
 NO_OBJECT_SHAPE = len(SHAPES)  # the "none" class of the shape head
@@ -53,6 +56,58 @@ def scene_cell_labels(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tens
             shape[index] = SHAPES.index(obj.shape)
             colour[index] = COLOR_NAMES.index(obj.color)
     return shape, colour
+
+
+# The patch-label layout of `scene_patch_labels` (ClipConfig.patch_label_groups / patch_label_values).
+PATCH_LABEL_GROUPS = (len(SHAPES) + 1, len(COLOR_NAMES) + 1)
+PATCH_LABEL_VALUES = 4
+
+
+def scene_patch_labels(scene: Scene, grid: int) -> torch.Tensor:
+    """(grid * grid, 19) label vector per patch of a grid x grid raster, raster order, float32.
+
+    - 6 values: the share of the patch covered by each shape, then the uncovered share ("none"); sums to 1.
+    - 9 values: the same by colour.
+    - 4 values: the covered share (any object) of each quadrant of the patch: top-left, top-right,
+      bottom-left, bottom-right. Finer than the patch, so a token can say where in it the object lies.
+    Coverage is the renderer's anti-aliased mask (objects never overlap: their boxes keep a gap).
+    """
+    size = scene.size
+    if size % (2 * grid):
+        raise ValueError(f"image size {size} is not a multiple of 2 x grid {grid}")
+    n_shapes, n_colours = PATCH_LABEL_GROUPS
+    shape_share = np.zeros((n_shapes, size, size), np.float32)
+    colour_share = np.zeros((n_colours, size, size), np.float32)
+    for obj in scene.objects:
+        cov = render_object_mask(obj, size)  # (S, S)
+        shape_share[SHAPES.index(obj.shape)] += cov
+        colour_share[COLOR_NAMES.index(obj.color)] += cov
+    covered = np.clip(shape_share[:-1].sum(0), 0.0, 1.0)  # (S, S)
+    shape_share[-1] = 1.0 - covered
+    colour_share[-1] = 1.0 - covered
+
+    def per_cell(maps: np.ndarray, cells: int) -> np.ndarray:  # (C, S, S) -> (cells * cells, C) means
+        c, p = maps.shape[0], size // cells
+        return maps.reshape(c, cells, p, cells, p).mean(axis=(2, 4)).reshape(c, -1).T
+
+    quadrants = per_cell(covered[None], 2 * grid).reshape(grid, 2, grid, 2)  # (row, dy, col, dx)
+    quadrants = quadrants.transpose(0, 2, 1, 3).reshape(grid * grid, 4)  # (N, 4): TL, TR, BL, BR
+    labels = np.concatenate([per_cell(shape_share, grid), per_cell(colour_share, grid), quadrants], axis=1)
+    return torch.from_numpy(labels.astype(np.float32))  # (N, 19)
+
+
+def clip_patch_labels(config: ClipConfig, scenes: list[Scene] | None) -> torch.Tensor:
+    """(B, N, 19) patch labels of a batch's scenes for a CLIP whose label head has this module's layout."""
+    if (config.patch_label_groups, config.patch_label_values) != (PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES):
+        raise ValueError(
+            f"ClipConfig patch labels {config.patch_label_groups} + {config.patch_label_values} values do not "
+            f"match ShapesWorld's {PATCH_LABEL_GROUPS} + {PATCH_LABEL_VALUES}"
+        )
+    if not scenes or any(s is None for s in scenes):
+        raise ValueError(
+            "a CLIP with a patch-label head needs one scene per image (shards written with scenes)"
+        )
+    return torch.stack([scene_patch_labels(s, config.patch_grid) for s in scenes])  # (B, N, 19)
 
 
 def cell_centres(grid: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.scene_supervision import SceneCellHead
+from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
@@ -126,15 +126,23 @@ class StageModule(nn.Module):
         if kind == "clip":
             pixels = m.clip.preprocess(batch["images"]).to(m.device)  # (B, 3, S, S)
             text = m.clip_text_inputs(batch["captions"])
-            if "negative_captions" not in batch:
-                return m.clip.contrastive_loss(pixels, text["input_ids"], text["attention_mask"]), {}
-            neg = m.clip_text_inputs(batch["negative_captions"])
+            labels = None
+            if m.clip.label_head is not None:
+                labels = clip_patch_labels(m.clip.config, batch.get("scenes")).to(m.device)  # (B, N, L)
+            neg = m.clip_text_inputs(batch["negative_captions"]) if "negative_captions" in batch else {}
             loss = m.clip.contrastive_loss(
-                pixels, text["input_ids"], text["attention_mask"], neg["input_ids"], neg["attention_mask"]
+                pixels,
+                text["input_ids"],
+                text["attention_mask"],
+                neg.get("input_ids"),
+                neg.get("attention_mask"),
+                patch_labels=labels,
             )
             return loss, {}
         if kind == "decoder":
-            features = m.encode_image(batch["images"])  # (B, N, D), frozen CLIP
+            features = m.decoder_features(
+                batch["images"]
+            )  # (B, N, D), frozen CLIP, as the DiT's target keeps it
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)
