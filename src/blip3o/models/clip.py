@@ -86,8 +86,9 @@ class ClipConfig:
     # scene holds there (0: off). The target per patch is `patch_label_groups` soft class distributions (the
     # covered share of each class, e.g. each shape and colour plus "none") followed by `patch_label_values`
     # regressed values (e.g. the covered share of each quadrant). Why: the release's CLIP target is semantic
-    # (a token says "part of a red star"), which is what makes it easier to generate than VAE latents; the pixel
-    # head alone makes our tokens pixel-like, and the small DiT then has to draw every patch's pixels.
+    # (a token says "part of a red star"), which the paper credits for it being easier to generate than VAE
+    # latents; the pixel head alone makes our tokens pixel-like. Tried in the recipe: the DiT drew whole objects
+    # instead of fragments, but shape stayed weakly readable per token (README, "Where it fails").
     patch_label_weight: float = 0.0
     patch_label_groups: tuple[int, ...] = ()
     patch_label_values: int = 0
@@ -181,9 +182,8 @@ class ClipConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown ClipConfig fields: {sorted(unknown)}")
-        return cls(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        )  # JSON has no tuples
+        # JSON has no tuples.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 CLIP_PRESETS: dict[str, ClipConfig] = {
