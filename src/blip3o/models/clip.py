@@ -18,6 +18,7 @@ and only trained through, the CLS token, so applying it to patch tokens would us
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,6 +43,8 @@ CLIP_SUBDIR = "clip"
 FEATURE_STATS_NAME = "feature_stats.safetensors"
 PIXEL_HEAD_NAME = "pixel_head.safetensors"
 LABEL_HEAD_NAME = "label_head.safetensors"
+# The auxiliary training heads, each saved in its own file when the config builds it.
+AUX_HEAD_FILES = {"pixel_head": PIXEL_HEAD_NAME, "label_head": LABEL_HEAD_NAME}
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,12 @@ class ClipConfig:
     def patch_label_dim(self) -> int:
         """Width of one patch's label vector (the label head's output)."""
         return sum(self.patch_label_groups) + self.patch_label_values
+
+    @property
+    def patch_label_group_slices(self) -> list[slice]:
+        """Where each class group lies in a label vector; the regressed values follow the last one."""
+        ends = list(itertools.accumulate(self.patch_label_groups))
+        return [slice(end - size, end) for size, end in zip(self.patch_label_groups, ends, strict=True)]
 
     @property
     def target_channels(self) -> int:
@@ -391,13 +400,13 @@ class ClipEncoder(nn.Module):
                 f"this CLIP has a patch-label head: pass patch_labels of shape {expected}, got {got}"
             )
         out = self.label_head(patches)  # (B, g*g, L)
-        loss, start = patches.new_zeros(()), 0
-        for size in self.config.patch_label_groups:
-            logp = F.log_softmax(out[..., start : start + size], dim=-1)  # (B, g*g, size)
-            loss = loss - (labels[..., start : start + size] * logp).sum(-1).mean()
-            start += size
+        loss = patches.new_zeros(())
+        for group in self.config.patch_label_group_slices:
+            logp = F.log_softmax(out[..., group], dim=-1)  # (B, g*g, group size)
+            loss = loss - (labels[..., group] * logp).sum(-1).mean()
         if self.config.patch_label_values:
-            loss = loss + F.mse_loss(out[..., start:], labels[..., start:])
+            values = slice(sum(self.config.patch_label_groups), None)
+            loss = loss + F.mse_loss(out[..., values], labels[..., values])
         return self.config.patch_label_weight * loss
 
     @torch.no_grad()
@@ -407,13 +416,10 @@ class ClipEncoder(nn.Module):
         `denormalize_features` first)."""
         if self.label_head is None:
             raise ValueError("this encoder has no patch-label head (ClipConfig.patch_label_weight is 0)")
-        out = self.label_head(patches)  # (B, g*g, L)
-        parts, start = [], 0
-        for size in self.config.patch_label_groups:
-            parts.append(out[..., start : start + size].softmax(-1))
-            start += size
-        parts.append(out[..., start:])
-        return torch.cat(parts, dim=-1)  # (B, g*g, L)
+        read = self.label_head(patches)  # (B, g*g, L)
+        for group in self.config.patch_label_group_slices:
+            read[..., group] = read[..., group].softmax(-1)
+        return read  # (B, g*g, L)
 
     def _reconstruction_loss(self, patches: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Weighted MSE of the linear head's patch pixels (B, g*g, D) -> (B, g*g, 3*p*p); 0 without a head."""
@@ -556,18 +562,11 @@ class ClipEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         self.clip.save_pretrained(directory / CLIP_SUBDIR)
-        if self.pixel_head is not None:
-            head = {
-                f"pixel_head.{k}": v.detach().cpu().contiguous()
-                for k, v in self.pixel_head.state_dict().items()
-            }
-            save_file(head, directory / PIXEL_HEAD_NAME)
-        if self.label_head is not None:
-            head = {
-                f"label_head.{k}": v.detach().cpu().contiguous()
-                for k, v in self.label_head.state_dict().items()
-            }
-            save_file(head, directory / LABEL_HEAD_NAME)
+        for name, filename in AUX_HEAD_FILES.items():
+            head = getattr(self, name)
+            if head is not None:
+                weights = {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+                save_file(weights, directory / filename)
         stats = {name: getattr(self, name) for name in self._stat_names()}
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in stats.items()}, directory / FEATURE_STATS_NAME
@@ -587,10 +586,9 @@ class ClipEncoder(nn.Module):
             )
         for name, value in stats.items():
             getattr(encoder, name).copy_(value)
-        if encoder.pixel_head is not None:
-            head = load_file(directory / PIXEL_HEAD_NAME)
-            encoder.pixel_head.load_state_dict({k.removeprefix("pixel_head."): v for k, v in head.items()})
-        if encoder.label_head is not None:
-            head = load_file(directory / LABEL_HEAD_NAME)
-            encoder.label_head.load_state_dict({k.removeprefix("label_head."): v for k, v in head.items()})
+        for name, filename in AUX_HEAD_FILES.items():
+            head = getattr(encoder, name)
+            if head is not None:
+                weights = load_file(directory / filename)
+                head.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()})
         return encoder.eval()

@@ -140,9 +140,7 @@ class StageModule(nn.Module):
             )
             return loss, {}
         if kind == "decoder":
-            features = m.decoder_features(
-                batch["images"]
-            )  # (B, N, D), frozen CLIP, as the DiT's target keeps it
+            features = m.decoder_features(batch["images"])  # (B, N, D), frozen CLIP, as the DiT's target
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)
