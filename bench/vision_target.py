@@ -1,0 +1,310 @@
+"""Can the DiT generate the backbone's own merged vision tokens? A shape-readable target, judged per token.
+
+    .venv/bin/python bench/vision_target.py MODEL [--components 16] [--instruct 6] [--steps 4000]
+        [--eval-every 1000] [--decoder-steps 1200] [--out DIR]
+
+Why: a single CLIP target token hardly says which shape it belongs to (a linear probe: 0.36, chance 0.20), and
+the DiT finishes each token on its own (bench/dit_locality.py), so it draws fragments. The backbone's merged
+vision tokens, taught shape and colour per 16-px cell in the vision stage (train/scene_supervision.py), say it
+outright (bench/vision_probe.py: 0.94). This bench asks whether the DiT can generate *those* from the model's
+real condition, judged without any pixel decoder:
+
+1. N fresh renders (world seed 0), plus R renders of a scene built for each GenEval-style training prompt
+   (stage 3's data; `--instruct R`), go through the model's vision tower: (N, 16, H) tokens, normalised per
+   channel and cut to their top K principal components, whitened (as ClipConfig.target_components does).
+2. Linear read-outs (least squares on one-hot labels) of each cell's shape-or-none and colour-or-none
+   (`scene_cell_labels`) are fitted on the first 3/4 of the N scenes; their held-out accuracy is printed.
+3. The token judge reads a token grid into judge detections (one per cell read as an object, its box the
+   cell) and scores them against the prompt with the project's ShapesGenEval rules. On the real tokens of
+   scenes built for the evaluation prompts it gives the read-outs' ceiling.
+4. A fresh DiT (the model's DiT config on the 4x4 grid, K channels) learns the tokens by flow matching from
+   the model's frozen condition (backbone + queries) on each caption (10% short) or training prompt. Every
+   `--eval-every` steps it samples the evaluation prompts and the token judge scores them, per category.
+5. Optionally (`--decoder-steps`), a pixel decoder (`tiny_spatial` layout, reading the K-channel tokens)
+   learns to draw the renders from their tokens. The real pixel judge then scores the round trip (real
+   tokens of the evaluation scenes) and the end to end (the DiT's tokens).
+
+Figures on the bundled model: README, "Where it fails".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blip3o.eval.geneval import score_detections
+from blip3o.eval.model_eval import balanced_subset
+from blip3o.models.blip3o import Blip3o
+from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
+from blip3o.models.dit import DiT
+from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, scene_cell_labels
+from blip3o.transport.flow_matching import flow_matching_loss
+from blip3o.viz import image_grid
+from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.judge import Detection, detect
+from blip3o.world.language import annotate
+from blip3o.world.prompts import load_eval_prompts, load_train_prompts
+from blip3o.world.render import render
+from blip3o.world.sampler import sample_scene
+from blip3o.world.scene import COLOR_NAMES, SHAPES
+from oracle_condition import model_conditions  # bench/ is on sys.path when this script runs
+
+
+class TokenBasis:
+    """Per-channel normalisation and the top-K principal components, whitened, of (N, T, H) tokens."""
+
+    def __init__(self, tokens: torch.Tensor, components: int, fit_images: int = 2000):
+        flat = tokens.reshape(-1, tokens.shape[-1])  # (N*T, H)
+        self.mean, self.std = flat.mean(0), flat.std(0) + 1e-6
+        z = ((tokens[:fit_images] - self.mean) / self.std).reshape(-1, tokens.shape[-1])
+        eigenvalues, vectors = torch.linalg.eigh(torch.cov(z.T))  # ascending
+        self.eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+        k = components or tokens.shape[-1]
+        self.basis, self.scale = vectors[:, :k], self.eigenvalues[:k].sqrt() + 1e-6  # (H, K), (K,)
+
+    def explained(self, k: int) -> float:
+        return float(self.eigenvalues[:k].sum() / self.eigenvalues.sum())
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return ((tokens - self.mean) / self.std) @ self.basis / self.scale  # (N, T, K)
+
+
+class CellReadout:
+    """Linear least-squares read-outs of each token's cell: shape or none, colour or none."""
+
+    def __init__(self, tokens: torch.Tensor, scenes: list, grid: int):
+        shapes, colours = zip(*[scene_cell_labels(s, grid) for s in scenes], strict=True)
+        x = self._design(tokens.reshape(-1, tokens.shape[-1]))  # (N*T, K+1)
+        self.grid = grid
+        self.shape = torch.linalg.lstsq(x, F.one_hot(torch.cat(shapes), NO_OBJECT_SHAPE + 1).float()).solution
+        self.colour = torch.linalg.lstsq(
+            x, F.one_hot(torch.cat(colours), NO_OBJECT_COLOR + 1).float()
+        ).solution
+
+    @staticmethod
+    def _design(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # (M, K+1): with an intercept
+
+    def classes(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., T, K) tokens -> (..., T) shape and colour class indices (the last class of each is none)."""
+        x = self._design(tokens.reshape(-1, tokens.shape[-1]))
+        shape, colour = (x @ self.shape).argmax(1), (x @ self.colour).argmax(1)
+        return shape.reshape(tokens.shape[:-1]), colour.reshape(tokens.shape[:-1])
+
+    def accuracy(self, tokens: torch.Tensor, scenes: list) -> dict[str, float]:
+        shapes, colours = zip(*[scene_cell_labels(s, self.grid) for s in scenes], strict=True)
+        shape, colour = self.classes(tokens)
+        true_shape, true_colour = torch.stack(shapes), torch.stack(colours)  # (N, T)
+        objects = true_shape != NO_OBJECT_SHAPE
+        return {
+            "object_or_none": float(((shape != NO_OBJECT_SHAPE) == objects).float().mean()),
+            "shape_at_objects": float((shape == true_shape)[objects].float().mean()),
+            "colour_at_objects": float((colour == true_colour)[objects].float().mean()),
+        }
+
+    def detections(self, tokens: torch.Tensor, image_size: int) -> list[Detection]:
+        """(T, K) tokens of one image -> one judge detection per cell read as an object; its box is the cell."""
+        shape, colour = self.classes(tokens)
+        cell = image_size / self.grid
+        found = []
+        for index in (shape != NO_OBJECT_SHAPE).nonzero().flatten().tolist():
+            row, col = divmod(index, self.grid)
+            name = COLOR_NAMES[colour[index]] if colour[index] != NO_OBJECT_COLOR else None
+            box = (col * cell + 2, row * cell + 2, (col + 1) * cell - 2, (row + 1) * cell - 2)
+            found.append(Detection(SHAPES[shape[index]], name, box, 1.0))
+        return found
+
+
+def token_judge(readout: CellReadout, tokens: torch.Tensor, records: list[dict], image_size: int) -> dict:
+    """ShapesGenEval of token grids (P, T, K) read by `readout`: overall (mean of categories) and per category."""
+    correct: dict[str, list[bool]] = {}
+    for record, grid in zip(records, tokens, strict=True):
+        ok, _ = score_detections(record, readout.detections(grid, image_size))
+        correct.setdefault(record["tag"], []).append(ok)
+    per_category = {tag: round(float(np.mean(v)), 3) for tag, v in correct.items()}
+    return {"overall": round(float(np.mean(list(per_category.values()))), 3), **per_category}
+
+
+def pixel_judge(images: list, records: list[dict]) -> dict:
+    detections = [detect(image) for image in images]
+    return {
+        "found": round(float(np.mean([len(d) > 0 for d in detections])), 3),
+        "geneval": round(
+            float(np.mean([score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)])), 3
+        ),
+    }
+
+
+@torch.no_grad()
+def vision_tokens(model: Blip3o, images: list, batch: int = 500) -> torch.Tensor:
+    return torch.cat(
+        [model.backbone.vision_tokens(images[i : i + batch]).float() for i in range(0, len(images), batch)]
+    )  # (N, T, H)
+
+
+def to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, T, K) -> (N, K, g, g), the DiT's layout."""
+    g = int(tokens.shape[1] ** 0.5)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], g, g).contiguous()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a saved model folder (its backbone, queries and DiT config are used)")
+    parser.add_argument("--components", type=int, default=16, help="principal components per token (0: all)")
+    parser.add_argument("--scenes", type=int, default=20_000, help="random training renders (world seed 0)")
+    parser.add_argument("--instruct", type=int, default=6, help="renders per GenEval-style training prompt")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--prompts", type=int, default=120, help="evaluation prompts, category-balanced")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
+    parser.add_argument("--decoder-steps", type=int, default=0, help="also train a pixel decoder (0: no)")
+    parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write a JSON-lines log and image grids here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Blip3o.from_pretrained(args.model).eval()
+    size = model.config.clip.image_size
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with (args.out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(args.scenes)]
+    prompt_rng = np.random.default_rng(11)
+    instruct = [(r["prompt"], scene_for_prompt(r, prompt_rng)) for r in load_train_prompts() * args.instruct]
+    images = [render(s) for s in scenes] + [render(s) for _, s in instruct]
+    raw = vision_tokens(model, images)  # (N, T, H)
+    basis = TokenBasis(raw, args.components)
+    tokens = basis(raw)  # (N, T, K)
+    grid = int(tokens.shape[1] ** 0.5)
+    n_fit = args.scenes * 3 // 4
+    readout = CellReadout(tokens[:n_fit], scenes[:n_fit], grid)
+    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
+    eval_rng = np.random.default_rng(5)
+    eval_images = [render(scene_for_prompt(r, eval_rng)) for r in records]
+    eval_tokens = basis(vision_tokens(model, eval_images))  # (P, T, K)
+    log(
+        {
+            "tokens": list(tokens.shape[1:]),
+            "explained": {k: round(basis.explained(k), 3) for k in (4, 8, 16, 32) if k <= raw.shape[-1]},
+            "readout_held_out": {
+                k: round(v, 3)
+                for k, v in readout.accuracy(tokens[n_fit : args.scenes], scenes[n_fit:]).items()
+            },
+            "token_judge_real": token_judge(readout, eval_tokens, records, size),
+        }
+    )
+
+    captions = [
+        a.short_caption if rng.random() < 0.1 else a.long_caption for a in (annotate(s, rng) for s in scenes)
+    ] + [p for p, _ in instruct]  # the recipe's stage-2 caption mix, then stage 3's prompts
+    with torch.no_grad():
+        conditions = model_conditions(model, captions)  # (N, Q, H)
+        prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
+    targets = to_grid(tokens)  # (N, K, g, g)
+    print(f"{len(targets)} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s")
+
+    dit = DiT(replace(model.config.dit, input_size=grid, in_channels=targets.shape[1]))
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    generator = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def sample(scale: float) -> torch.Tensor:
+        noise = torch.randn((len(records), *targets.shape[1:]), generator=torch.Generator().manual_seed(0))
+        x = model.objective.sample(dit, noise, prompt_conditions, steps=args.sample_steps, cfg_scale=scale)
+        return x.flatten(2).transpose(1, 2)  # (P, T, K)
+
+    running, train_s = None, 0.0
+    for step in range(1, args.steps + 1):
+        tick = time.perf_counter()
+        index = torch.randint(len(targets), (args.batch,), generator=generator)
+        loss, _ = flow_matching_loss(
+            dit, targets[index], conditions[index], generator=generator, cfg=model.config.flow
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        train_s += time.perf_counter() - tick
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            dit.eval()
+            row = {"step": step, "loss": round(running, 4), "steps_per_s": round(step / train_s, 2)}
+            for scale in args.cfg:
+                row[f"token_judge@{scale:g}"] = token_judge(readout, sample(scale), records, size)
+            log(row)
+            dit.train()
+    dit.eval()
+    if args.decoder_steps:
+        train_decoder(args, model, images, tokens, eval_images, eval_tokens, records, sample, log)
+
+
+def train_decoder(args, model, images, tokens, eval_images, eval_tokens, records, sample, log) -> None:
+    """A pixel decoder on the K-channel tokens; the pixel judge on its round trip and on the DiT's tokens."""
+    config = decoder_config(
+        "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2], sample_steps=10,
+        cfg_scale=1.0,
+    )  # fmt: skip
+    decoder = PixelDecoder(config)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    pixels = images_to_tensor(images)  # (N, 3, S, S)
+    generator = torch.Generator().manual_seed(1)
+    log({"renders_themselves": pixel_judge(eval_images, records)})
+    for step in range(1, args.decoder_steps + 1):
+        index = torch.randint(len(pixels), (args.decoder_batch,), generator=generator)
+        loss = decoder.loss(pixels[index], tokens[index], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        if step % 200 == 0:
+            print(f"decoder step {step}: loss {loss.item():.4f}", flush=True)
+    decoder.eval()
+    with torch.no_grad():
+        round_trip = tensor_to_images(decoder.decode(eval_tokens, generator=torch.Generator().manual_seed(0)))
+        row = {"decoder_step": args.decoder_steps, "round_trip": pixel_judge(round_trip, records)}
+        end_to_end = {}
+        for scale in args.cfg:
+            drawn = tensor_to_images(
+                decoder.decode(sample(scale), generator=torch.Generator().manual_seed(0))
+            )
+            row[f"end_to_end@{scale:g}"] = pixel_judge(drawn, records)
+            end_to_end[scale] = drawn
+    log(row)
+    if args.out:
+        titles = [r["prompt"] for r in records]
+        image_grid(round_trip, titles, columns=10, cell=96, title="round trip").save(
+            args.out / "round_trip.png"
+        )
+        for scale, drawn in end_to_end.items():
+            title = f"end to end, CFG {scale:g}"
+            image_grid(drawn, titles, columns=10, cell=96, title=title).save(
+                args.out / f"end_to_end_cfg{scale:g}.png"
+            )
+
+
+if __name__ == "__main__":
+    main()
