@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> None:
             dit.train()
     dit.eval()
     if args.decoder_steps:
-        train_decoder(args, model, images, tokens, eval_images, eval_tokens, records, sample, log)
+        train_decoder(args, images, tokens, eval_images, eval_tokens, records, sample, log)
 
 
-def train_decoder(args, model, images, tokens, eval_images, eval_tokens, records, sample, log) -> None:
+def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sample, log) -> None:
     """A pixel decoder on the K-channel tokens; the pixel judge on its round trip and on the DiT's tokens."""
     config = decoder_config(
         "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2], sample_steps=10,
