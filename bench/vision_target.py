@@ -1,7 +1,7 @@
 """Can the DiT generate the backbone's own merged vision tokens? A shape-readable target, judged per token.
 
     .venv/bin/python bench/vision_target.py MODEL [--components 16] [--instruct 6] [--steps 4000]
-        [--eval-every 1000] [--decoder-steps 1200] [--out DIR]
+        [--eval-every 1000] [--decoder-steps 1200] [--device cuda] [--out DIR]
 
 Why: a single CLIP target token hardly says which shape it belongs to (a linear probe: 0.36, chance 0.20), and
 the DiT finishes each token on its own (bench/dit_locality.py), so it draws fragments. The backbone's merged
@@ -145,8 +145,11 @@ def pixel_judge(images: list, records: list[dict]) -> dict:
 @torch.no_grad()
 def vision_tokens(model: Blip3o, images: list, batch: int = 500) -> torch.Tensor:
     return torch.cat(
-        [model.backbone.vision_tokens(images[i : i + batch]).float() for i in range(0, len(images), batch)]
-    )  # (N, T, H)
+        [
+            model.backbone.vision_tokens(images[i : i + batch]).float().cpu()
+            for i in range(0, len(images), batch)
+        ]
+    )  # (N, T, H), on the CPU
 
 
 def to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -170,12 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
     parser.add_argument("--decoder-steps", type=int, default=0, help="also train a pixel decoder (0: no)")
     parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the DiT and decoder train (e.g. cuda)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write a JSON-lines log and image grids here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Blip3o.from_pretrained(args.model).eval()
+    device = torch.device(args.device)
+    model = Blip3o.from_pretrained(args.model).to(device).eval()
     size = model.config.clip.image_size
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -220,10 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         conditions = model_conditions(model, captions)  # (N, Q, H)
         prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
-    targets = to_grid(tokens)  # (N, K, g, g)
+    targets = to_grid(tokens).to(device)  # (N, K, g, g)
     print(f"{len(targets)} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s")
 
-    dit = DiT(replace(model.config.dit, input_size=grid, in_channels=targets.shape[1]))
+    dit = DiT(replace(model.config.dit, input_size=grid, in_channels=targets.shape[1])).to(device)
     optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     generator = torch.Generator().manual_seed(0)
@@ -231,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     @torch.no_grad()
     def sample(scale: float) -> torch.Tensor:
         noise = torch.randn((len(records), *targets.shape[1:]), generator=torch.Generator().manual_seed(0))
-        x = model.objective.sample(dit, noise, prompt_conditions, steps=args.sample_steps, cfg_scale=scale)
-        return x.flatten(2).transpose(1, 2)  # (P, T, K)
+        x = model.objective.sample(
+            dit, noise.to(device), prompt_conditions, steps=args.sample_steps, cfg_scale=scale
+        )
+        return x.flatten(2).transpose(1, 2).cpu()  # (P, T, K)
 
     running, train_s = None, 0.0
     for step in range(1, args.steps + 1):
@@ -266,7 +273,7 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
         "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2], sample_steps=10,
         cfg_scale=1.0,
     )  # fmt: skip
-    decoder = PixelDecoder(config)
+    decoder = PixelDecoder(config).to(args.device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     pixels = images_to_tensor(images)  # (N, 3, S, S)
@@ -274,7 +281,7 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
     log({"renders_themselves": pixel_judge(eval_images, records)})
     for step in range(1, args.decoder_steps + 1):
         index = torch.randint(len(pixels), (args.decoder_batch,), generator=generator)
-        loss = decoder.loss(pixels[index], tokens[index], generator=generator)
+        loss = decoder.loss(pixels[index].to(args.device), tokens[index].to(args.device), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
@@ -284,12 +291,14 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
             print(f"decoder step {step}: loss {loss.item():.4f}", flush=True)
     decoder.eval()
     with torch.no_grad():
-        round_trip = tensor_to_images(decoder.decode(eval_tokens, generator=torch.Generator().manual_seed(0)))
+        round_trip = tensor_to_images(
+            decoder.decode(eval_tokens.to(args.device), generator=torch.Generator().manual_seed(0))
+        )
         row = {"decoder_step": args.decoder_steps, "round_trip": pixel_judge(round_trip, records)}
         end_to_end = {}
         for scale in args.cfg:
             drawn = tensor_to_images(
-                decoder.decode(sample(scale), generator=torch.Generator().manual_seed(0))
+                decoder.decode(sample(scale).to(args.device), generator=torch.Generator().manual_seed(0))
             )
             row[f"end_to_end@{scale:g}"] = pixel_judge(drawn, records)
             end_to_end[scale] = drawn
