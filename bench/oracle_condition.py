@@ -95,6 +95,17 @@ def decode_targets(model: Blip3o, cut: ClipEncoder, x: torch.Tensor, steps: int 
     return tensor_to_images(model.decoder.decode(features, steps=steps, generator=generator))
 
 
+def judge_images(images: list, records: list[dict]) -> dict[str, float]:
+    """The judge on one image per prompt record: the share of images with any object found, and ShapesGenEval."""
+    detections = [detect(image) for image in images]
+    return {
+        "found": round(float(np.mean([len(d) > 0 for d in detections])), 3),
+        "geneval": round(
+            float(np.mean([score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)])), 3
+        ),
+    }
+
+
 @torch.no_grad()
 def model_conditions(model: Blip3o, texts: list[str], batch: int = 256) -> torch.Tensor:
     """The saved model's own condition (frozen backbone + queries) for each text: (N, Q, H)."""
@@ -183,12 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                     dit, noise.to(device), prompt_conditions, steps=args.sample_steps, cfg_scale=scale
                 )
             images = decode_targets(model, cut, x, args.decoder_steps, seed=0)
-            detections = [detect(im) for im in images]
-            row[f"found@{scale:g}"] = round(float(np.mean([len(d) > 0 for d in detections])), 3)
-            row[f"geneval@{scale:g}"] = round(
-                float(np.mean([score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)])),
-                3,
-            )
+            scores = judge_images(images, records)
+            row[f"found@{scale:g}"], row[f"geneval@{scale:g}"] = scores["found"], scores["geneval"]
             if args.out:
                 title = f"{args.condition} condition, {args.components or 'all'} components, step {step}, CFG {scale:g}"
                 grid = image_grid(images, [r["prompt"] for r in records], columns=10, cell=96, title=title)

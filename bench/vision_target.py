@@ -42,19 +42,20 @@ import torch.nn.functional as F
 from blip3o.eval.geneval import score_detections
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
+from blip3o.models.clip import grid_to_tokens, tokens_to_grid
 from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT
 from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, scene_cell_labels
 from blip3o.transport.flow_matching import flow_matching_loss
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
-from blip3o.world.judge import Detection, detect
+from blip3o.world.judge import Detection
 from blip3o.world.language import annotate
 from blip3o.world.prompts import load_eval_prompts, load_train_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES
-from oracle_condition import model_conditions  # bench/ is on sys.path when this script runs
+from oracle_condition import judge_images, model_conditions  # bench/ is on sys.path when this script runs
 
 
 class TokenBasis:
@@ -132,16 +133,6 @@ def token_judge(readout: CellReadout, tokens: torch.Tensor, records: list[dict],
     return {"overall": round(float(np.mean(list(per_category.values()))), 3), **per_category}
 
 
-def pixel_judge(images: list, records: list[dict]) -> dict:
-    detections = [detect(image) for image in images]
-    return {
-        "found": round(float(np.mean([len(d) > 0 for d in detections])), 3),
-        "geneval": round(
-            float(np.mean([score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)])), 3
-        ),
-    }
-
-
 @torch.no_grad()
 def vision_tokens(model: Blip3o, images: list, batch: int = 500) -> torch.Tensor:
     return torch.cat(
@@ -150,12 +141,6 @@ def vision_tokens(model: Blip3o, images: list, batch: int = 500) -> torch.Tensor
             for i in range(0, len(images), batch)
         ]
     )  # (N, T, H), on the CPU
-
-
-def to_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """(N, T, K) -> (N, K, g, g), the DiT's layout."""
-    g = int(tokens.shape[1] ** 0.5)
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], g, g).contiguous()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write a JSON-lines log and image grids here")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1: the decoder's end-to-end row uses the DiT's last samples")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -225,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         conditions = model_conditions(model, captions)  # (N, Q, H)
         prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
-    targets = to_grid(tokens).to(device)  # (N, K, g, g)
+    targets = tokens_to_grid(tokens).contiguous().to(device)  # (N, K, g, g)
     print(f"{len(targets)} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s")
 
     dit = DiT(replace(model.config.dit, input_size=grid, in_channels=targets.shape[1])).to(device)
@@ -239,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         x = model.objective.sample(
             dit, noise.to(device), prompt_conditions, steps=args.sample_steps, cfg_scale=scale
         )
-        return x.flatten(2).transpose(1, 2).cpu()  # (P, T, K)
+        return grid_to_tokens(x).cpu()  # (P, T, K)
 
     running, train_s = None, 0.0
     for step in range(1, args.steps + 1):
@@ -258,17 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             dit.eval()
             row = {"step": step, "loss": round(running, 4), "steps_per_s": round(step / train_s, 2)}
-            for scale in args.cfg:
-                row[f"token_judge@{scale:g}"] = token_judge(readout, sample(scale), records, size)
+            samples = {scale: sample(scale) for scale in args.cfg}  # (P, T, K) each; the last ones go on
+            for scale, generated in samples.items():
+                row[f"token_judge@{scale:g}"] = token_judge(readout, generated, records, size)
             log(row)
             dit.train()
-    dit.eval()
     if args.decoder_steps:
-        train_decoder(args, images, tokens, eval_images, eval_tokens, records, sample, log)
+        train_decoder(args, images, tokens, eval_images, eval_tokens, records, samples, log)
 
 
-def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sample, log) -> None:
-    """A pixel decoder on the K-channel tokens; the pixel judge on its round trip and on the DiT's tokens."""
+def train_decoder(args, images, tokens, eval_images, eval_tokens, records, samples, log) -> None:
+    """A pixel decoder on the K-channel tokens; the pixel judge on its round trip and on the DiT's final
+    samples (`samples`: CFG scale -> (P, T, K) tokens)."""
     config = decoder_config(
         "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2], sample_steps=10,
         cfg_scale=1.0,
@@ -278,7 +266,7 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     pixels = images_to_tensor(images)  # (N, 3, S, S)
     generator = torch.Generator().manual_seed(1)
-    log({"renders_themselves": pixel_judge(eval_images, records)})
+    log({"renders_themselves": judge_images(eval_images, records)})
     for step in range(1, args.decoder_steps + 1):
         index = torch.randint(len(pixels), (args.decoder_batch,), generator=generator)
         loss = decoder.loss(pixels[index].to(args.device), tokens[index].to(args.device), generator=generator)
@@ -294,13 +282,13 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
         round_trip = tensor_to_images(
             decoder.decode(eval_tokens.to(args.device), generator=torch.Generator().manual_seed(0))
         )
-        row = {"decoder_step": args.decoder_steps, "round_trip": pixel_judge(round_trip, records)}
+        row = {"decoder_step": args.decoder_steps, "round_trip": judge_images(round_trip, records)}
         end_to_end = {}
-        for scale in args.cfg:
+        for scale, generated in samples.items():
             drawn = tensor_to_images(
-                decoder.decode(sample(scale).to(args.device), generator=torch.Generator().manual_seed(0))
+                decoder.decode(generated.to(args.device), generator=torch.Generator().manual_seed(0))
             )
-            row[f"end_to_end@{scale:g}"] = pixel_judge(drawn, records)
+            row[f"end_to_end@{scale:g}"] = judge_images(drawn, records)
             end_to_end[scale] = drawn
     log(row)
     if args.out:
