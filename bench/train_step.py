@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/train_step.py                        # CPU, 2 threads
     python bench/train_step.py --device cuda --precision bf16   # a GPU, bf16 autocast
+    .venv/bin/python bench/train_step.py --decoders tiny tiny_render tiny_spatial   # decoder presets only
 
 A training step is forward + backward + AdamW update on one process, timed as the median of `--repeats`
 steps after `--warmup` steps. `generate` is timed end to end (prompt -> condition -> DiT sampling ->
-pixel decoder), split into the DiT part and the decoder part, at batch 1 and 16.
+pixel decoder), split into the DiT part and the decoder part, at batch 1 and 16. `--decoders` instead times
+a stage-0 step (flow-matching loss + backward + AdamW) of each named pixel-decoder preset on the same batch, so
+their ratios come from one run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.models.decoder import PixelDecoder, decoder_config
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
 from blip3o.world.language import annotate
@@ -81,6 +85,30 @@ def time_generate(model: Blip3o, n: int, args, device: torch.device) -> tuple[fl
     return mid - start, time.perf_counter() - mid
 
 
+def time_decoder(name: str, args, device: torch.device) -> float:
+    """Median seconds per training step of the pixel-decoder preset `name` on random images and features."""
+    torch.manual_seed(0)
+    decoder = PixelDecoder(decoder_config(name)).to(device)
+    config = decoder.config
+    optimizer = build_optimizer(decoder.named_parameters(), lr=1e-4, weight_decay=0.0)
+    images = torch.rand(args.batch, 3, config.image_size, config.image_size, device=device) * 2 - 1
+    features = torch.randn(args.batch, config.num_feature_tokens, config.feature_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    times = []
+    for i in range(args.warmup + args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = decoder.loss(images, features)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -89,9 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="training batch")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decoders", nargs="+", metavar="PRESET", help="time these decoder presets only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.decoders:
+        print(f"device {device}, precision {args.precision}, threads {args.threads}, batch {args.batch}")
+        for name in args.decoders:
+            seconds = time_decoder(name, args, device)
+            print(f"decoder {name:<14} {seconds * 1e3:8.1f} ms/step  {args.batch / seconds:8.1f} samples/s")
+        return
 
     model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=500), seed=0).to(device)
     batch = _batch(args.batch)

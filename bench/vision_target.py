@@ -1,7 +1,7 @@
 """Can the DiT generate the backbone's own merged vision tokens? A shape-readable target, judged per token.
 
     .venv/bin/python bench/vision_target.py MODEL [--components 16] [--instruct 6] [--steps 4000]
-        [--eval-every 1000] [--decoder-steps 1200] [--device cuda] [--out DIR]
+        [--eval-every 1000] [--decoder-steps 1200] [--decoder-sampling 10:1 50:3] [--device cuda] [--out DIR]
 
 Why: a single CLIP target token hardly says which shape it belongs to (a linear probe: 0.36, chance 0.20), and
 the DiT finishes each token on its own (bench/dit_locality.py), so it draws fragments. The backbone's merged
@@ -22,7 +22,8 @@ real condition, judged without any pixel decoder:
    `--eval-every` steps it samples the evaluation prompts and the token judge scores them, per category.
 5. Optionally (`--decoder-steps`), a pixel decoder (`tiny_spatial` layout, reading the K-channel tokens)
    learns to draw the renders from their tokens. The real pixel judge then scores the round trip (real
-   tokens of the evaluation scenes) and the end to end (the DiT's tokens).
+   tokens of the evaluation scenes) and the end to end (the DiT's tokens), for each decoder sampler setting
+   in `--decoder-sampling` (Euler steps : CFG scale; default 10:1, the recipe's).
 
 Figures on the bundled model: README, "Where it fails".
 """
@@ -158,6 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
     parser.add_argument("--decoder-steps", type=int, default=0, help="also train a pixel decoder (0: no)")
     parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument(
+        "--decoder-sampling",
+        type=sampler_setting,
+        nargs="+",
+        default=[(10, 1.0)],
+        metavar="STEPS:CFG",
+        help="decoder sampler settings to judge (Euler steps : CFG scale)",
+    )
     parser.add_argument("--device", default="cpu", help="where the DiT and decoder train (e.g. cuda)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write a JSON-lines log and image grids here")
@@ -254,12 +263,23 @@ def main(argv: list[str] | None = None) -> None:
         train_decoder(args, images, tokens, eval_images, eval_tokens, records, samples, log)
 
 
+def sampler_setting(text: str) -> tuple[int, float]:
+    """Parse a sampler setting: "50:3" is (50 Euler steps, CFG scale 3.0)."""
+    try:
+        steps, scale = text.split(":")
+        setting = int(steps), float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPS:CFG such as 50:3, got {text!r}") from None
+    if setting[0] < 1:
+        raise argparse.ArgumentTypeError(f"need at least 1 sampling step, got {text!r}")
+    return setting
+
+
 def train_decoder(args, images, tokens, eval_images, eval_tokens, records, samples, log) -> None:
     """A pixel decoder on the K-channel tokens; the pixel judge on its round trip and on the DiT's final
-    samples (`samples`: CFG scale -> (P, T, K) tokens)."""
+    samples (`samples`: CFG scale -> (P, T, K) tokens), at each decoder sampler setting."""
     config = decoder_config(
-        "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2], sample_steps=10,
-        cfg_scale=1.0,
+        "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2]
     )  # fmt: skip
     decoder = PixelDecoder(config).to(args.device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
@@ -278,29 +298,35 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
         if step % 200 == 0:
             print(f"decoder step {step}: loss {loss.item():.4f}", flush=True)
     decoder.eval()
-    with torch.no_grad():
-        round_trip = tensor_to_images(
-            decoder.decode(eval_tokens.to(args.device), generator=torch.Generator().manual_seed(0))
-        )
-        row = {"decoder_step": args.decoder_steps, "round_trip": judge_images(round_trip, records)}
-        end_to_end = {}
-        for scale, generated in samples.items():
-            drawn = tensor_to_images(
-                decoder.decode(generated.to(args.device), generator=torch.Generator().manual_seed(0))
+    titles = [r["prompt"] for r in records]
+    row = {"decoder_step": args.decoder_steps}
+    for n, cfg in args.decoder_sampling:
+        # One setting keeps the plain keys and file names; several are told apart by "@{steps}x{cfg}".
+        tag = f"@{n}x{cfg:g}" if len(args.decoder_sampling) > 1 else ""
+
+        def draw(tokens: torch.Tensor, n: int = n, cfg: float = cfg) -> list:
+            with torch.no_grad():
+                decoded = decoder.decode(
+                    tokens.to(args.device), steps=n, cfg_scale=cfg, generator=torch.Generator().manual_seed(0)
+                )  # (P, 3, S, S)
+            return tensor_to_images(decoded)
+
+        round_trip = draw(eval_tokens)
+        row[f"round_trip{tag}"] = judge_images(round_trip, records)
+        drawn = {scale: draw(generated) for scale, generated in samples.items()}
+        for scale, images_ in drawn.items():
+            row[f"end_to_end@{scale:g}{tag}"] = judge_images(images_, records)
+        if args.out:
+            title = f"round trip{tag}"
+            image_grid(round_trip, titles, columns=10, cell=96, title=title).save(
+                args.out / f"round_trip{tag}.png"
             )
-            row[f"end_to_end@{scale:g}"] = judge_images(drawn, records)
-            end_to_end[scale] = drawn
+            for scale, images_ in drawn.items():
+                title = f"end to end, CFG {scale:g}{tag}"
+                image_grid(images_, titles, columns=10, cell=96, title=title).save(
+                    args.out / f"end_to_end_cfg{scale:g}{tag}.png"
+                )
     log(row)
-    if args.out:
-        titles = [r["prompt"] for r in records]
-        image_grid(round_trip, titles, columns=10, cell=96, title="round trip").save(
-            args.out / "round_trip.png"
-        )
-        for scale, drawn in end_to_end.items():
-            title = f"end to end, CFG {scale:g}"
-            image_grid(drawn, titles, columns=10, cell=96, title=title).save(
-                args.out / f"end_to_end_cfg{scale:g}.png"
-            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -91,12 +92,28 @@ def test_tiny_run_trains_samples_and_logs(bench, tmp_path: Path) -> None:
     bench.main(
         [str(tmp_path / "model"), "--scenes", "40", "--instruct", "0", "--steps", "3", "--eval-every", "2",
          "--batch", "4", "--prompts", "6", "--components", "8", "--sample-steps", "2", "--cfg", "3",
-         "--decoder-steps", "2", "--decoder-batch", "2", "--threads", "1", "--out", str(out)]
+         "--decoder-steps", "2", "--decoder-batch", "2", "--decoder-sampling", "2:1", "3:3", "--threads", "1",
+         "--out", str(out)]
     )  # fmt: skip
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert rows[0]["tokens"] == [16, 8]
     assert 0.0 <= rows[0]["token_judge_real"]["overall"] <= 1.0
     assert [r["step"] for r in rows if "step" in r] == [2, 3]
     assert all(0.0 <= r["token_judge@3"]["overall"] <= 1.0 for r in rows if "step" in r)
-    assert rows[-1]["decoder_step"] == 2 and 0.0 <= rows[-1]["end_to_end@3"]["geneval"] <= 1.0
-    assert (out / "round_trip.png").exists() and (out / "end_to_end_cfg3.png").exists()
+    # Two decoder sampler settings: every row key and grid is tagged with its setting.
+    decoded = rows[-1]
+    assert decoded["decoder_step"] == 2
+    assert {k for k in decoded if k != "decoder_step"} == {
+        "round_trip@2x1", "end_to_end@3@2x1", "round_trip@3x3", "end_to_end@3@3x3"
+    }  # fmt: skip
+    assert all(0.0 <= v["geneval"] <= v["found"] <= 1.0 for k, v in decoded.items() if k != "decoder_step")
+    for tag in ("@2x1", "@3x3"):
+        assert (out / f"round_trip{tag}.png").exists() and (out / f"end_to_end_cfg3{tag}.png").exists()
+
+
+def test_decoder_sampling_settings_parse_and_refuse_nonsense(bench) -> None:
+    assert bench.sampler_setting("50:3") == (50, 3.0)
+    assert bench.sampler_setting("10:1.5") == (10, 1.5)
+    for bad in ("50", "0:3", "a:b", "50:3:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.sampler_setting(bad)

@@ -363,13 +363,13 @@ class ClipEncoder(nn.Module):
     ) -> torch.Tensor:
         """CLIP's symmetric InfoNCE, with every pair of identical captions counted as a positive.
 
-        ShapesWorld captions repeat within a batch ("an orange circle" can describe many images). Plain InfoNCE
-        would ask the model to tell identical texts apart, which is impossible: the loss has a floor and its
-        gradient pushes apart images that share a true description. Instead each row's target distribution is
-        uniform over all columns with the same caption (multi-positive InfoNCE); with unique captions this is
-        exactly CLIP's loss. Identical captions give identical text embeddings, so the optimum is reachable;
-        the loss floor is the mean log(number of duplicates), not 0. Long captions (which spell out layout)
-        are nearly unique and also make the image features carry position, so they are the better choice.
+        ShapesWorld captions repeat within a batch ("an orange circle" can describe many images). Each row's
+        target distribution is uniform over all columns with the same caption (multi-positive InfoNCE), which
+        states what a duplicate is instead of leaving it implicit. In value it is plain InfoNCE: identical
+        captions embed identically, so their logits are equal and averaging the log-probability over them
+        changes nothing. Either way the loss floor is the mean log(number of duplicates), not 0. Long captions
+        (which spell out layout) are nearly unique and also make the image features carry position, so they are
+        the better choice.
 
         `negative_ids` / `negative_mask` (B, L'): optional hard-negative captions (NegCLIP-style), e.g. each
         caption with one shape word swapped. They join the image-to-text columns only; a negative whose text

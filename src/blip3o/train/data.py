@@ -59,11 +59,13 @@ def load_shards(shard_dir: str | Path) -> tuple[list[Example], ShardReadStats]:
     return examples, stats
 
 
-def ensure_shards(shard_dir: Path, num_samples: int, seed: int, is_main: bool, barrier=lambda: None) -> None:
+def ensure_shards(
+    shard_dir: Path, num_samples: int, seed: int, is_main: bool, barrier=lambda: None, progress: bool = True
+) -> None:
     """Write the run's shards on first use (rank 0 only), so `blip3o train` is one command."""
     if is_main and not (shard_dir / "manifest.json").exists():
         log.info("writing %d ShapesWorld samples to %s", num_samples, shard_dir)
-        write_shards(shard_dir, n=num_samples, seed=seed, progress=True)
+        write_shards(shard_dir, n=num_samples, seed=seed, progress=progress)
     barrier()
 
 

@@ -394,7 +394,12 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
         else:  # the run's own shards, written on first use
             shard_dir = out / "data"
             ensure_shards(
-                shard_dir, config.data.num_samples, config.data.seed, dist.is_main, lambda: barrier(dist)
+                shard_dir,
+                config.data.num_samples,
+                config.data.seed,
+                dist.is_main,
+                lambda: barrier(dist),
+                progress=progress,
             )
         examples, _ = load_shards(shard_dir)
         results, previous = [], None
