@@ -74,6 +74,16 @@ def test_presets_overrides_and_errors() -> None:
         apply_overrides(cfg, ["model.backbone.hidden_size=64", "model.backbone.mrope_section=2,3,3"])
     with pytest.raises(ConfigError, match="n_queries"):
         apply_overrides(cfg, ["model.backbone.n_queries=0"])
+    # Fewer steps than the preset's warmup: refused with the fix named, in whichever order the two are given.
+    shapes = preset("shapes")
+    with pytest.raises(ConfigError, match=r"override stages\.clip\.warmup_steps too"):
+        apply_overrides(shapes, ["stages.clip.steps=10"])
+    for order in (
+        ["stages.clip.steps=10", "stages.clip.warmup_steps=0"],
+        ["stages.clip.warmup_steps=0", "stages.clip.steps=10"],
+    ):
+        short = apply_overrides(shapes, order).stage("clip")
+        assert (short.steps, short.warmup_steps) == (10, 0)
     # The released recipe resolves to the released DiT.
     big = preset("blip3o-8b")
     assert (big.model.dit.dim, big.model.dit.n_layers, big.model.dit.latent_embedding_size) == (

@@ -428,4 +428,13 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             config = replace(config, stages=stages)
         else:
             config = _set(config, path, text, item)
+    # Checked once all overrides are in, not per field: `stages.x.steps=10 stages.x.warmup_steps=0` passes
+    # through a state with the preset's warmup and the new steps. Caught here, before a run writes anything,
+    # instead of by the optimizer's schedule once the stage starts.
+    for stage in config.stages:
+        if stage.warmup_steps > stage.steps:
+            raise ConfigError(
+                f"stage {stage.name!r}: warmup_steps {stage.warmup_steps} exceeds steps {stage.steps}; "
+                f"override stages.{stage.name}.warmup_steps too"
+            )
     return config
