@@ -47,11 +47,9 @@ def _batch(n: int, seed: int = 0) -> dict:
     }
 
 
-def time_steps(model: Blip3o, kind: str, batch: dict, args, device: torch.device) -> float:
-    """Median seconds per training step of `kind`."""
-    set_trainable(model, kind)
-    module = StageModule(model, kind)
-    optimizer = build_optimizer(parameters_of(model), lr=1e-4, weight_decay=0.0)
+def median_step_seconds(loss_fn, optimizer, args, device: torch.device) -> float:
+    """Median seconds of a training step (zero_grad, `loss_fn()` under autocast, backward, optimizer step) over
+    `args.repeats` steps after `args.warmup`."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = []
     for i in range(args.warmup + args.repeats):
@@ -59,13 +57,21 @@ def time_steps(model: Blip3o, kind: str, batch: dict, args, device: torch.device
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = module(batch)
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_steps(model: Blip3o, kind: str, batch: dict, args, device: torch.device) -> float:
+    """Median seconds per training step of `kind`."""
+    set_trainable(model, kind)
+    module = StageModule(model, kind)
+    optimizer = build_optimizer(parameters_of(model), lr=1e-4, weight_decay=0.0)
+    return median_step_seconds(lambda: module(batch)[0], optimizer, args, device)
 
 
 def time_generate(model: Blip3o, n: int, args, device: torch.device) -> tuple[float, float]:
@@ -93,20 +99,7 @@ def time_decoder(name: str, args, device: torch.device) -> float:
     optimizer = build_optimizer(decoder.named_parameters(), lr=1e-4, weight_decay=0.0)
     images = torch.rand(args.batch, 3, config.image_size, config.image_size, device=device) * 2 - 1
     features = torch.randn(args.batch, config.num_feature_tokens, config.feature_dim, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    times = []
-    for i in range(args.warmup + args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = decoder.loss(images, features)
-        loss.backward()
-        optimizer.step()
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_step_seconds(lambda: decoder.loss(images, features), optimizer, args, device)
 
 
 def main(argv: list[str] | None = None) -> None:
