@@ -1,9 +1,12 @@
-"""Shared test helpers: single-threaded torch for small models, and an untrained tiny model on disk."""
+"""Shared test helpers: single-threaded torch for small models, an untrained tiny model on disk, and loading a
+script (bench/, tools/) as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,6 +20,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script that is not part of the package (bench/, tools/) as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def save_untrained_tiny_model(folder: Path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.world.language import QA_KINDS
-from conftest import save_untrained_tiny_model
+from conftest import load_script, save_untrained_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "focused_finetune.py"
@@ -19,10 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "focused_finetune.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("focused_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_pools_split_questions_by_kind(bench) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import save_untrained_tiny_model
+from conftest import load_script, save_untrained_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "oracle_condition.py"
@@ -18,10 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "oracle_condition.py"
 
 @pytest.fixture(scope="module")
 def oracle():
-    spec = importlib.util.spec_from_file_location("oracle_condition", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def _scene(*objects: tuple[str, str, tuple[float, float, float, float]]) -> SimpleNamespace:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
+from conftest import load_script
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "reuse_backbone.py"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("reuse_backbone", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 def test_backbone_is_taken_from_the_source_and_queries_stay(tmp_path: Path) -> None:

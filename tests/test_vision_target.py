@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, scene_cell_labels
 from blip3o.world.prompts import colors_record, two_object_record
 from blip3o.world.sampler import sample_scene
-from conftest import save_untrained_tiny_model
+from conftest import load_script, save_untrained_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
@@ -26,10 +25,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 def bench():
     sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling oracle_condition.py
     try:
-        spec = importlib.util.spec_from_file_location("vision_target", BENCH_DIR / "vision_target.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script(BENCH_DIR / "vision_target.py")
     finally:
         sys.path.remove(str(BENCH_DIR))
 
