@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from blip3o.eval.model_eval import vqa_with_model
-from blip3o.eval.vqa import vqa_set
+from blip3o.eval.vqa import VQA_QUESTIONS, vqa_set
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import parameters_of, set_trainable
@@ -47,13 +47,13 @@ def question_pools(scenes: int, kinds: set[str]) -> tuple[list[tuple], list[tupl
     return focused, other
 
 
-def scores(model: Blip3o, kinds: set[str], n_questions: int | None) -> dict:
-    """ShapesVQA per kind, and the five most common answers to each focused kind."""
+def scores(model: Blip3o, focused: dict[str, str], n_questions: int) -> dict:
+    """ShapesVQA per kind, and the five most common answers to each focused kind (`focused`: question id ->
+    kind, for the questions of the focused kinds in the `n_questions` set)."""
     result = vqa_with_model(model, n_questions=n_questions)
     by_kind = collections.defaultdict(collections.Counter)
-    for item in vqa_set(result["n"]):
-        if item.kind in kinds:
-            by_kind[item.kind][result["answers"][item.id]] += 1
+    for question_id, kind in focused.items():
+        by_kind[kind][result["answers"][question_id]] += 1
     return {
         "overall": round(result["overall"]["mean"], 3),
         "per_kind": {k: round(v["mean"], 3) for k, v in result["per_kind"].items()},
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--scenes", type=int, default=20_000, help="training renders (world seed 0)")
     parser.add_argument("--train-vision", action="store_true", help="also train the vision tower")
-    parser.add_argument("--questions", type=int, help="ShapesVQA set size (default: the full 2,100)")
+    parser.add_argument("--questions", type=int, default=VQA_QUESTIONS, help="ShapesVQA set size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the two score rows (JSON lines) and the model here")
     args = parser.parse_args(argv)
@@ -92,11 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     focused, other = question_pools(args.scenes, kinds)
     if not focused or not other:
         raise SystemExit(f"{args.scenes} scenes hold {len(focused)} focused and {len(other)} other questions")
-    log({"step": 0, "focused_questions": len(focused), **scores(model, kinds, args.questions)})
+    asked = {item.id: item.kind for item in vqa_set(args.questions) if item.kind in kinds}
+    log({"step": 0, "focused_questions": len(focused), **scores(model, asked, args.questions)})
 
     set_trainable(model, "understanding", freeze_vision=not args.train_vision)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(parameters_of(model), lr=args.lr, weight_decay=0.0)
+    named = list(parameters_of(model))
+    trainable = [p for _, p in named]
+    optimizer = build_optimizer(named, lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(1)
     model.train()
     running, start = None, time.perf_counter()
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     model.eval()
-    log({"step": args.steps, "loss": round(running, 4), **scores(model, kinds, args.questions)})
+    log({"step": args.steps, "loss": round(running, 4), **scores(model, asked, args.questions)})
     if args.out:
         model.save_pretrained(args.out / "model")
 

@@ -299,21 +299,22 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
             print(f"decoder step {step}: loss {loss.item():.4f}", flush=True)
     decoder.eval()
     titles = [r["prompt"] for r in records]
+
+    @torch.no_grad()
+    def draw(tokens: torch.Tensor, n: int, cfg: float) -> list:
+        """(P, T, K) tokens -> P images, `n` Euler steps at CFG `cfg`, the same noise for every call."""
+        decoded = decoder.decode(
+            tokens.to(args.device), steps=n, cfg_scale=cfg, generator=torch.Generator().manual_seed(0)
+        )  # (P, 3, S, S)
+        return tensor_to_images(decoded)
+
     row = {"decoder_step": args.decoder_steps}
     for n, cfg in args.decoder_sampling:
         # One setting keeps the plain keys and file names; several are told apart by "@{steps}x{cfg}".
         tag = f"@{n}x{cfg:g}" if len(args.decoder_sampling) > 1 else ""
-
-        def draw(tokens: torch.Tensor, n: int = n, cfg: float = cfg) -> list:
-            with torch.no_grad():
-                decoded = decoder.decode(
-                    tokens.to(args.device), steps=n, cfg_scale=cfg, generator=torch.Generator().manual_seed(0)
-                )  # (P, 3, S, S)
-            return tensor_to_images(decoded)
-
-        round_trip = draw(eval_tokens)
+        round_trip = draw(eval_tokens, n, cfg)
         row[f"round_trip{tag}"] = judge_images(round_trip, records)
-        drawn = {scale: draw(generated) for scale, generated in samples.items()}
+        drawn = {scale: draw(generated, n, cfg) for scale, generated in samples.items()}
         for scale, images_ in drawn.items():
             row[f"end_to_end@{scale:g}{tag}"] = judge_images(images_, records)
         if args.out:
