@@ -1,6 +1,7 @@
 """The tokenizer/processor and the Qwen2.5-VL backbone with BLIP3-o's learnable queries (tiny preset, CPU)."""
 
 import copy
+import dataclasses
 import os
 
 import huggingface_hub.constants
@@ -18,7 +19,7 @@ from blip3o.data.tokenizer import (
     special_token_ids,
     train_tokenizer,
 )
-from blip3o.models.backbone import Backbone, BackboneConfig
+from blip3o.models.backbone import Backbone, BackboneConfig, vision_position_code
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
@@ -177,6 +178,32 @@ def test_understanding_labels_cover_only_the_answer(backbone, images):
         assert (row[-1] != -100) and (row[row != -100].numel() == (row != -100).sum())
 
 
+def test_understanding_conversation_is_the_chat_template_with_every_answer_labelled(backbone, images):
+    import re
+
+    tokenizer = backbone.processor.tokenizer
+    questions, answers = ["what colour is it?", "how many?", "is it big?"], ["red", "two", "no"]
+    batch = backbone.understanding_inputs(images[:1], [questions], [answers])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", tokenizer.decode(ids))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]}]
+    messages.append({"role": "assistant", "content": answers[0]})
+    for question, answer in zip(questions[1:], answers[1:], strict=True):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    assert text == tokenizer.apply_chat_template(messages, tokenize=False).removesuffix("\n")
+    end = SPECIAL_TOKENS.im_end
+    assert tokenizer.decode(labels[labels != -100]) == "".join(a + end for a in answers)
+    assert (batch["mm_token_type_ids"].sum(1) == 16).all()
+    # A one-turn conversation is the plain prompt/answer sample, token for token.
+    one = backbone.understanding_inputs(images, [[questions[0]], "Describe."], [[answers[0]], "stars"])
+    plain = backbone.understanding_inputs(images, [questions[0], "Describe."], [answers[0], "stars"])
+    assert all(torch.equal(one[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="as many answers as questions"):
+        backbone.understanding_inputs(images[:1], [questions], [answers[:2]])
+    with pytest.raises(ValueError, match="special token"):
+        backbone.understanding_inputs(images[:1], [["hi", "a <|im_start|> b"]], [["x", "y"]])
+
+
 def test_understanding_loss_decreases_and_understand_is_batch_invariant(backbone, images):
     model = copy.deepcopy(backbone).train()
     prompts, answers = ["What is in the image?"] * 2, ["a red square", "a green star"]
@@ -264,3 +291,36 @@ def test_tiny_preset_sizes(backbone):
     assert total < 2_000_000
     # Queries start on the scale of the token embeddings (query_init_std=None), not N(0, 1).
     assert backbone.latent_queries.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_vision_position_code_tells_every_cell_apart_at_the_asked_scale():
+    code = vision_position_code(torch.tensor([[1, 8, 8], [1, 4, 6]]), dim=129, merge=2, scale=1.5)
+    assert code.shape == (16 + 6, 129)
+    assert code[:, -1].abs().max() == 0  # an odd width leaves the last channel uncoded
+    first = code[:16]  # raster order of a 4 x 4 merged grid
+    assert first[:, :128].pow(2).mean().sqrt().item() == pytest.approx(1.5, rel=1e-6)
+    assert torch.cdist(first, first).add(torch.eye(16) * 1e9).min() > 0.5  # 16 distinct codes
+    rows, cols = first[:, :64].reshape(4, 4, 64), first[:, 64:128].reshape(4, 4, 64)
+    assert torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(cols, cols[:1].expand_as(cols))
+    torch.testing.assert_close(code[16:19, 64:128], first[:3, 64:128])  # 2nd image: 2 x 3, same columns
+
+
+def test_vision_position_code_is_added_to_the_tokens_and_survives_save_load(backbone, images, tmp_path):
+    config = dataclasses.replace(backbone.config, vision_position_scale=1.0)
+    coded = Backbone(config, backbone.processor, copy.deepcopy(backbone.vlm)).eval()
+    coded.latent_queries.data.copy_(backbone.latent_queries)
+    with torch.no_grad():
+        added = coded.vision_tokens(images) - backbone.vision_tokens(images)  # (B, 16, H)
+    code = vision_position_code(torch.tensor([[1, 8, 8]]), added.shape[-1], 2, 1.0)  # (16, H)
+    torch.testing.assert_close(added, code.expand_as(added), rtol=0, atol=1e-5)
+    coded.save_pretrained(tmp_path)
+    loaded = Backbone.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_position_scale == 1.0
+    prompts, answers = ["Describe."] * 2, ["a red circle", "a star"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.vision_tokens(images), coded.vision_tokens(images), rtol=0, atol=0)
+        with_code = coded.understanding_loss(images, prompts, answers)
+        torch.testing.assert_close(
+            loaded.understanding_loss(images, prompts, answers), with_code, rtol=0, atol=0
+        )
+        assert (with_code - backbone.understanding_loss(images, prompts, answers)).abs() > 1e-4

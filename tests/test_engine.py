@@ -380,6 +380,25 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
     assert not any(p in captioning for p in only_qa["prompts"])
     no_qa = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=0.0)
     assert all(p in captioning for p in no_qa["prompts"])
+    single = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=0.8)
+    assert single == make_batch(
+        "understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=0.8, qa_turns=1
+    )
+    talks = make_batch(
+        "understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=0.8, qa_turns=3
+    )
+    conversations = [
+        (p, a, r)
+        for p, a, r in zip(talks["prompts"], talks["answers"], rows, strict=True)
+        if isinstance(p, list)
+    ]
+    assert 0.7 < len(conversations) / len(rows) < 0.9  # the same question/caption split as one-turn batches
+    for questions, answers, row in conversations:
+        assert len(questions) == len(answers) == min(3, len(examples[row].qa)) == len(set(questions))
+        assert all(pair in examples[row].qa for pair in zip(questions, answers, strict=True))
+    in_stored_order = [q == [q for q, _ in examples[r].qa][: len(q)] for q, _, r in conversations]
+    assert not all(in_stored_order)  # drawn in a random order, so no question is always the first one
+    assert not any(isinstance(p, list) for p in single["prompts"])
     plain = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3)
     hard = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3, hard_negatives=True)
     assert "negative_captions" not in plain
@@ -391,6 +410,10 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
         apply_overrides(preset("tiny-test"), ["stages.understanding.qa_share=1.5"])
     with pytest.raises(ConfigError, match="understanding_average"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.understanding_average=batch"])
+    with pytest.raises(ConfigError, match="qa_turns"):
+        apply_overrides(preset("tiny-test"), ["stages.generation.qa_turns=4"])
+    with pytest.raises(ConfigError, match="qa_turns"):
+        apply_overrides(preset("tiny-test"), ["stages.understanding.qa_turns=0"])
     sample = apply_overrides(preset("tiny-test"), ["stages.understanding.understanding_average=sample"])
     assert sample.stage("understanding").understanding_average == "sample"
 

@@ -65,6 +65,9 @@ class StageConfig:
     # over samples: one-word VQA answers weigh as much as 100-token captions; see Backbone.understanding_loss)
     understanding_average: LossAverage = "token"
     qa_share: float = 0.5  # understanding data: share of question/answer samples (the rest: captioning)
+    # understanding / joint: questions per question sample; > 1 makes it a conversation of up to that many of
+    # the image's questions, every answer trained in one pass (LLaVA-style multi-turn data)
+    qa_turns: int = 1
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
     freeze_vision: bool = False
@@ -80,7 +83,7 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ConfigError(f"stage {self.name!r}: unknown kind {self.kind!r}; known: {STAGE_KINDS}")
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "qa_turns"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"stage {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
@@ -98,6 +101,8 @@ class StageConfig:
             )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
+        if self.qa_turns > 1 and self.kind not in ("understanding", "joint"):
+            raise ConfigError(f"stage {self.name!r}: qa_turns applies to understanding and joint stages only")
         if self.freeze_vision and self.kind not in ("understanding", "joint"):
             raise ConfigError(
                 f"stage {self.name!r}: freeze_vision applies to understanding and joint stages only"

@@ -135,11 +135,14 @@ def make_batch(
     short_prob: float,
     qa_share: float = 0.5,
     hard_negatives: bool = False,
+    qa_turns: int = 1,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
     Understanding samples are a question about the image with probability `qa_share`, else a short or long
-    caption (half each). `hard_negatives` adds, per sample, its caption with one shape swapped.
+    caption (half each). With `qa_turns` > 1 a question sample is a conversation of up to that many of the
+    image's questions, in a random order (one forward pass then trains several answers). `hard_negatives`
+    adds, per sample, its caption with one shape swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
@@ -148,7 +151,10 @@ def make_batch(
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()
-        if ex.qa and task < qa_share:
+        if ex.qa and task < qa_share and qa_turns > 1:
+            picked = [ex.qa[i] for i in rng.permutation(len(ex.qa))[:qa_turns]]
+            question, answer = [q for q, _ in picked], [a for _, a in picked]
+        elif ex.qa and task < qa_share:
             question, answer = ex.qa[int(rng.integers(len(ex.qa)))]
         elif task < (1 + qa_share) / 2:
             question, answer = SHORT_CAPTION_PROMPT, ex.short_caption
