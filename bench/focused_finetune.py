@@ -1,7 +1,7 @@
 """Can the model's language model learn one kind of ShapesVQA question at all? A focused stage-1 fine-tune.
 
     .venv/bin/python bench/focused_finetune.py MODEL [--kinds relation] [--share 0.5] [--steps 2000]
-        [--lr 1e-3] [--train-vision] [--out DIR]
+        [--location-share 0] [--lr 1e-3] [--train-vision] [--out DIR]
 
 Why: on the bundled model relation questions sit at chance (0.49) and the language model answers "no" to
 nearly all of them. This asks whether that is the training mix (relation is one kind in seven, among captions)
@@ -10,6 +10,10 @@ recipe's stage 1) on batches in which a `--share` of the samples are questions o
 question kinds, from `--scenes` fresh ShapesWorld renders (world seed 0, the recipe's), and scores the full
 ShapesVQA set before and after: accuracy per kind and the most common answers to the focused kinds (a model
 that answers one word to every question of a kind has learned only its prior).
+
+`--location-share` adds a question ShapesVQA does not ask, "where is the <colour> <shape>?" answered with the
+object's row and column in thirds ("top left"): direct practice at finding an object and reading where it is,
+which relation questions need twice (and which the recipe's captions teach too weakly: bench/caption_locations.py).
 
 Figures: README, "Where it fails" (understanding).
 """
@@ -30,7 +34,7 @@ from blip3o.eval.vqa import VQA_QUESTIONS, vqa_set
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import parameters_of, set_trainable
-from blip3o.world.language import QA_KINDS, annotate
+from blip3o.world.language import QA_KINDS, annotate, object_location
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
@@ -45,6 +49,23 @@ def question_pools(scenes: int, kinds: set[str]) -> tuple[list[tuple], list[tupl
         for qa in notes.qa:
             (focused if qa.kind in kinds else other).append((image, qa.question, qa.answer))
     return focused, other
+
+
+def location_pool(scenes: int) -> list[tuple]:
+    """(image, "where is the <colour> <shape>?", "<row> <column>") for every object that is the only one of its
+    colour and shape, on the same renders as `question_pools` (a training-only question: ShapesVQA has none)."""
+    rng = np.random.default_rng(0)
+    pool = []
+    for _ in range(scenes):
+        scene = sample_scene(rng)
+        image = render(scene)
+        annotate(scene, rng)  # keep the generator in step with question_pools
+        combos = collections.Counter((o.color, o.shape) for o in scene.objects)
+        for obj in scene.objects:
+            if combos[(obj.color, obj.shape)] == 1:
+                row, col = object_location(obj, scene.size)
+                pool.append((image, f"where is the {obj.color} {obj.shape}?", f"{row} {col}"))
+    return pool
 
 
 def scores(model: Blip3o, focused: dict[str, str], n_questions: int) -> dict:
@@ -66,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="a saved model folder")
     parser.add_argument("--kinds", nargs="+", default=["relation"], choices=QA_KINDS)
     parser.add_argument("--share", type=float, default=0.5, help="share of each batch from --kinds")
+    parser.add_argument(
+        "--location-share", type=float, default=0.0, help='share of "where is the <object>?" questions'
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -75,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the two score rows (JSON lines) and the model here")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.share <= 1.0:
-        parser.error(f"--share must be in [0, 1], got {args.share}")
+    if not (args.share >= 0.0 and args.location_share >= 0.0 and args.share + args.location_share <= 1.0):
+        parser.error(
+            f"--share and --location-share must be >= 0 and sum to at most 1: {args.share}, {args.location_share}"
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kinds = set(args.kinds)
@@ -90,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps(row) + "\n")
 
     focused, other = question_pools(args.scenes, kinds)
+    located = location_pool(args.scenes) if args.location_share else []
     if not focused or not other:
         raise SystemExit(f"{args.scenes} scenes hold {len(focused)} focused and {len(other)} other questions")
     asked = {item.id: item.kind for item in vqa_set(args.questions) if item.kind in kinds}
@@ -103,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     running, start = None, time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = [
-            focused[rng.integers(len(focused))]
-            if rng.random() < args.share
-            else other[rng.integers(len(other))]
-            for _ in range(args.batch)
-        ]
+        batch = []
+        for _ in range(args.batch):
+            draw = rng.random()
+            if draw < args.location_share:
+                batch.append(located[rng.integers(len(located))])
+            elif draw < args.location_share + args.share:
+                batch.append(focused[rng.integers(len(focused))])
+            else:
+                batch.append(other[rng.integers(len(other))])
         images, questions, answers = zip(*batch, strict=True)
         loss = model.backbone.understanding_loss(list(images), list(questions), list(answers))
         optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,20 @@ def test_pools_split_questions_by_kind(bench) -> None:
     assert not any(any(w in question for w in relation_words) for _, question, _ in other)
 
 
+def test_location_pool_names_the_row_and_column_of_unique_objects(bench) -> None:
+    pool = bench.location_pool(40)
+    assert len(pool) > 40
+    rows, cols = {"top", "middle", "bottom"}, {"left", "centre", "right"}
+    for _, question, answer in pool:
+        assert question.startswith("where is the ") and question.endswith("?")
+        row, col = answer.split()
+        assert row in rows and col in cols
+    assert len({answer for _, _, answer in pool}) == 9  # every ninth of the canvas occurs
+    # The same renders as question_pools: the first image of both is the same picture.
+    focused, other = bench.question_pools(1, {"relation"})
+    assert list(pool[0][0].getdata()) == list((focused or other)[0][0].getdata())
+
+
 def test_tiny_run_logs_scores_and_trains_only_the_language_model(bench, tmp_path: Path) -> None:
     save_untrained_tiny_model(tmp_path / "model")
     out = tmp_path / "out"
