@@ -5,6 +5,7 @@ The subprocess tests launch the real CLI (`python -m blip3o.cli.train`), as a us
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -365,13 +366,13 @@ def test_mse_objective_trains_and_samples_deterministically() -> None:
 
 
 def test_make_batch_qa_share_and_hard_negatives() -> None:
-    from blip3o.train.data import LONG_CAPTION_PROMPT, SHORT_CAPTION_PROMPT, Example, make_batch
+    from blip3o.train.data import LONG_CAPTION_PROMPT, SHORT_CAPTION_PROMPT, DataError, Example, make_batch
 
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng) for _ in range(8)]
     anns = [annotate(s, rng) for s in scenes]
     examples = [
-        Example(render(s), a.short_caption, a.long_caption, [(q.question, q.answer) for q in a.qa])
+        Example(render(s), a.short_caption, a.long_caption, [(q.question, q.answer) for q in a.qa], s)
         for s, a in zip(scenes, anns, strict=True)
     ]
     rows, positions = list(range(8)) * 25, list(range(200))
@@ -399,6 +400,25 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
     in_stored_order = [q == [q for q, _ in examples[r].qa][: len(q)] for q, _, r in conversations]
     assert not all(in_stored_order)  # drawn in a random order, so no question is always the first one
     assert not any(isinstance(p, list) for p in single["prompts"])
+    located = make_batch(
+        "understanding",
+        examples,
+        rows,
+        positions,
+        seed=0,
+        short_prob=0.3,
+        qa_share=1.0,
+        location_questions=True,
+    )
+    where = [
+        (p, a) for p, a in zip(located["prompts"], located["answers"], strict=True) if p.startswith("where")
+    ]
+    assert where and all(len(a.split()) == 2 for _, a in where)
+    no_scenes = [dataclasses.replace(e, scene=None) for e in examples]
+    with pytest.raises(DataError, match="scene"):
+        make_batch(
+            "understanding", no_scenes, rows, positions, seed=0, short_prob=0.3, location_questions=True
+        )
     plain = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3)
     hard = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3, hard_negatives=True)
     assert "negative_captions" not in plain
@@ -414,6 +434,8 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
         apply_overrides(preset("tiny-test"), ["stages.generation.qa_turns=4"])
     with pytest.raises(ConfigError, match="qa_turns"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.qa_turns=0"])
+    with pytest.raises(ConfigError, match="location_questions"):
+        apply_overrides(preset("tiny-test"), ["stages.generation.location_questions=true"])
     sample = apply_overrides(preset("tiny-test"), ["stages.understanding.understanding_average=sample"])
     assert sample.stage("understanding").understanding_average == "sample"
 

@@ -255,3 +255,18 @@ def test_swap_shape_word_replaces_every_mention_of_one_shape_and_keeps_number():
             assert words[2] in {"circles", "squares", "triangles", "stars"} and words[3] == "and"
     assert len(seen) >= 2
     assert swap_shape_word("a plain light background", rng) is None
+
+
+def test_location_questions_place_each_unique_object_and_are_not_a_vqa_kind():
+    from blip3o.world.language import location_questions, object_location
+
+    rng = np.random.default_rng(4)
+    specs = [ObjectSpec("circle", "red"), ObjectSpec("circle", "red"), ObjectSpec("star", "blue")]
+    scene = sample_scene(rng, specs=specs)
+    (qa,) = location_questions(scene)  # the two red circles cannot be named apart
+    star = scene.objects[2]
+    assert qa.question == "where is the blue star?" and qa.kind == "location"
+    assert qa.answer == " ".join(object_location(star, scene.size))
+    assert "location" not in QA_KINDS
+    answers = Counter(q.answer for _ in range(300) for q in location_questions(sample_scene(rng)))
+    assert len(answers) == 9 and all(len(a.split()) == 2 for a in answers)

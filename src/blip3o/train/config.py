@@ -68,6 +68,9 @@ class StageConfig:
     # understanding / joint: questions per question sample; > 1 makes it a conversation of up to that many of
     # the image's questions, every answer trained in one pass (LLaVA-style multi-turn data)
     qa_turns: int = 1
+    # understanding / joint: add "where is the <object>?" (row and column) to each image's questions, a kind
+    # ShapesVQA does not ask (world/language.location_questions)
+    location_questions: bool = False
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
     freeze_vision: bool = False
@@ -101,8 +104,12 @@ class StageConfig:
             )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
-        if self.qa_turns > 1 and self.kind not in ("understanding", "joint"):
-            raise ConfigError(f"stage {self.name!r}: qa_turns applies to understanding and joint stages only")
+        set_keys = {"qa_turns": self.qa_turns > 1, "location_questions": self.location_questions}
+        for key, is_set in set_keys.items():
+            if is_set and self.kind not in ("understanding", "joint"):
+                raise ConfigError(
+                    f"stage {self.name!r}: {key} applies to understanding and joint stages only"
+                )
         if self.freeze_vision and self.kind not in ("understanding", "joint"):
             raise ConfigError(
                 f"stage {self.name!r}: freeze_vision applies to understanding and joint stages only"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
 from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.language import location_questions as location_questions_of
 from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.render import render
@@ -136,26 +137,33 @@ def make_batch(
     qa_share: float = 0.5,
     hard_negatives: bool = False,
     qa_turns: int = 1,
+    location_questions: bool = False,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
     Understanding samples are a question about the image with probability `qa_share`, else a short or long
     caption (half each). With `qa_turns` > 1 a question sample is a conversation of up to that many of the
-    image's questions, in a random order (one forward pass then trains several answers). `hard_negatives`
+    image's questions, in a random order (one forward pass then trains several answers). `location_questions`
+    adds "where is the <object>?" to each image's questions (from its scene; see `location_questions`). `hard_negatives`
     adds, per sample, its caption with one shape swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
         ex = examples[row]
         rng = np.random.default_rng([seed, pos, 7])
+        qa = ex.qa
+        if location_questions:
+            if ex.scene is None:
+                raise DataError("location_questions needs the scene of every example (shards hold it)")
+            qa = qa + [(q.question, q.answer) for q in location_questions_of(ex.scene)]
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()
-        if ex.qa and task < qa_share and qa_turns > 1:
-            picked = [ex.qa[i] for i in rng.permutation(len(ex.qa))[:qa_turns]]
+        if qa and task < qa_share and qa_turns > 1:
+            picked = [qa[i] for i in rng.permutation(len(qa))[:qa_turns]]
             question, answer = [q for q, _ in picked], [a for _, a in picked]
-        elif ex.qa and task < qa_share:
-            question, answer = ex.qa[int(rng.integers(len(ex.qa)))]
+        elif qa and task < qa_share:
+            question, answer = qa[int(rng.integers(len(qa)))]
         elif task < (1 + qa_share) / 2:
             question, answer = SHORT_CAPTION_PROMPT, ex.short_caption
         else:
