@@ -144,8 +144,8 @@ def make_batch(
     Understanding samples are a question about the image with probability `qa_share`, else a short or long
     caption (half each). With `qa_turns` > 1 a question sample is a conversation of up to that many of the
     image's questions, in a random order (one forward pass then trains several answers). `location_questions`
-    adds "where is the <object>?" to each image's questions (from its scene; see `location_questions`). `hard_negatives`
-    adds, per sample, its caption with one shape swapped.
+    adds "where is the <object>?" to each image's questions (from its scene; `world.language.location_questions`).
+    `hard_negatives` adds, per sample, its caption with one shape swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):

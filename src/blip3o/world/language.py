@@ -423,9 +423,10 @@ def _ask_relation(f: _Facts, rng: np.random.Generator, used: set) -> QAPair | No
 
 
 def location_questions(scene: Scene) -> list[QAPair]:
-    """ "where is the red circle?" -> "top left" (row, column in thirds of the canvas) for every object that is the
-    only one of its colour and shape. A training-only kind: ShapesVQA (`QA_KINDS`) does not ask it. It is direct
-    practice at finding a named object and reading where it is, which relation questions need twice."""
+    """Where-questions: "where is the red circle?" -> "top left" (row, column in thirds of the canvas) for every
+    object that is the only one of its colour and shape. A training-only kind: ShapesVQA (`QA_KINDS`) does not
+    ask it. It is direct practice at finding a named object and reading where it is, which relation questions
+    need twice."""
     combos = Counter((o.color, o.shape) for o in scene.objects)
     return [
         QAPair(f"where is the {o.color} {o.shape}?", " ".join(object_location(o, scene.size)), "location")
