@@ -13,6 +13,19 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def restore_deterministic_algorithms() -> Iterator[None]:
+    """Training with `deterministic=True` turns torch's deterministic algorithms on process-wide; restore the flag
+    after each test so later tests in the same worker run as they would alone (a rank-deficient lstsq gave a
+    different solution under it)."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """The machine is shared and these models are too small to gain from more than one thread."""
