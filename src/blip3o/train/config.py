@@ -104,16 +104,16 @@ class StageConfig:
             )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
-        set_keys = {"qa_turns": self.qa_turns > 1, "location_questions": self.location_questions}
-        for key, is_set in set_keys.items():
+        understanding_only = {
+            "qa_turns": self.qa_turns > 1,
+            "location_questions": self.location_questions,
+            "freeze_vision": self.freeze_vision,
+        }
+        for key, is_set in understanding_only.items():
             if is_set and self.kind not in ("understanding", "joint"):
                 raise ConfigError(
                     f"stage {self.name!r}: {key} applies to understanding and joint stages only"
                 )
-        if self.freeze_vision and self.kind not in ("understanding", "joint"):
-            raise ConfigError(
-                f"stage {self.name!r}: freeze_vision applies to understanding and joint stages only"
-            )
         if self.cell_position_weight < 0:
             raise ConfigError(
                 f"stage {self.name!r}: cell_position_weight must be >= 0, got {self.cell_position_weight}"
