@@ -34,38 +34,24 @@ from blip3o.eval.vqa import VQA_QUESTIONS, vqa_set
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import parameters_of, set_trainable
-from blip3o.world.language import QA_KINDS, annotate, object_location
+from blip3o.world.language import QA_KINDS, annotate, location_questions
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
 
-def question_pools(scenes: int, kinds: set[str]) -> tuple[list[tuple], list[tuple]]:
-    """(image, question, answer) of every question the renders' annotations hold: those of `kinds`, the rest."""
+def question_pools(scenes: int, kinds: set[str]) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(image, question, answer) of every question the renders' annotations hold, split into those of `kinds`
+    and the rest, and the renders' where-questions (`location_questions`; a training-only kind that ShapesVQA
+    does not ask), all from one pass over the renders."""
     rng = np.random.default_rng(0)
-    focused, other = [], []
+    focused, other, located = [], [], []
     for _ in range(scenes):
         scene = sample_scene(rng)
         image, notes = render(scene), annotate(scene, rng)
         for qa in notes.qa:
             (focused if qa.kind in kinds else other).append((image, qa.question, qa.answer))
-    return focused, other
-
-
-def location_pool(scenes: int) -> list[tuple]:
-    """(image, "where is the <colour> <shape>?", "<row> <column>") for every object that is the only one of its
-    colour and shape, on the same renders as `question_pools` (a training-only question: ShapesVQA has none)."""
-    rng = np.random.default_rng(0)
-    pool = []
-    for _ in range(scenes):
-        scene = sample_scene(rng)
-        image = render(scene)
-        annotate(scene, rng)  # keep the generator in step with question_pools
-        combos = collections.Counter((o.color, o.shape) for o in scene.objects)
-        for obj in scene.objects:
-            if combos[(obj.color, obj.shape)] == 1:
-                row, col = object_location(obj, scene.size)
-                pool.append((image, f"where is the {obj.color} {obj.shape}?", f"{row} {col}"))
-    return pool
+        located += [(image, qa.question, qa.answer) for qa in location_questions(scene)]
+    return focused, other, located
 
 
 def scores(model: Blip3o, focused: dict[str, str], n_questions: int) -> dict:
@@ -115,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             with (args.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    focused, other = question_pools(args.scenes, kinds)
-    located = location_pool(args.scenes) if args.location_share else []
+    focused, other, located = question_pools(args.scenes, kinds)
     if not focused or not other:
         raise SystemExit(f"{args.scenes} scenes hold {len(focused)} focused and {len(other)} other questions")
     asked = {item.id: item.kind for item in vqa_set(args.questions) if item.kind in kinds}
