@@ -246,6 +246,27 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
                  "stages.generation.grad_accum=2"]) == 2  # fmt: skip
 
 
+def test_a_finished_stage_of_another_model_is_refused(tmp_path: Path) -> None:
+    """A stage folder copied in from a run of another model would be resumed from silently (every later stage
+    would train that model): the run stops before training, naming the differing field."""
+    from blip3o.train.loop import _check_stage_model, run
+
+    config = preset("tiny-gen")
+    first = config.stages[0].name
+    Blip3o.from_config(config.model, config.seed).save_pretrained(tmp_path / "same" / first / "model")
+    _check_stage_model(tmp_path / "same" / first / "model", config.model)  # its own model passes
+    deeper = replace(
+        config.model, backbone=replace(config.model.backbone, num_layers=config.model.backbone.num_layers + 1)
+    )
+    Blip3o.from_config(deeper, config.seed).save_pretrained(tmp_path / "other" / first / "model")
+    with pytest.raises(ConfigError, match=r"backbone\.num_layers"):
+        run(config, tmp_path / "other", progress=False)
+    assert (
+        not (tmp_path / "other" / first / "checkpoints").exists()
+        and not (tmp_path / "other" / "final").exists()
+    )
+
+
 # ------------------------------------------------------------------------------- more stage semantics
 
 

@@ -24,14 +24,15 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from blip3o.models.blip3o import Blip3o
+from blip3o.models.blip3o import Blip3o, Blip3oConfig
 from blip3o.train.checkpoint import (
     gather_model_state_dict,
     latest_checkpoint,
@@ -117,6 +118,35 @@ def _check_run_config(out: Path, config: RunConfig, dist: DistInfo) -> None:
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, json.loads(config.to_json()))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
+    """A finished stage's model must be the run's model. A stage folder copied in from another run would
+    otherwise be resumed from silently, and every later stage would train that run's model, whatever this
+    run's config says. Fields the run leaves to be resolved at build time (None) are not compared."""
+    saved = _flat(asdict(Blip3oConfig.from_dict(json.loads((model_dir / "config.json").read_text()))))
+    differing = [
+        f"{key} {saved.get(key)!r} (run: {value!r})"
+        for key, value in _flat(asdict(wanted)).items()
+        if value is not None and saved.get(key) != value
+    ]
+    if differing:
+        raise ConfigError(
+            f"{model_dir} holds a model of a different configuration than this run's: "
+            + ", ".join(differing[:6])
+            + ". It was not trained by this run: remove the stage folder, or fill it with tools/reuse_backbone.py "
+            "or tools/reuse_target.py, which rebuild the model from the run's config"
+        )
 
 
 def _format_eta(seconds: float) -> str:
@@ -407,6 +437,7 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
         for index, stage in enumerate(config.stages):
             model_dir = out / stage.name / "model"
             if (model_dir / "config.json").exists():
+                _check_stage_model(model_dir, config.model)
                 log.info("[%s] already trained: %s", stage.name, model_dir)
                 previous = model_dir
                 continue
