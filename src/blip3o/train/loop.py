@@ -121,6 +121,7 @@ def _check_run_config(out: Path, config: RunConfig, dist: DistInfo) -> None:
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys ("backbone.num_layers"), the form overrides are written in."""
     flat = {}
     for key, value in d.items():
         if isinstance(value, dict):
