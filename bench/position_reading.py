@@ -29,16 +29,15 @@ import json
 import numpy as np
 import torch
 
-from blip3o.world.language import COLUMNS, ROWS, location_questions, object_location
+from blip3o.world.language import COLUMNS, ROWS, location_questions
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
-CELL_PX = 16  # a merged vision token covers 16 x 16 pixels (patch 8, merge 2)
 
-
-def where_items(n: int, seed: int) -> list[dict]:
+def where_items(n: int, seed: int, cell_px: int) -> list[dict]:
     """n scenes with at least one object unique by colour and shape; for the first such object: the render,
-    its where-question and answer, its row / column index (thirds) and its centre's token cell."""
+    its where-question and answer, its row / column index (thirds) and the merged vision token (`cell_px`
+    pixels a side, raster order) that holds its box centre."""
     rng = np.random.default_rng(seed)
     items = []
     while len(items) < n:
@@ -48,9 +47,9 @@ def where_items(n: int, seed: int) -> list[dict]:
             continue
         combos = collections.Counter((o.color, o.shape) for o in scene.objects)
         obj = next(o for o in scene.objects if combos[(o.color, o.shape)] == 1)  # the one asked[0] names
-        row, col = object_location(obj, scene.size)
+        row, col = asked[0].answer.split()
         cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
-        side = scene.size // CELL_PX
+        side = scene.size // cell_px
         items.append(
             {
                 "image": render(scene),
@@ -58,7 +57,7 @@ def where_items(n: int, seed: int) -> list[dict]:
                 "answer": asked[0].answer,
                 "row": ROWS.index(row),
                 "col": COLUMNS.index(col),
-                "cell": min(int(cy // CELL_PX), side - 1) * side + min(int(cx // CELL_PX), side - 1),
+                "cell": min(int(cy // cell_px), side - 1) * side + min(int(cx // cell_px), side - 1),
                 "objects": len(scene.objects),
             }
         )
@@ -152,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     backbone = Blip3o.from_pretrained(args.model).eval().backbone
-    items = where_items(args.scenes, args.seed)
+    # A merged vision token covers patch_size x spatial_merge_size pixels a side.
+    cell_px = backbone.config.patch_size * backbone.config.spatial_merge_size
+    items = where_items(args.scenes, args.seed, cell_px)
     answers = []
     for start in range(0, len(items), args.batch):
         chunk = items[start : start + args.batch]

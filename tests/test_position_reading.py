@@ -22,7 +22,7 @@ def test_probe_reads_a_linear_label_and_not_a_random_one() -> None:
 
 
 def test_items_name_a_unique_object_and_its_place() -> None:
-    items = BENCH.where_items(40, seed=1)
+    items = BENCH.where_items(40, seed=1, cell_px=16)  # 64-px renders: a 4 x 4 grid
     assert len(items) == 40
     for it in items:
         assert it["answer"] == f"{ROWS[it['row']]} {COLUMNS[it['col']]}"
