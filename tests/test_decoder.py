@@ -255,3 +255,22 @@ def test_pixel_shuffle_branch_starts_as_the_clip_pixel_head(tmp_path, images):
     assert torch.equal(loaded.feature_to_pixels.weight, decoder.feature_to_pixels.weight)
     with pytest.raises(ValueError, match="spatial_upsample"):
         PixelDecoderConfig(spatial_upsample="bilinear")
+
+
+@pytest.mark.parametrize(("kernel", "reach"), [(1, 0), (3, 1)])
+def test_spatial_kernel_sets_how_far_a_token_paints(kernel, reach):
+    """With spatial_kernel k a token's features reach its own patch and the (k - 1) / 2 rings of patches around
+    it, and no further: one token per object can then draw an object wider than its patch."""
+    decoder = make_decoder(spatial_channels=2, spatial_upsample="pixel_shuffle", spatial_kernel=kernel)
+    base = features(1, 0)
+    moved = base.clone()
+    moved[0, 3 * 8 + 4] += 1.0  # the token at row 3, column 4 of the 8x8 grid
+    with torch.no_grad():
+        change = decoder.spatial_input(moved) - decoder.spatial_input(base)  # (1, 2, 64, 64)
+    change = change.abs().sum(dim=(0, 1))  # (64, 64)
+    per_patch = change.reshape(8, 8, 8, 8).sum(dim=(1, 3))  # (8, 8): total change per patch
+    rows, cols = (per_patch > 0).nonzero(as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (3 - reach, 3 + reach, 4 - reach, 4 + reach)
+    assert len(rows) == (2 * reach + 1) ** 2
+    with pytest.raises(ValueError, match="spatial_kernel"):
+        PixelDecoderConfig(spatial_kernel=2)

@@ -80,6 +80,10 @@ class PixelDecoderConfig:
     # is a linear per-patch rendering of the features, which `init_spatial_from_clip` can start from the CLIP
     # encoder's auxiliary pixel head.
     spatial_upsample: str = "nearest"
+    # Side of the projection's kernel on the token grid (odd). 1: each token feeds only its own patch. 3: a
+    # token also paints into its 8 neighbours, so a token that names a whole object (one token per object,
+    # objects wider than a patch) can draw all of it.
+    spatial_kernel: int = 1
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -91,6 +95,8 @@ class PixelDecoderConfig:
             raise ValueError(
                 f"spatial_upsample must be nearest or pixel_shuffle, got {self.spatial_upsample!r}"
             )
+        if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:
+            raise ValueError(f"spatial_kernel must be a positive odd number, got {self.spatial_kernel}")
 
     @property
     def grid(self) -> int:
@@ -117,6 +123,11 @@ DECODER_PRESETS: dict[str, PixelDecoderConfig] = {
     "tiny_spatial": PixelDecoderConfig(spatial_channels=16),
     # ... as a per-patch linear rendering (3 channels, sub-pixel layout), started from CLIP's pixel head.
     "tiny_render": PixelDecoderConfig(spatial_channels=3, spatial_upsample="pixel_shuffle"),
+    # ... with a 3x3 projection writing 8 channels into each token's pixels and its neighbours': for targets
+    # with one token per object (bench/ideal_target.py).
+    "tiny_footprint": PixelDecoderConfig(
+        spatial_channels=8, spatial_upsample="pixel_shuffle", spatial_kernel=3
+    ),
     # For the tiny CLIP (64 tokens x 128).
     "tiny": PixelDecoderConfig(),
     # For the tiny CLIP with target_pool=2 (16 tokens x 128).
@@ -155,7 +166,12 @@ class PixelDecoder(nn.Module):
         )
         per_token = config.spatial_factor**2 if config.spatial_upsample == "pixel_shuffle" else 1
         self.feature_to_pixels = (
-            nn.Conv2d(config.feature_dim, config.spatial_channels * per_token, kernel_size=1)
+            nn.Conv2d(
+                config.feature_dim,
+                config.spatial_channels * per_token,
+                kernel_size=config.spatial_kernel,
+                padding=config.spatial_kernel // 2,
+            )
             if config.spatial_channels
             else None
         )
@@ -207,15 +223,19 @@ class PixelDecoder(nn.Module):
         """UNet velocity for noisy images (B, 3, H, W) at timesteps (B,) = n * sigma, given features (B, N, D)."""
         condition = self._condition(features)  # (B, N, D)
         if self.feature_to_pixels is not None:
-            grid = self.feature_to_pixels(
-                tokens_to_grid(features)
-            )  # (B, S or S*f*f, g, g); zero -> bias only
-            if self.config.spatial_upsample == "pixel_shuffle":
-                spatial = F.pixel_shuffle(grid, self.config.spatial_factor)  # (B, S, H, W)
-            else:
-                spatial = F.interpolate(grid, size=noisy.shape[-2:], mode="nearest")  # (B, S, H, W)
+            spatial = self.spatial_input(features)  # (B, S, H, W)
             noisy = torch.cat([noisy, spatial.to(noisy.dtype)], dim=1)  # (B, 3 + S, H, W)
         return self.unet(noisy, timestep, encoder_hidden_states=condition).sample
+
+    def spatial_input(self, features: torch.Tensor) -> torch.Tensor:
+        """The extra UNet input channels (B, S, H, W) drawn from features (B, N, D) (see spatial_channels)."""
+        if self.feature_to_pixels is None:
+            raise ValueError("this decoder has no spatial branch (spatial_channels is 0)")
+        grid = self.feature_to_pixels(tokens_to_grid(features))  # (B, S or S*f*f, g, g); zero -> bias only
+        if self.config.spatial_upsample == "pixel_shuffle":
+            return F.pixel_shuffle(grid, self.config.spatial_factor)  # (B, S, H, W)
+        size = self.config.image_size
+        return F.interpolate(grid, size=(size, size), mode="nearest")  # (B, S, H, W)
 
     def loss(
         self, images: torch.Tensor, features: torch.Tensor, generator: torch.Generator | None = None
@@ -269,9 +289,10 @@ class PixelDecoder(nn.Module):
         cfg = self.config
         if clip.pixel_head is None:
             raise ValueError("the CLIP encoder has no pixel head (ClipConfig.reconstruction_weight is 0)")
-        if (cfg.spatial_upsample, cfg.spatial_channels) != ("pixel_shuffle", 3):
+        if (cfg.spatial_upsample, cfg.spatial_channels, cfg.spatial_kernel) != ("pixel_shuffle", 3, 1):
             raise ValueError(
-                "init_spatial_from_clip needs spatial_upsample='pixel_shuffle', spatial_channels=3"
+                "init_spatial_from_clip needs spatial_upsample='pixel_shuffle', spatial_channels=3, "
+                "spatial_kernel=1"
             )
         if clip.config.patch_size != cfg.spatial_factor or clip.config.target_pool != 1:
             raise ValueError(

@@ -1,0 +1,262 @@
+"""How far could an object-centric generation target go? The DiT and the pixel decoder on "ideal" tokens.
+
+    .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600] [--condition scene|model]
+        [--decoder-steps 1500 --decoder-preset tiny_footprint] [--out DIR]
+
+Every CLIP-like target tried so far spreads one object over 2x2 to 3x3 tokens that the DiT must make agree
+(bench/dit_locality.py), and it does not learn that at CPU scale (README, "Where it fails"). This bench asks
+what a target with one token per object would give, before any encoder is trained to produce one. Each cell
+of the 8x8 grid (8 px) holds the scene's background colour; the cell holding an object's box centre also holds
+its presence, shape and colour (one-hot), the centre's offset in the cell, its size and rotation (21
+channels, `ideal_tokens`, standardised per channel over the training scenes). No two centres share a cell:
+boxes are at least 12 px wide and 2 px apart.
+
+- DiT: a fresh DiT of MODEL's config learns these tokens by flow matching from the exact scene condition of
+  bench/oracle_condition.py (or, with `--condition model`, MODEL's frozen backbone and queries on captions).
+  Every `--eval-every` steps it samples the balanced ShapesGenEval prompts, and a token judge scores them:
+  each cell whose presence reads over 0.5 is one detection, with its shape, colour and box read from the
+  token, scored by ShapesGenEval's own rules. The same judge on the tokens of a scene built for each prompt
+  is the ceiling (1.0 up to the square box it assumes).
+- Decoder (`--decoder-steps N`): a fresh pixel decoder of `--decoder-preset` learns renders from the tokens,
+  and the real pixel judge scores its round trip (the prompts' scenes' tokens -> images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip3o.eval.geneval import score_detections
+from blip3o.eval.model_eval import balanced_subset
+from blip3o.models.blip3o import Blip3o
+from blip3o.models.clip import grid_to_tokens
+from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
+from blip3o.models.dit import DiT
+from blip3o.transport.flow_matching import flow_matching_loss
+from blip3o.viz import image_grid
+from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.judge import Detection
+from blip3o.world.language import annotate
+from blip3o.world.prompts import load_eval_prompts
+from blip3o.world.render import render
+from blip3o.world.sampler import sample_scene
+from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
+from oracle_condition import SceneCondition, judge_images, model_conditions  # bench/ is on sys.path when run
+
+GRID = 8
+CELL = IMAGE_SIZE / GRID
+# Channel layout of one token.
+BACKGROUND = slice(0, 3)
+PRESENCE = 3
+SHAPE = slice(4, 4 + len(SHAPES))
+COLOUR = slice(SHAPE.stop, SHAPE.stop + len(COLOR_NAMES))
+OFFSET_X, OFFSET_Y, SIZE, ROTATION = range(COLOUR.stop, COLOUR.stop + 4)
+CHANNELS = ROTATION + 1
+MID_BOX, HALF_RANGE = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
+
+
+def ideal_tokens(scene: Scene) -> torch.Tensor:
+    """(CHANNELS, 8, 8) unstandardised tokens of one scene (layout in the module docstring)."""
+    tokens = torch.zeros(CHANNELS, GRID, GRID)
+    background = torch.tensor(scene.background, dtype=torch.float32) / 255.0  # in [200, 255] / 255
+    tokens[BACKGROUND] = ((background - 0.9) * 10)[:, None, None]  # about [-1, 1]
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        col, row = min(int(cx / CELL), GRID - 1), min(int(cy / CELL), GRID - 1)
+        token = tokens[:, row, col]
+        token[PRESENCE] = 1.0
+        token[SHAPE.start + SHAPES.index(obj.shape)] = 1.0
+        token[COLOUR.start + COLOR_NAMES.index(obj.color)] = 1.0
+        token[OFFSET_X] = (cx - (col + 0.5) * CELL) / (CELL / 2)  # in [-1, 1]
+        token[OFFSET_Y] = (cy - (row + 0.5) * CELL) / (CELL / 2)
+        token[SIZE] = ((x1 - x0 + y1 - y0) / 2 - MID_BOX) / HALF_RANGE
+        token[ROTATION] = obj.rotation / MAX_ROTATION
+    return tokens
+
+
+def token_detections(tokens: torch.Tensor) -> list[Detection]:
+    """(CHANNELS, 8, 8) unstandardised tokens -> one judge detection per cell whose presence is over 0.5. The
+    box is a square of the token's mean size (the token keeps no aspect ratio)."""
+    found = []
+    for row, col in (tokens[PRESENCE] > 0.5).nonzero().tolist():
+        token = tokens[:, row, col]
+        cx = (col + 0.5) * CELL + float(token[OFFSET_X]) * CELL / 2
+        cy = (row + 0.5) * CELL + float(token[OFFSET_Y]) * CELL / 2
+        half = (MID_BOX + float(token[SIZE]) * HALF_RANGE) / 2
+        shape, colour = SHAPES[int(token[SHAPE].argmax())], COLOR_NAMES[int(token[COLOUR].argmax())]
+        found.append(
+            Detection(shape, colour, (cx - half, cy - half, cx + half, cy + half), float(token[PRESENCE]))
+        )
+    return found
+
+
+def token_geneval(tokens: torch.Tensor, records: list[dict]) -> dict:
+    """ShapesGenEval of (P, CHANNELS, 8, 8) unstandardised token grids, one per prompt record: the share with any
+    detection, overall (mean of categories) and per category."""
+    correct: dict[str, list[bool]] = {}
+    found = 0
+    for record, grid in zip(records, tokens, strict=True):
+        detections = token_detections(grid)
+        found += bool(detections)
+        correct.setdefault(record["tag"], []).append(score_detections(record, detections)[0])
+    per_category = {tag: round(float(np.mean(v)), 3) for tag, v in correct.items()}
+    overall = round(float(np.mean(list(per_category.values()))), 3)
+    return {"found": round(found / len(records), 3), "overall": overall, **per_category}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "model", help="a saved model folder: its DiT config and flow settings (and condition)"
+    )
+    parser.add_argument("--scenes", type=int, default=20_000, help="training scenes (world seed 0)")
+    parser.add_argument("--steps", type=int, default=3000, help="DiT steps (0: decoder only)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-every", type=int, default=600)
+    parser.add_argument("--prompts", type=int, default=240, help="balanced ShapesGenEval prompts judged")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
+    parser.add_argument("--condition", choices=("scene", "model"), default="scene")
+    parser.add_argument("--decoder-steps", type=int, default=0)
+    parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument("--decoder-preset", default="tiny_footprint")
+    parser.add_argument("--decoder-scenes", type=int, default=8000, help="renders the decoder learns from")
+    parser.add_argument("--decoder-eval-every", type=int, default=500)
+    parser.add_argument("--decoder-sample-steps", type=int, default=10, help="the shapes recipe's setting")
+    parser.add_argument("--decoder-cfg", type=float, default=1.0, help="the shapes recipe's setting")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write grids, samples and a JSON-lines log here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with (args.out / "log.jsonl").open("a") as file:
+                file.write(json.dumps(row) + "\n")
+
+    model = Blip3o.from_pretrained(args.model).eval()
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(args.scenes)]
+    raw = torch.stack([ideal_tokens(s) for s in scenes])  # (N, C, 8, 8)
+    mean, std = raw.mean((0, 2, 3), keepdim=True), raw.std((0, 2, 3), keepdim=True) + 1e-6  # (1, C, 1, 1)
+    targets = (raw - mean) / std  # (N, C, 8, 8)
+    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
+    prompt_scenes = [scene_for_prompt(r, np.random.default_rng(5 + i)) for i, r in enumerate(records)]
+    prompt_targets = (torch.stack([ideal_tokens(s) for s in prompt_scenes]) - mean) / std  # (P, C, 8, 8)
+    log({"ceiling": token_geneval(prompt_targets * std + mean, records)})
+    if args.decoder_steps:
+        train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records, log)
+    if args.steps:
+        if args.condition == "scene":
+            encode = SceneCondition(model.config.dit.latent_embedding_size, IMAGE_SIZE)
+            conditions = torch.stack([encode(s) for s in scenes])  # (N, 9, H)
+            prompt_conditions = torch.stack([encode(s) for s in prompt_scenes])  # (P, 9, H)
+        else:
+            captions = [
+                a.short_caption if rng.random() < 0.1 else a.long_caption
+                for a in (annotate(s, rng) for s in scenes)
+            ]  # the recipe's stage-2 mix
+            conditions = model_conditions(model, captions)  # (N, Q, H)
+            prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
+        train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log)
+    return rows
+
+
+def train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log) -> None:
+    dit = DiT(replace(model.config.dit, in_channels=CHANNELS))
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    generator = torch.Generator().manual_seed(0)
+    running, train_s = None, 0.0
+    print(f"DiT {dit.num_params():,} params on {tuple(targets.shape[1:])} tokens", flush=True)
+    for step in range(1, args.steps + 1):
+        tick = time.perf_counter()
+        index = torch.randint(len(targets), (args.batch,), generator=generator)
+        loss, _ = flow_matching_loss(
+            dit, targets[index], conditions[index], generator=generator, cfg=model.config.flow
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        train_s += time.perf_counter() - tick  # sampling and judging are not counted
+        if step % args.eval_every and step != args.steps:
+            continue
+        dit.eval()
+        row = {"step": step, "loss": round(running, 4), "steps_per_s": round(step / train_s, 2)}
+        noise = torch.randn((len(records), *targets.shape[1:]), generator=torch.Generator().manual_seed(0))
+        for scale in args.cfg:
+            with torch.no_grad():
+                sample = model.objective.sample(
+                    dit, noise, prompt_conditions, cfg_scale=scale
+                )  # (P, C, 8, 8)
+            row[f"cfg{scale:g}"] = token_geneval(sample * std + mean, records)
+            if args.out:
+                torch.save(sample, args.out / f"dit_samples_step{step}_cfg{scale:g}.pt")
+        log(row)
+        dit.train()
+
+
+def train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records, log) -> None:
+    config = decoder_config(args.decoder_preset, num_feature_tokens=GRID * GRID, feature_dim=CHANNELS)
+    decoder = PixelDecoder(config)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    n = min(len(scenes), args.decoder_scenes)
+    pixels = images_to_tensor([render(s) for s in scenes[:n]])  # (n, 3, 64, 64)
+    tokens = grid_to_tokens(targets[:n])  # (n, 64, C)
+    eval_tokens = grid_to_tokens(prompt_targets)  # (P, 64, C)
+    log({"renders_themselves": judge_images([render(s) for s in prompt_scenes], records)})
+    generator = torch.Generator().manual_seed(1)
+    tick = time.perf_counter()
+    for step in range(1, args.decoder_steps + 1):
+        index = torch.randint(n, (args.decoder_batch,), generator=generator)
+        loss = decoder.loss(pixels[index], tokens[index], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        if step % args.decoder_eval_every and step != args.decoder_steps:
+            continue
+        decoder.eval()
+        with torch.no_grad():
+            decoded = decoder.decode(
+                eval_tokens, args.decoder_sample_steps, args.decoder_cfg, torch.Generator().manual_seed(0)
+            )  # (P, 3, 64, 64)
+        images = tensor_to_images(decoded)
+        log(
+            {
+                "decoder_step": step,
+                "loss": round(loss.item(), 4),
+                "steps_per_s": round(step / (time.perf_counter() - tick), 2),
+                "round_trip": judge_images(images, records),
+            }
+        )
+        if args.out:
+            titles = [r["prompt"] for r in records[:60]]
+            title = f"{args.decoder_preset} decoder, step {step}: ideal tokens -> pixels"
+            image_grid(images[:60], titles, columns=10, cell=96, title=title).save(
+                args.out / f"round_trip_step{step}.png"
+            )
+        decoder.train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench/ideal_target.py: the object-centric token layout, its token judge, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o.eval.model_eval import balanced_subset
+from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.prompts import load_eval_prompts
+from blip3o.world.sampler import sample_scene
+from conftest import load_script, save_untrained_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling oracle_condition.py
+    try:
+        yield load_script(BENCH_DIR / "ideal_target.py")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def test_tokens_give_back_every_object(bench) -> None:
+    """One detection per object, at its cell, with its shape, colour and box centre (to float rounding)."""
+    rng = np.random.default_rng(0)
+    for scene in [sample_scene(rng) for _ in range(100)]:
+        tokens = bench.ideal_tokens(scene)
+        assert tokens.shape == (bench.CHANNELS, 8, 8)
+        assert int(tokens[bench.PRESENCE].sum()) == len(scene.objects)  # no two centres share a cell
+        found = sorted(bench.token_detections(tokens), key=lambda d: d.box)
+        for obj, det in zip(sorted(scene.objects, key=lambda o: o.box), found, strict=True):
+            assert (det.shape, det.color) == (obj.shape, obj.color)
+            box_centre = ((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2)
+            assert ((det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2) == pytest.approx(box_centre)
+
+
+def test_token_judge_passes_the_prompts_own_scenes_and_fails_empty_grids(bench) -> None:
+    records = [r for _, r in balanced_subset(load_eval_prompts(), 24)]
+    rng = np.random.default_rng(1)
+    tokens = torch.stack([bench.ideal_tokens(scene_for_prompt(r, rng)) for r in records])  # (24, C, 8, 8)
+    ceiling = bench.token_geneval(tokens, records)
+    assert ceiling["found"] == 1.0 and ceiling["overall"] >= 0.9  # the square box can miss a position margin
+    empty = tokens.clone()
+    empty[:, bench.PRESENCE] = 0.0
+    scores = bench.token_geneval(empty, records)
+    assert scores.keys() == ceiling.keys() and set(scores.values()) == {0.0}
+
+
+def test_tiny_run_trains_samples_and_logs(bench, tmp_path: Path) -> None:
+    save_untrained_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    rows = bench.main(
+        [str(tmp_path / "model"), "--scenes", "40", "--steps", "3", "--eval-every", "2", "--batch", "4",
+         "--prompts", "6", "--cfg", "1", "--sample-steps", "2", "--decoder-steps", "2", "--decoder-batch", "2",
+         "--decoder-scenes", "8", "--decoder-eval-every", "2", "--decoder-sample-steps", "1", "--threads", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert [next(iter(r)) for r in rows] == ["ceiling", "renders_themselves", "decoder_step", "step", "step"]
+    assert [r["step"] for r in rows[3:]] == [2, 3] and set(rows[3]["cfg1"]) >= {"found", "overall"}
+    assert rows[2]["round_trip"].keys() == {"found", "geneval"}
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == rows
+    assert (out / "round_trip_step2.png").is_file() and (out / "dit_samples_step3_cfg1.pt").is_file()
