@@ -431,6 +431,37 @@ def test_label_head_adds_its_loss_reads_tokens_and_round_trips(tmp_path, tokeniz
         assert torch.equal(loaded.patch_labels_from_tokens(patches), read)
 
 
+def test_label_basis_target_is_what_the_label_head_reads(tmp_path):
+    """target_basis "labels": the DiT's target spans exactly the head's reading (its output is an affine function
+    of the target), each channel has unit variance, and the fit survives save/load."""
+    labelled = dict(patch_label_weight=1.0, patch_label_groups=(3, 2), patch_label_values=2)
+    with pytest.raises(ValueError, match="target_basis 'labels' needs"):
+        make_encoder(target_basis="labels", target_components=7)  # no label head
+    with pytest.raises(ValueError, match="target_basis 'labels' needs"):
+        make_encoder(target_basis="labels", target_components=6, **labelled)
+    with pytest.raises(ValueError, match="target_basis must be"):
+        make_encoder(target_basis="random")
+    encoder = make_encoder(target_basis="labels", target_components=7, **labelled)
+    raw, _ = _low_rank_raw(rank=40, n=200)  # (200, 4, 128)
+    encoder.fit_feature_normalization(raw)
+    target = encoder.features_to_target(encoder.normalize_features(raw)).reshape(-1, 7).double()  # (800, 7)
+    assert torch.allclose(target.var(0), torch.ones(7, dtype=torch.float64), atol=1e-3)
+    with torch.no_grad():
+        read = encoder.label_head(raw).reshape(-1, 7).double()  # (800, 7): logits and values
+    design = torch.cat([target, torch.ones(len(target), 1, dtype=torch.float64)], dim=1)  # (800, 8)
+    fitted = design @ torch.linalg.lstsq(design, read).solution
+    assert torch.allclose(fitted, read, atol=1e-4 * read.abs().max())
+    # Mapped back to features, the target keeps the head's reading and nothing else is needed for it.
+    back = encoder.denormalize_features(
+        encoder.target_to_features(encoder.features_to_target(encoder.normalize_features(raw)))
+    )
+    with torch.no_grad():
+        assert torch.allclose(encoder.label_head(back), encoder.label_head(raw), atol=1e-3)
+    encoder.save_pretrained(tmp_path)
+    loaded = ClipEncoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.component_basis, encoder.component_basis)
+
+
 def test_label_head_config_is_checked():
     with pytest.raises(ValueError, match="needs patch_label_groups"):
         clip_config("tiny", patch_label_weight=1.0)

@@ -498,3 +498,37 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     assert (tmp_path / "card" / "curves.png").exists() and (tmp_path / "card" / "curves.csv").exists()
     assert (tmp_path / "card" / "failures.png").exists() or (tmp_path / "card" / "passes.png").exists()
     assert card_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "card2")]) == 2
+
+
+def test_object_label_target_runs_clip_decoder_and_generation(tmp_path: Path) -> None:
+    """The object-centric target end to end on the miniature: CLIP learns object labels, the DiT generates the
+    label head's directions (19 channels), a decoder whose 3x3 projection lets a token paint its neighbours
+    learns from them (the pixel head's start is skipped: it renders 1x1 patches), and the model generates."""
+    from blip3o.train.loop import run
+    from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
+
+    base = preset("tiny-test")
+    clip = replace(
+        base.model.clip,
+        reconstruction_weight=1.0,
+        patch_label_weight=1.0,
+        patch_label_groups=PATCH_LABEL_GROUPS,
+        patch_label_values=PATCH_LABEL_VALUES,
+        patch_label_kind="object",
+        target_basis="labels",
+        target_components=19,
+    )
+    decoder = replace(
+        base.model.decoder, spatial_channels=8, spatial_upsample="pixel_shuffle", spatial_kernel=3
+    )
+    model_config = replace(
+        base.model, clip=clip, dit=replace(base.model.dit, in_channels=19), decoder=decoder
+    )
+    stages = tuple(s for s in base.stages if s.kind in ("clip", "decoder", "generation"))
+    config = replace(base, model=model_config, stages=stages)
+    run(config, tmp_path / "run", progress=False)
+    model = Blip3o.from_pretrained(tmp_path / "run" / "generation" / "model")
+    assert model.config.target_shape == (19, 8, 8)
+    basis = model.clip.component_basis  # (128, 19): the label head's directions, orthonormal
+    assert torch.allclose(basis.T @ basis, torch.eye(19), atol=1e-4)
+    assert model.generate(["a red circle"], steps=2)[0].size == (64, 64)

@@ -27,6 +27,7 @@ from blip3o.train.scene_supervision import (
     cell_centres,
     clip_patch_labels,
     scene_cell_labels,
+    scene_object_labels,
     scene_patch_labels,
 )
 from blip3o.train.stages import StageModule, parameters_of, set_trainable
@@ -225,6 +226,52 @@ def test_patch_labels_quadrant_order_and_batch_check() -> None:
         clip_patch_labels(config, None)
     with pytest.raises(ValueError, match="do not match"):
         clip_patch_labels(replace(config, patch_label_groups=(6, 8)), scenes)
+
+
+def test_object_labels_name_each_object_at_its_box_centre_patch() -> None:
+    # A 16 x 16 square centred at (56, 8): box centre in patch (row 1, col 7) (8 // 8 = 1, 56 // 8 = 7).
+    square = SceneObject("square", "red", (0, 0, 0), (56.0, 8.0), 10.0, 8.0, (48.0, 0.0, 64.0, 16.0))
+    # A 12 x 20 star box centred at (21, 37): patch (4, 2), offset (+0.25, +0.25) half patches, mean side 16.
+    star = SceneObject("star", "blue", (0, 0, 0), (21.0, 37.0), -20.0, 8.0, (15.0, 27.0, 27.0, 47.0))
+    labels = scene_object_labels(Scene(background=(230, 230, 230), objects=(square, star)), grid=8)
+    n_shapes, n_colours = PATCH_LABEL_GROUPS
+    assert labels.shape == (64, n_shapes + n_colours + PATCH_LABEL_VALUES)
+    named = (labels[:, n_shapes - 1] == 0).nonzero().flatten().tolist()
+    assert named == [1 * 8 + 7, 4 * 8 + 2]  # raster order
+    square_label, star_label = labels[15], labels[34]
+    assert (
+        square_label[SHAPES.index("square")] == 1 and square_label[n_shapes + COLOR_NAMES.index("red")] == 1
+    )
+    assert star_label[SHAPES.index("star")] == 1 and star_label[n_shapes + COLOR_NAMES.index("blue")] == 1
+    # square: offset (0, -1): centre (56, 8) vs patch centre (60, 12); side 16 -> -0.2; rotation 10 / 20.
+    assert torch.allclose(square_label[-4:], torch.tensor([-1.0, -1.0, -0.2, 0.5]))
+    assert torch.allclose(star_label[-4:], torch.tensor([0.25, 0.25, -0.2, -1.0]))
+    # Every other patch says "none" in both groups and has zero values; each group sums to one.
+    assert torch.equal(
+        labels[0],
+        torch.eye(n_shapes + n_colours + 4)[n_shapes - 1]
+        + torch.eye(n_shapes + n_colours + 4)[n_shapes + n_colours - 1],
+    )
+    assert torch.allclose(labels[:, :n_shapes].sum(1), torch.ones(64))
+    assert torch.allclose(labels[:, n_shapes : n_shapes + n_colours].sum(1), torch.ones(64))
+    # On sampled scenes: one named patch per object (no two centres share an 8 px patch).
+    for seed in range(50):
+        scene = sample_scene(np.random.default_rng(seed))
+        assert int((scene_object_labels(scene, 8)[:, n_shapes - 1] == 0).sum()) == len(scene.objects)
+    with pytest.raises(ValueError, match="two object centres"):
+        scene_object_labels(Scene(background=(230, 230, 230), objects=(square, star)), grid=1)
+    # A CLIP config picks the label kind.
+    config = replace(
+        tiny_config().clip,
+        patch_label_weight=1.0,
+        patch_label_groups=PATCH_LABEL_GROUPS,
+        patch_label_values=PATCH_LABEL_VALUES,
+        patch_label_kind="object",
+    )
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(2)]
+    assert torch.equal(clip_patch_labels(config, scenes)[1], scene_object_labels(scenes[1], 8))
+    with pytest.raises(ValueError, match="patch_label_kind"):
+        replace(config, patch_label_kind="pixels")
 
 
 def test_clip_stage_trains_the_label_head_from_scenes() -> None:

@@ -95,6 +95,14 @@ class ClipConfig:
     patch_label_weight: float = 0.0
     patch_label_groups: tuple[int, ...] = ()
     patch_label_values: int = 0
+    # What the labels say (train/scene_supervision.py): "coverage", what covers each patch; "object", the object
+    # whose box centre lies in the patch (shape, colour, centre offset, size, rotation), so one token names a
+    # whole object (bench/ideal_target.py: on such tokens a DiT learns ShapesGenEval layouts at CPU scale).
+    patch_label_kind: str = "coverage"
+    # How `target_components` directions are chosen: "pca", the top principal components of the tokens; "labels",
+    # the directions the label head reads (its weights' row space, orthonormalised; target_components must equal
+    # patch_label_dim), so the DiT generates exactly what the head was taught to put in each token.
+    target_basis: str = "pca"
 
     def __post_init__(self) -> None:
         if self.patch_label_weight < 0:
@@ -106,6 +114,17 @@ class ClipConfig:
             )
         if self.patch_label_weight and not self.patch_label_dim:
             raise ValueError("patch_label_weight > 0 needs patch_label_groups or patch_label_values")
+        if self.patch_label_kind not in ("coverage", "object"):
+            raise ValueError(f"patch_label_kind must be coverage or object, got {self.patch_label_kind!r}")
+        if self.target_basis not in ("pca", "labels"):
+            raise ValueError(f"target_basis must be pca or labels, got {self.target_basis!r}")
+        if self.target_basis == "labels" and not (
+            self.patch_label_weight and self.target_components == self.patch_label_dim
+        ):
+            raise ValueError(
+                "target_basis 'labels' needs a label head (patch_label_weight > 0) and target_components equal to "
+                f"patch_label_dim ({self.patch_label_dim}), got target_components {self.target_components}"
+            )
         if not 0 <= self.target_components <= self.feature_dim:
             raise ValueError(
                 f"target_components must be in [0, feature_dim={self.feature_dim}], got {self.target_components}"
@@ -496,7 +515,7 @@ class ClipEncoder(nn.Module):
             raise ValueError("need at least two feature tokens to fit a standard deviation")
         mean, std = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)  # (D,), (D,)
         if self.config.target_components:
-            self._fit_components((flat - mean) / std)
+            self._fit_components((flat - mean) / std, std)
         self.feature_mean.copy_(mean.float())
         self.feature_std.copy_(std.float())
         self.feature_count.fill_(flat.shape[0])
@@ -508,16 +527,25 @@ class ClipEncoder(nn.Module):
         other.to(self.feature_mean.device).fit_feature_normalization(raw)
         return other
 
-    def _fit_components(self, normalised: torch.Tensor) -> None:
-        """Principal directions of (M, D) zero-mean tokens, by decreasing variance; each column's sign is fixed
-        (largest entry positive) so that a refit on the same data gives the same basis."""
+    def _fit_components(self, normalised: torch.Tensor, std: torch.Tensor) -> None:
+        """The target directions for (M, D) zero-mean normalised tokens (`std`: the raw channels' std, (D,)) and
+        the standard deviation along each. "pca": principal directions by decreasing variance. "labels": an
+        orthonormal basis of the space the label head reads; in normalised coordinates its weights are W * std.
+        Each column's sign is fixed (largest entry positive) so that a refit on the same data gives the same basis."""
         k = self.config.target_components
-        covariance = normalised.T @ normalised / (normalised.shape[0] - 1)  # (D, D)
-        variances, vectors = torch.linalg.eigh(covariance)  # ascending
-        basis = vectors.flip(1)[:, :k]  # (D, k)
+        if self.config.target_basis == "labels":
+            read = (
+                self.label_head.weight.double() * std
+            ).T  # (D, L): the head's directions, normalised space
+            basis, _ = torch.linalg.qr(read)  # (D, L) orthonormal, same span
+            variances = (normalised @ basis).var(dim=0)  # (L,)
+        else:
+            covariance = normalised.T @ normalised / (normalised.shape[0] - 1)  # (D, D)
+            variances, vectors = torch.linalg.eigh(covariance)  # ascending
+            basis, variances = vectors.flip(1)[:, :k], variances.flip(0)[:k]  # (D, k), (k,)
         peak = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))  # (1, k)
         self.component_basis.copy_((basis * peak.sign()).float())
-        self.component_std.copy_(variances.flip(0)[:k].clamp_min(1e-12).sqrt().float())
+        self.component_std.copy_(variances.clamp_min(1e-12).sqrt().float())
 
     def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
         if not self.feature_normalization_fitted:

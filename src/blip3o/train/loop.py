@@ -228,7 +228,12 @@ def train_stage(
     ):
         fit_feature_statistics(model, [e.image for e in examples[:STATS_IMAGES]])
     dec = model.decoder.config
-    if kind == "decoder" and model.clip.pixel_head is not None and dec.spatial_upsample == "pixel_shuffle":
+    renders_patches = (dec.spatial_upsample, dec.spatial_channels, dec.spatial_kernel) == (
+        "pixel_shuffle",
+        3,
+        1,
+    )
+    if kind == "decoder" and model.clip.pixel_head is not None and renders_patches:
         # The decoder's per-patch rendering branch starts as CLIP's pixel head (a resume overwrites it).
         model.decoder.init_spatial_from_clip(model.clip)
     if kind in GENERATION_KINDS and config.model.target == "vae" and not model.vae.scaling_fitted:

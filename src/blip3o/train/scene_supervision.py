@@ -31,7 +31,7 @@ from torch import nn
 
 from blip3o.models.clip import ClipConfig
 from blip3o.world.render import render_object_mask
-from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene
+from blip3o.world.scene import COLOR_NAMES, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
 
 NO_OBJECT_SHAPE = len(SHAPES)  # the "none" class of the shape head
 NO_OBJECT_COLOR = len(COLOR_NAMES)  # the "none" class of the colour head
@@ -96,8 +96,47 @@ def scene_patch_labels(scene: Scene, grid: int) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.float32))  # (N, 19)
 
 
+def scene_object_labels(scene: Scene, grid: int) -> torch.Tensor:
+    """(grid * grid, 19) object-centric label vector per patch of a grid x grid raster, raster order, float32.
+
+    The patch holding an object's box centre names that object; every other patch says "none":
+    - 6 values: one-hot shape, or "none" (last);
+    - 9 values: one-hot colour, or "none";
+    - 4 values: the box centre's offset from the patch centre (x, y, in half patches: [-1, 1]), the box's mean
+      side ([-1, 1] over MIN_BOX..MAX_BOX) and the rotation ([-1, 1] over +-MAX_ROTATION); zeros for "none".
+    Same layout as `scene_patch_labels`. ShapesWorld boxes are >= 12 px wide and >= 2 px apart, so with patches
+    of 8 px no two centres share a patch (checked: ValueError otherwise).
+    """
+    cell = scene.size / grid
+    n_shapes, n_colours = PATCH_LABEL_GROUPS
+    labels = torch.zeros(grid * grid, n_shapes + n_colours + PATCH_LABEL_VALUES)
+    labels[:, n_shapes - 1] = 1.0  # "none" shape
+    labels[:, n_shapes + n_colours - 1] = 1.0  # "none" colour
+    mid, half_range = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        col, row = min(int(cx // cell), grid - 1), min(int(cy // cell), grid - 1)
+        label = labels[row * grid + col]
+        if label[n_shapes - 1] == 0:
+            raise ValueError(f"two object centres in patch ({row}, {col}) of a {grid}x{grid} grid")
+        label[: n_shapes + n_colours] = 0.0
+        label[SHAPES.index(obj.shape)] = 1.0
+        label[n_shapes + COLOR_NAMES.index(obj.color)] = 1.0
+        offset = n_shapes + n_colours
+        label[offset] = (cx - (col + 0.5) * cell) / (cell / 2)
+        label[offset + 1] = (cy - (row + 0.5) * cell) / (cell / 2)
+        label[offset + 2] = ((x1 - x0 + y1 - y0) / 2 - mid) / half_range
+        label[offset + 3] = obj.rotation / MAX_ROTATION
+    return labels  # (N, 19)
+
+
+PATCH_LABELS = {"coverage": scene_patch_labels, "object": scene_object_labels}
+
+
 def clip_patch_labels(config: ClipConfig, scenes: list[Scene] | None) -> torch.Tensor:
-    """(B, N, 19) patch labels of a batch's scenes for a CLIP whose label head has this module's layout."""
+    """(B, N, 19) patch labels of a batch's scenes (of `config.patch_label_kind`) for a CLIP whose label head has
+    this module's layout."""
     if (config.patch_label_groups, config.patch_label_values) != (PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES):
         raise ValueError(
             f"ClipConfig patch labels {config.patch_label_groups} + {config.patch_label_values} values do not "
@@ -107,7 +146,8 @@ def clip_patch_labels(config: ClipConfig, scenes: list[Scene] | None) -> torch.T
         raise ValueError(
             "a CLIP with a patch-label head needs one scene per image (shards written with scenes)"
         )
-    return torch.stack([scene_patch_labels(s, config.patch_grid) for s in scenes])  # (B, N, 19)
+    labels = PATCH_LABELS[config.patch_label_kind]
+    return torch.stack([labels(s, config.patch_grid) for s in scenes])  # (B, N, 19)
 
 
 def cell_centres(grid: int) -> torch.Tensor:
