@@ -114,12 +114,18 @@ def _model_section(model: dict) -> list[str]:
     grid = clip["image_size"] // clip["patch_size"] // clip["target_pool"]
     channels = clip["vision_hidden"]
     k = clip.get("target_components", 0)
-    target = (
-        f"the top {k} principal components of each, whitened (fitted on data with the feature statistics, "
-        f"mapped back to {channels} channels before the decoder)"
-        if k
-        else "all channels"
-    )
+    if not k:
+        target = "all channels"
+    elif clip.get("target_basis", "pca") == "labels":
+        target = (
+            f"the {k} directions its label head reads, orthonormalised and whitened (mapped back to {channels} "
+            "channels before the decoder)"
+        )
+    else:
+        target = (
+            f"the top {k} principal components of each, whitened (fitted on data with the feature statistics, "
+            f"mapped back to {channels} channels before the decoder)"
+        )
     if model.get("target", "clip") == "vae":
         vae = VaeConfig.from_dict(model["vae"])
         side = vae.latent_size
@@ -132,7 +138,12 @@ def _model_section(model: dict) -> list[str]:
     aux = []
     if clip.get("reconstruction_weight", 0):
         aux.append(f"a linear head redraws each patch's pixels (weight {clip['reconstruction_weight']})")
-    if clip.get("patch_label_weight", 0):
+    if clip.get("patch_label_weight", 0) and clip.get("patch_label_kind", "coverage") == "object":
+        aux.append(
+            "a linear head reads from each patch token the object whose box centre lies in it (shape, colour, "
+            f"centre offset, size, rotation; weight {clip['patch_label_weight']})"
+        )
+    elif clip.get("patch_label_weight", 0):
         aux.append(
             "a linear head reads from each patch token what the scene holds there: the covered share of each "
             f"class of {len(clip['patch_label_groups'])} groups (shape, colour) and {clip['patch_label_values']} "
