@@ -27,6 +27,7 @@ from blip3o.train.scene_supervision import (
     cell_centres,
     clip_patch_labels,
     scene_cell_labels,
+    object_label_detections,
     scene_object_labels,
     scene_patch_labels,
 )
@@ -258,6 +259,16 @@ def test_object_labels_name_each_object_at_its_box_centre_patch() -> None:
     for seed in range(50):
         scene = sample_scene(np.random.default_rng(seed))
         assert int((scene_object_labels(scene, 8)[:, n_shapes - 1] == 0).sum()) == len(scene.objects)
+    # Read back as judge detections: each object's shape, colour and box centre; the box is a square of its mean side.
+    found = object_label_detections(labels)
+    assert [(d.shape, d.color, d.confidence) for d in found] == [
+        ("square", "red", 1.0),
+        ("star", "blue", 1.0),
+    ]
+    assert found[0].box == pytest.approx((48.0, 0.0, 64.0, 16.0), abs=1e-5)
+    assert found[1].box == pytest.approx((13.0, 29.0, 29.0, 45.0), abs=1e-5)  # centre (21, 37), side 16
+    with pytest.raises(ValueError, match="labels"):
+        object_label_detections(labels[:, :18])
     with pytest.raises(ValueError, match="two object centres"):
         scene_object_labels(Scene(background=(230, 230, 230), objects=(square, star)), grid=1)
     # A CLIP config picks the label kind.

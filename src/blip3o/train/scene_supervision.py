@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip3o.models.clip import ClipConfig
+from blip3o.world.judge import Detection
 from blip3o.world.render import render_object_mask
-from blip3o.world.scene import COLOR_NAMES, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
+from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
 
 NO_OBJECT_SHAPE = len(SHAPES)  # the "none" class of the shape head
 NO_OBJECT_COLOR = len(COLOR_NAMES)  # the "none" class of the colour head
@@ -129,6 +130,33 @@ def scene_object_labels(scene: Scene, grid: int) -> torch.Tensor:
         label[offset + 2] = ((x1 - x0 + y1 - y0) / 2 - mid) / half_range
         label[offset + 3] = obj.rotation / MAX_ROTATION
     return labels  # (N, 19)
+
+
+def object_label_detections(labels: torch.Tensor, size: int = IMAGE_SIZE) -> list[Detection]:
+    """The inverse of `scene_object_labels` for one image, as judge detections: (grid * grid, 19) labels (or a
+    label head's reading of them) -> one detection per patch whose likeliest shape is not "none", with the
+    likeliest real colour, a square box of the read mean side around the read centre, and confidence
+    1 - p(none). Reads generated targets too, so a model's samples can be judged without a pixel decoder."""
+    n_shapes, n_colours = PATCH_LABEL_GROUPS
+    grid = math.isqrt(labels.shape[0])
+    if grid * grid != labels.shape[0] or labels.shape[1] != n_shapes + n_colours + PATCH_LABEL_VALUES:
+        raise ValueError(
+            f"expected (grid * grid, {n_shapes + n_colours + PATCH_LABEL_VALUES}) labels, got {tuple(labels.shape)}"
+        )
+    cell = size / grid
+    mid, half_range = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
+    found = []
+    for index in (labels[:, :n_shapes].argmax(1) != n_shapes - 1).nonzero().flatten().tolist():
+        label = labels[index].float()
+        row, col = divmod(index, grid)
+        dx, dy, side = label[n_shapes + n_colours : n_shapes + n_colours + 3].tolist()
+        cx, cy = (col + 0.5 + dx / 2) * cell, (row + 0.5 + dy / 2) * cell
+        half = (mid + side * half_range) / 2
+        shape = SHAPES[int(label[: n_shapes - 1].argmax())]
+        colour = COLOR_NAMES[int(label[n_shapes : n_shapes + n_colours - 1].argmax())]
+        confidence = float(1 - label[n_shapes - 1])
+        found.append(Detection(shape, colour, (cx - half, cy - half, cx + half, cy + half), confidence))
+    return found
 
 
 PATCH_LABELS = {"coverage": scene_patch_labels, "object": scene_object_labels}
