@@ -32,22 +32,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip3o.eval.geneval import score_detections
+from blip3o.eval.geneval import score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT
-from blip3o.transport.flow_matching import flow_matching_loss
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import Detection
-from blip3o.world.language import annotate
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
-from oracle_condition import SceneCondition, judge_images, model_conditions  # bench/ is on sys.path when run
+from oracle_condition import (  # bench/ on sys.path
+    SceneCondition,
+    caption_conditions,
+    dit_training,
+    judge_images,
+    model_conditions,
+)
 
 GRID = 8
 CELL = IMAGE_SIZE / GRID
@@ -98,17 +102,8 @@ def token_detections(tokens: torch.Tensor) -> list[Detection]:
 
 
 def token_geneval(tokens: torch.Tensor, records: list[dict]) -> dict:
-    """ShapesGenEval of (P, CHANNELS, 8, 8) unstandardised token grids, one per prompt record: the share with any
-    detection, overall (mean of categories) and per category."""
-    correct: dict[str, list[bool]] = {}
-    found = 0
-    for record, grid in zip(records, tokens, strict=True):
-        detections = token_detections(grid)
-        found += bool(detections)
-        correct.setdefault(record["tag"], []).append(score_detections(record, detections)[0])
-    per_category = {tag: round(float(np.mean(v)), 3) for tag, v in correct.items()}
-    overall = round(float(np.mean(list(per_category.values()))), 3)
-    return {"found": round(found / len(records), 3), "overall": overall, **per_category}
+    """ShapesGenEval of (P, CHANNELS, 8, 8) unstandardised token grids, one per prompt record."""
+    return score_detection_lists(records, [token_detections(grid) for grid in tokens])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -166,11 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             conditions = torch.stack([encode(s) for s in scenes])  # (N, 9, H)
             prompt_conditions = torch.stack([encode(s) for s in prompt_scenes])  # (P, 9, H)
         else:
-            captions = [
-                a.short_caption if rng.random() < 0.1 else a.long_caption
-                for a in (annotate(s, rng) for s in scenes)
-            ]  # the recipe's stage-2 mix
-            conditions = model_conditions(model, captions)  # (N, Q, H)
+            conditions = caption_conditions(model, scenes, rng)  # (N, Q, H)
             prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
         train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log)
     return rows
@@ -178,24 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log) -> None:
     dit = DiT(replace(model.config.dit, in_channels=CHANNELS))
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
-    generator = torch.Generator().manual_seed(0)
-    running, train_s = None, 0.0
     print(f"DiT {dit.num_params():,} params on {tuple(targets.shape[1:])} tokens", flush=True)
-    for step in range(1, args.steps + 1):
-        tick = time.perf_counter()
-        index = torch.randint(len(targets), (args.batch,), generator=generator)
-        loss, _ = flow_matching_loss(
-            dit, targets[index], conditions[index], generator=generator, cfg=model.config.flow
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        train_s += time.perf_counter() - tick  # sampling and judging are not counted
+    training = dit_training(
+        dit, targets, conditions, model.config.flow, args.lr, args.batch, torch.Generator().manual_seed(0)
+    )
+    for step, running, train_s in training:
         if step % args.eval_every and step != args.steps:
             continue
         dit.eval()
@@ -204,13 +182,15 @@ def train_dit(args, model, targets, conditions, prompt_conditions, mean, std, re
         for scale in args.cfg:
             with torch.no_grad():
                 sample = model.objective.sample(
-                    dit, noise, prompt_conditions, cfg_scale=scale
+                    dit, noise, prompt_conditions, steps=args.sample_steps, cfg_scale=scale
                 )  # (P, C, 8, 8)
             row[f"cfg{scale:g}"] = token_geneval(sample * std + mean, records)
             if args.out:
                 torch.save(sample, args.out / f"dit_samples_step{step}_cfg{scale:g}.pt")
         log(row)
         dit.train()
+        if step == args.steps:
+            break
 
 
 def train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records, log) -> None:

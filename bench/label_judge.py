@@ -18,7 +18,7 @@ import json
 import numpy as np
 import torch
 
-from blip3o.eval.geneval import score_detections
+from blip3o.eval.geneval import score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
@@ -29,17 +29,8 @@ from blip3o.world.render import render
 
 
 def judge_labels(labels: torch.Tensor, records: list[dict]) -> dict:
-    """ShapesGenEval of (P, N, 19) label readings, one per prompt record: the share of images with any detection,
-    overall (mean of categories) and per category."""
-    correct: dict[str, list[bool]] = {}
-    found = 0
-    for record, reading in zip(records, labels, strict=True):
-        detections = object_label_detections(reading)
-        found += bool(detections)
-        correct.setdefault(record["tag"], []).append(score_detections(record, detections)[0])
-    per_category = {tag: round(float(np.mean(v)), 3) for tag, v in correct.items()}
-    overall = round(float(np.mean(list(per_category.values()))), 3)
-    return {"found": round(found / len(records), 3), "overall": overall, **per_category}
+    """ShapesGenEval of (P, N, 19) label readings, one per prompt record."""
+    return score_detection_lists(records, [object_label_detections(reading) for reading in labels])
 
 
 @torch.no_grad()

@@ -112,6 +112,41 @@ def model_conditions(model: Blip3o, texts: list[str], batch: int = 256) -> torch
     return torch.cat([model.condition(texts[i : i + batch]).float() for i in range(0, len(texts), batch)])
 
 
+def caption_conditions(model: Blip3o, scenes: list, rng: np.random.Generator) -> torch.Tensor:
+    """The saved model's condition for each scene's caption, in the recipe's stage-2 mix (10% short): (N, Q, H)."""
+    captions = [
+        a.short_caption if rng.random() < 0.1 else a.long_caption for a in (annotate(s, rng) for s in scenes)
+    ]
+    return model_conditions(model, captions)
+
+
+def dit_training(dit: DiT, targets: torch.Tensor, conditions: torch.Tensor, flow, lr: float, batch: int,
+                 generator: torch.Generator, bf16: bool = False):  # fmt: skip
+    """Train `dit` by flow matching on `targets` (N, C, h, w) given `conditions` (N, L, H): AdamW at `lr`, no
+    weight decay, 200 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`. Yields
+    (step, smoothed loss, training seconds) after each step for as long as the caller iterates; what the caller
+    does between steps (sampling, judging) is not counted."""
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    running, train_s, step = None, 0.0, 0
+    while True:
+        tick = time.perf_counter()
+        index = torch.randint(len(targets), (batch,), generator=generator)
+        with torch.autocast(targets.device.type, torch.bfloat16, enabled=bf16):
+            loss, _ = flow_matching_loss(
+                dit, targets[index], conditions[index], generator=generator, cfg=flow
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        train_s += time.perf_counter() - tick
+        yield step, running, train_s
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder: its CLIP encoder, pixel decoder and DiT config")
@@ -141,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write sample grids and a JSON-lines log here")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -159,11 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             device
         )
     else:
-        captions = [
-            a.short_caption if rng.random() < 0.1 else a.long_caption
-            for a in (annotate(s, rng) for s in scenes)
-        ]  # the recipe's stage-2 mix
-        conditions = model_conditions(model, captions)  # (N, Q, H)
+        conditions = caption_conditions(model, scenes, rng)  # (N, Q, H)
         prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
     print(
         f"{args.scenes} targets {tuple(targets.shape[1:])} and conditions in {time.perf_counter() - started:.0f} s",
@@ -175,9 +208,6 @@ def main(argv: list[str] | None = None) -> None:
         base, in_channels=targets.shape[1], dim=args.dim or base.dim, n_layers=args.layers or base.n_layers
     )
     dit = DiT(dit_config).to(device)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
-    flow = model.config.flow
     print(f"DiT {dit.num_params():,} params; {len(records)} judged prompts at CFG {args.cfg}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -207,24 +237,13 @@ def main(argv: list[str] | None = None) -> None:
         dit.train()
 
     gen = torch.Generator().manual_seed(args.seed)
-    running, train_s, step = None, 0.0, 0
-    while step < args.steps and (args.minutes is None or train_s < 60 * args.minutes):
-        tick = time.perf_counter()
-        idx = torch.randint(len(targets), (args.batch,), generator=gen)
-        x0, cond = targets[idx], conditions[idx]  # (B, K, g, g), (B, 9, H)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            loss, _ = flow_matching_loss(dit, x0, cond, generator=gen, cfg=flow)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        train_s += time.perf_counter() - tick  # training time only: sampling and judging are not counted
+    training = dit_training(dit, targets, conditions, model.config.flow, args.lr, args.batch, gen, args.bf16)
+    for step, running, train_s in training:
         if step % args.eval_every == 0:
             print(f"step {step}: {step / train_s:.1f} steps/s", flush=True)
             evaluate(step, running)
+        if step >= args.steps or (args.minutes is not None and train_s >= 60 * args.minutes):
+            break
     if step % args.eval_every:
         evaluate(step, running)
 

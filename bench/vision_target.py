@@ -47,7 +47,6 @@ from blip3o.models.clip import grid_to_tokens, tokens_to_grid
 from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT
 from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, scene_cell_labels
-from blip3o.transport.flow_matching import flow_matching_loss
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import Detection
@@ -56,7 +55,7 @@ from blip3o.world.prompts import load_eval_prompts, load_train_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES
-from oracle_condition import judge_images, model_conditions  # bench/ is on sys.path when this script runs
+from oracle_condition import dit_training, judge_images, model_conditions  # bench/ is on sys.path when run
 
 
 class TokenBasis:
@@ -225,8 +224,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(targets)} targets {tuple(targets.shape[1:])} in {time.perf_counter() - started:.0f} s")
 
     dit = DiT(replace(model.config.dit, input_size=grid, in_channels=targets.shape[1])).to(device)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
     generator = torch.Generator().manual_seed(0)
 
     @torch.no_grad()
@@ -237,20 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return grid_to_tokens(x).cpu()  # (P, T, K)
 
-    running, train_s = None, 0.0
-    for step in range(1, args.steps + 1):
-        tick = time.perf_counter()
-        index = torch.randint(len(targets), (args.batch,), generator=generator)
-        loss, _ = flow_matching_loss(
-            dit, targets[index], conditions[index], generator=generator, cfg=model.config.flow
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        train_s += time.perf_counter() - tick
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    training = dit_training(dit, targets, conditions, model.config.flow, args.lr, args.batch, generator)
+    for step, running, train_s in training:
         if step % args.eval_every == 0 or step == args.steps:
             dit.eval()
             row = {"step": step, "loss": round(running, 4), "steps_per_s": round(step / train_s, 2)}
@@ -259,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                 row[f"token_judge@{scale:g}"] = token_judge(readout, generated, records, size)
             log(row)
             dit.train()
+        if step == args.steps:
+            break
     if args.decoder_steps:
         train_decoder(args, images, tokens, eval_images, eval_tokens, records, samples, log)
 

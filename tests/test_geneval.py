@@ -20,6 +20,7 @@ from blip3o.eval.geneval import (
     format_table,
     read_sample_folder,
     scene_detections,
+    score_detection_lists,
     score_detections,
     score_sample_folder,
     summarize,
@@ -180,6 +181,20 @@ def test_scene_for_every_eval_prompt_is_scored_correct(eval_records):
             correct, reason = score_detections(meta, scene_detections(scene))
             assert correct, (meta["prompt"], reason, scene.objects)
             assert scene.meta["prompt"] == meta["prompt"]
+
+
+def test_detection_lists_are_scored_per_category(eval_records):
+    by_tag: dict[str, list[dict]] = {}
+    for record in eval_records:
+        by_tag.setdefault(record["tag"], []).append(record)
+    records = [by_tag["single_object"][0], by_tag["single_object"][1], by_tag["colors"][0]]
+    rng = np.random.default_rng(3)
+    right = [scene_detections(scene_for_prompt(r, rng)) for r in records]
+    # single_object: one right, one empty (1/2); colors: right (1/1). Overall is the mean of the categories.
+    scores = score_detection_lists(records, [right[0], [], right[2]])
+    assert scores == {"found": 0.667, "overall": 0.75, "single_object": 0.5, "colors": 1.0}
+    with pytest.raises(ValueError, match="2 detection lists for 3"):
+        score_detection_lists(records, right[:2])
 
 
 def test_distractors_fill_the_scene_when_asked(eval_records):

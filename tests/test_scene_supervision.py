@@ -26,8 +26,8 @@ from blip3o.train.scene_supervision import (
     SceneCellHead,
     cell_centres,
     clip_patch_labels,
-    scene_cell_labels,
     object_label_detections,
+    scene_cell_labels,
     scene_object_labels,
     scene_patch_labels,
 )

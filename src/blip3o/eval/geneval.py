@@ -146,6 +146,22 @@ def summarize(image_results: Iterable[dict]) -> dict:
     }
 
 
+def score_detection_lists(records: Sequence[dict], detections: Sequence[Iterable[DetectionLike]]) -> dict:
+    """A compact score of one detection list per prompt record (e.g. read from generated tokens instead of
+    images): the share of lists with any detection ("found"), the overall score and each category's, rounded to
+    3 places."""
+    detections = [list(d) for d in detections]
+    if len(detections) != len(records):
+        raise ValueError(f"got {len(detections)} detection lists for {len(records)} prompt records")
+    summary = summarize(
+        {"tag": r["tag"], "correct": score_detections(r, d)[0]}
+        for r, d in zip(records, detections, strict=True)
+    )
+    per_category = {tag: round(c["accuracy"], 3) for tag, c in summary["categories"].items()}
+    found = float(np.mean([len(d) > 0 for d in detections])) if detections else 0.0
+    return {"found": round(found, 3), "overall": round(summary["overall"], 3), **per_category}
+
+
 def format_table(summary: dict) -> str:
     """A plain-text table of a summary, one line per category and the overall score."""
     header = f"{'category':<14}{'correct':>9}{'images':>9}{'accuracy':>10}"
