@@ -534,10 +534,8 @@ class ClipEncoder(nn.Module):
         Each column's sign is fixed (largest entry positive) so that a refit on the same data gives the same basis."""
         k = self.config.target_components
         if self.config.target_basis == "labels":
-            read = (
-                self.label_head.weight.double() * std
-            ).T  # (D, L): the head's directions, normalised space
-            basis, _ = torch.linalg.qr(read)  # (D, L) orthonormal, same span
+            weights = self.label_head.weight.double() * std  # (L, D): what the head reads, normalised space
+            basis, _ = torch.linalg.qr(weights.T)  # (D, L) orthonormal, same span
             variances = (normalised @ basis).var(dim=0)  # (L,)
         else:
             covariance = normalised.T @ normalised / (normalised.shape[0] - 1)  # (D, D)
