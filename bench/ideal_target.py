@@ -48,6 +48,7 @@ from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, M
 from oracle_condition import (  # bench/ on sys.path
     SceneCondition,
     caption_conditions,
+    decoder_training,
     dit_training,
     judge_images,
     model_conditions,
@@ -196,23 +197,14 @@ def train_dit(args, model, targets, conditions, prompt_conditions, mean, std, re
 def train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records, log) -> None:
     config = decoder_config(args.decoder_preset, num_feature_tokens=GRID * GRID, feature_dim=CHANNELS)
     decoder = PixelDecoder(config)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     n = min(len(scenes), args.decoder_scenes)
     pixels = images_to_tensor([render(s) for s in scenes[:n]])  # (n, 3, 64, 64)
     tokens = grid_to_tokens(targets[:n])  # (n, 64, C)
     eval_tokens = grid_to_tokens(prompt_targets)  # (P, 64, C)
     log({"renders_themselves": judge_images([render(s) for s in prompt_scenes], records)})
-    generator = torch.Generator().manual_seed(1)
     tick = time.perf_counter()
-    for step in range(1, args.decoder_steps + 1):
-        index = torch.randint(n, (args.decoder_batch,), generator=generator)
-        loss = decoder.loss(pixels[index], tokens[index], generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
+    training = decoder_training(decoder, pixels, tokens, args.decoder_batch, torch.Generator().manual_seed(1))
+    for step, loss in training:
         if step % args.decoder_eval_every and step != args.decoder_steps:
             continue
         decoder.eval()
@@ -224,7 +216,7 @@ def train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records,
         log(
             {
                 "decoder_step": step,
-                "loss": round(loss.item(), 4),
+                "loss": round(loss, 4),
                 "steps_per_s": round(step / (time.perf_counter() - tick), 2),
                 "round_trip": judge_images(images, records),
             }
@@ -236,6 +228,8 @@ def train_decoder(args, scenes, targets, prompt_scenes, prompt_targets, records,
                 args.out / f"round_trip_step{step}.png"
             )
         decoder.train()
+        if step == args.decoder_steps:
+            break
 
 
 if __name__ == "__main__":

@@ -147,6 +147,28 @@ def dit_training(dit: DiT, targets: torch.Tensor, conditions: torch.Tensor, flow
         yield step, running, train_s
 
 
+def decoder_training(
+    decoder, pixels: torch.Tensor, tokens: torch.Tensor, batch: int, generator: torch.Generator
+):
+    """Train a pixel decoder on images `pixels` (N, 3, S, S) in [-1, 1] from their tokens (N, T, K): AdamW at
+    1e-3, no weight decay, 100 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`
+    (moved to the decoder's device). Yields (step, loss) after each step for as long as the caller iterates."""
+    device = next(decoder.parameters()).device
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    step = 0
+    while True:
+        index = torch.randint(len(pixels), (batch,), generator=generator)
+        loss = decoder.loss(pixels[index].to(device), tokens[index].to(device), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        step += 1
+        yield step, loss.item()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder: its CLIP encoder, pixel decoder and DiT config")

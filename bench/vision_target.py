@@ -55,7 +55,12 @@ from blip3o.world.prompts import load_eval_prompts, load_train_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES
-from oracle_condition import dit_training, judge_images, model_conditions  # bench/ is on sys.path when run
+from oracle_condition import (  # bench/ is on sys.path when run
+    decoder_training,
+    dit_training,
+    judge_images,
+    model_conditions,
+)
 
 
 class TokenBasis:
@@ -269,21 +274,14 @@ def train_decoder(args, images, tokens, eval_images, eval_tokens, records, sampl
         "tiny_spatial", num_feature_tokens=tokens.shape[1], feature_dim=tokens.shape[2]
     )  # fmt: skip
     decoder = PixelDecoder(config).to(args.device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     pixels = images_to_tensor(images)  # (N, 3, S, S)
-    generator = torch.Generator().manual_seed(1)
     log({"renders_themselves": judge_images(eval_images, records)})
-    for step in range(1, args.decoder_steps + 1):
-        index = torch.randint(len(pixels), (args.decoder_batch,), generator=generator)
-        loss = decoder.loss(pixels[index].to(args.device), tokens[index].to(args.device), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
+    training = decoder_training(decoder, pixels, tokens, args.decoder_batch, torch.Generator().manual_seed(1))
+    for step, loss in training:
         if step % 200 == 0:
-            print(f"decoder step {step}: loss {loss.item():.4f}", flush=True)
+            print(f"decoder step {step}: loss {loss:.4f}", flush=True)
+        if step == args.decoder_steps:
+            break
     decoder.eval()
     titles = [r["prompt"] for r in records]
 

@@ -4,6 +4,7 @@ script (bench/, tools/) as a module."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -36,11 +37,16 @@ def one_thread() -> Iterator[None]:
 
 
 def load_script(path: Path) -> ModuleType:
-    """Import a script that is not part of the package (bench/, tools/) as a module named after its file."""
+    """Import a script that is not part of the package (bench/, tools/) as a module named after its file. Its
+    folder is on sys.path while it loads, as when it runs, so it can import its siblings."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

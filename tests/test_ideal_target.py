@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling oracle_condition.py
-    try:
-        yield load_script(BENCH_DIR / "ideal_target.py")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    return load_script(BENCH_DIR / "ideal_target.py")
 
 
 def test_tokens_give_back_every_object(bench) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # the script imports its sibling oracle_condition.py
-    try:
-        yield load_script(BENCH_DIR / "vision_target.py")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    return load_script(BENCH_DIR / "vision_target.py")
 
 
 def label_tokens(scenes: list, grid: int = 4) -> torch.Tensor:
