@@ -462,6 +462,45 @@ def test_label_basis_target_is_what_the_label_head_reads(tmp_path):
     assert torch.equal(loaded.component_basis, encoder.component_basis)
 
 
+def test_balanced_label_loss_weighs_object_and_empty_patches_equally(tokenizer, shapes_batch):
+    """patch_label_balanced: the per-patch loss (cross-entropy per group + mean squared value error) averaged over
+    the patches whose first group says something other than "none", plus its average over the empty ones."""
+    images, _ = shapes_batch
+    labelled = dict(patch_label_weight=2.0, patch_label_groups=(3, 2), patch_label_values=2)
+    plain = make_encoder(text_vocab_size=len(tokenizer), **labelled).eval()
+    balanced = make_encoder(text_vocab_size=len(tokenizer), patch_label_balanced=True, **labelled).eval()
+    balanced.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    holds = torch.rand(4, 64, generator=g) < 0.1  # (4, 64): about 6 object patches per image
+    first = torch.zeros(4, 64, 3)
+    first[..., 2] = 1.0  # "none"
+    first[holds] = torch.tensor([0.7, 0.3, 0.0])
+    labels = torch.cat(
+        [first, torch.rand(4, 64, 2, generator=g).softmax(-1), torch.rand(4, 64, 2, generator=g)], -1
+    )
+    pixels = plain.preprocess(images[:4])  # (4, 3, 64, 64)
+    with torch.no_grad():
+        patches = plain.clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # (4, 64, 128)
+        out = plain.label_head(patches)  # (4, 64, 7)
+        per_patch = (
+            -(labels[..., :3] * out[..., :3].log_softmax(-1)).sum(-1)
+            - (labels[..., 3:5] * out[..., 3:5].log_softmax(-1)).sum(-1)
+            + (out[..., 5:] - labels[..., 5:]).pow(2).mean(-1)
+        )  # (4, 64)
+        assert torch.allclose(plain._patch_label_loss(patches, labels), 2.0 * per_patch.mean(), atol=1e-5)
+        expected = 2.0 * (per_patch[holds].mean() + per_patch[~holds].mean())
+        assert torch.allclose(balanced._patch_label_loss(patches, labels), expected, atol=1e-5)
+        # A batch with no object at all: the empty side alone, no NaN.
+        empty = labels.clone()
+        empty[..., :3] = torch.tensor([0.0, 0.0, 1.0])
+        alone = balanced._patch_label_loss(patches, empty)
+        assert torch.isfinite(alone) and torch.allclose(
+            alone, plain._patch_label_loss(patches, empty), atol=1e-5
+        )
+    with pytest.raises(ValueError, match="patch_label_balanced needs"):
+        clip_config("tiny", patch_label_balanced=True)
+
+
 def test_label_head_config_is_checked():
     with pytest.raises(ValueError, match="needs patch_label_groups"):
         clip_config("tiny", patch_label_weight=1.0)

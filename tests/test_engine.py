@@ -85,6 +85,25 @@ def test_presets_overrides_and_errors() -> None:
     ):
         short = apply_overrides(shapes, order).stage("clip")
         assert (short.steps, short.warmup_steps) == (10, 0)
+    # Fields only valid together are applied together: the object-target model is the shapes one plus overrides,
+    # and one of them alone is refused.
+    together = [
+        "model.clip.patch_label_weight=1",
+        "model.clip.patch_label_groups=6,9",
+        "model.clip.patch_label_values=4",
+        "model.clip.patch_label_kind=object",
+        "model.clip.target_basis=labels",
+        "model.clip.target_components=19",
+        "model.dit.in_channels=19",
+    ]
+    built = apply_overrides(shapes, together).model
+    assert built.clip == preset("shapes-object").model.clip and built.dit == preset("shapes-object").model.dit
+    with pytest.raises(ConfigError, match="target_components"):
+        apply_overrides(shapes, ["model.clip.target_components=19"])
+    with pytest.raises(ConfigError, match="also has fields set"):
+        apply_overrides(shapes, ["model.clip.target_components=19", "model.clip=x"])
+    with pytest.raises(ConfigError, match="also set as a value"):
+        apply_overrides(shapes, ["model.clip=x", "model.clip.target_components=19"])
     # The released recipe resolves to the released DiT.
     big = preset("blip3o-8b")
     assert (big.model.dit.dim, big.model.dit.n_layers, big.model.dit.latent_embedding_size) == (

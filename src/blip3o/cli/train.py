@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 2 -m blip3o.cli.train --preset tiny-test --out runs/ddp distributed=ddp
 
 Overrides are `dotted.key=value`; stages are addressed by name (`stages.<name>.<field>=...`, or
-`stages.*.<field>=...` for all). Run the same command again to resume.
+`stages.*.<field>=...` for all); a tuple is comma-separated (`model.clip.patch_label_groups=6,9`). They are
+applied together, so fields only valid together can be given together (`model.clip.target_components=19
+model.dit.in_channels=19`). Run the same command again to resume.
 """
 
 from __future__ import annotations
