@@ -39,6 +39,28 @@ def test_exact_labels_pass_their_prompts_and_none_fail(bench) -> None:
     assert set(bench.judge_labels(empty, records).values()) == {0.0}
 
 
+def test_head_accuracy_counts_objects_classes_and_value_errors(bench) -> None:
+    rng = np.random.default_rng(1)
+    truth = torch.stack([scene_object_labels(sample_scene(rng), 8) for _ in range(6)])  # (6, 64, 19)
+    exact = bench.head_accuracy(truth, truth)
+    assert exact["objects"] == int((truth[..., 5] == 0).sum()) > 6
+    assert {k: v for k, v in exact.items() if k != "objects"} == {
+        "recall": 1.0, "precision": 1.0, "shape": 1.0, "colour": 1.0,
+        "dx_mae": 0.0, "dy_mae": 0.0, "size_mae": 0.0, "rotation_mae": 0.0,
+    }  # fmt: skip
+    read = truth.clone()
+    first = (truth[0, :, 5] == 0).nonzero()[0, 0]  # the first object centre of image 0
+    read[0, first, :6] = torch.eye(6)[(truth[0, first, :5].argmax() + 1) % 5]  # another shape
+    read[1, :, 15] += 0.5  # every dx of image 1 off by 0.5
+    read[2, (truth[2, :, 5] == 1).nonzero()[0, 0], :6] = torch.eye(6)[0]  # an empty patch read as a circle
+    wrong = bench.head_accuracy(read, truth)
+    n = exact["objects"]
+    assert wrong["shape"] == pytest.approx((n - 1) / n) and wrong["recall"] == 1.0
+    assert wrong["precision"] == pytest.approx(n / (n + 1))
+    image1 = int((truth[1, :, 5] == 0).sum())
+    assert wrong["dx_mae"] == pytest.approx(0.5 * image1 / n) and wrong["dy_mae"] == 0.0
+
+
 def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Path) -> None:
     base = tiny_config(tokenizer_corpus_scenes=100)
     clip = replace(base.clip, patch_label_weight=1.0, patch_label_groups=PATCH_LABEL_GROUPS,
@@ -50,7 +72,8 @@ def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Pat
     model.save_pretrained(tmp_path / "object")
     result = bench.main([str(tmp_path / "object"), "--prompts", "6", "--cfg", "1", "3", "--steps", "2",
                          "--threads", "1"])  # fmt: skip
-    assert set(result) == {"model", "prompts", "ceiling", "cfg1", "cfg3"} and result["prompts"] == 6
+    assert set(result) == {"model", "prompts", "head", "ceiling", "cfg1", "cfg3"} and result["prompts"] == 6
+    assert 0.0 <= result["head"]["recall"] <= 1.0 and result["head"]["objects"] >= 6
     assert {"found", "overall"} <= set(result["cfg3"])
     save_untrained_tiny_model(tmp_path / "plain")
     with pytest.raises(SystemExit):
