@@ -92,6 +92,7 @@ def test_presets_overrides_and_errors() -> None:
         "model.clip.patch_label_groups=6,9",
         "model.clip.patch_label_values=4",
         "model.clip.patch_label_kind=object",
+        "model.clip.patch_label_balanced=true",
         "model.clip.target_basis=labels",
         "model.clip.target_components=19",
         "model.dit.in_channels=19",

@@ -267,6 +267,17 @@ def test_object_labels_name_each_object_at_its_box_centre_patch() -> None:
     ]
     assert found[0].box == pytest.approx((48.0, 0.0, 64.0, 16.0), abs=1e-5)
     assert found[1].box == pytest.approx((13.0, 29.0, 29.0, 45.0), abs=1e-5)  # centre (21, 37), side 16
+    # A weaker "object" reading next to a centre is not a second object; a stronger one elsewhere is.
+    blurred = labels.clone()
+    weak_square = 0.6 * torch.eye(n_shapes)[SHAPES.index("square")] + 0.4 * torch.eye(n_shapes)[-1]
+    blurred[23, :n_shapes] = weak_square  # below the square's patch 15 (row 1, col 7)
+    blurred[0, :n_shapes] = weak_square  # far from both
+    assert [d.shape for d in object_label_detections(blurred)] == ["square", "square", "star"]
+    assert [d.confidence for d in object_label_detections(blurred)] == pytest.approx([0.6, 1.0, 1.0])
+    # Two true centres in neighbouring patches tie and both stay.
+    close = labels.clone()
+    close[14] = labels[15]
+    assert len(object_label_detections(close)) == 3
     with pytest.raises(ValueError, match="labels"):
         object_label_detections(labels[:, :18])
     with pytest.raises(ValueError, match="two object centres"):

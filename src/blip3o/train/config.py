@@ -278,6 +278,10 @@ def shapes_object_model_config() -> Blip3oConfig:
     (bench/dit_locality.py). On ideal such tokens (bench/ideal_target.py, exact scene condition) a fresh DiT reached
     token-level ShapesGenEval 0.85 at CFG 3 after 1,800 steps of batch 64. The decoder's 3x3 projection lets
     each token paint the neighbouring patches its object covers.
+
+    The label loss is balanced between object and empty patches (`ClipConfig.patch_label_balanced`): after the
+    same 1,500 CLIP steps, shape accuracy at object centres on real renders rose from 0.45 to 0.95 and object
+    recall from 0.68 to 0.98 (bench/label_judge.py's head figures; its ceiling from 0.17 to 0.87).
     """
     base = shapes_model_config()
     clip = replace(
@@ -286,6 +290,7 @@ def shapes_object_model_config() -> Blip3oConfig:
         patch_label_groups=PATCH_LABEL_GROUPS,
         patch_label_values=PATCH_LABEL_VALUES,
         patch_label_kind="object",
+        patch_label_balanced=True,
         target_basis="labels",
         target_components=sum(PATCH_LABEL_GROUPS) + PATCH_LABEL_VALUES,
     )
