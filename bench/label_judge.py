@@ -42,25 +42,20 @@ def head_accuracy(read: torch.Tensor, truth: torch.Tensor) -> dict:
     n_shapes, n_colours = PATCH_LABEL_GROUPS
     holds = truth[..., n_shapes - 1] < 0.5  # (B, N)
     read_holds = read[..., :n_shapes].argmax(-1) != n_shapes - 1  # (B, N)
-    hits = (holds & read_holds).sum().item()
-    shapes, colours = slice(0, n_shapes - 1), slice(n_shapes, n_shapes + n_colours - 1)
-    errors = (read[holds][:, n_shapes + n_colours :] - truth[holds][:, n_shapes + n_colours :]).abs().mean(0)
+    hits = int((holds & read_holds).sum())
+    at, exact = read[holds], truth[holds]  # (objects, 19) each
+
+    def accuracy(group: slice) -> float:
+        return (at[:, group].argmax(-1) == exact[:, group].argmax(-1)).float().mean().item()
+
+    errors = (at[:, n_shapes + n_colours :] - exact[:, n_shapes + n_colours :]).abs().mean(0).tolist()
     return {
         "objects": int(holds.sum()),
         "recall": hits / max(1, int(holds.sum())),
         "precision": hits / max(1, int(read_holds.sum())),
-        "shape": (read[holds][:, shapes].argmax(-1) == truth[holds][:, shapes].argmax(-1))
-        .float()
-        .mean()
-        .item(),
-        "colour": (read[holds][:, colours].argmax(-1) == truth[holds][:, colours].argmax(-1))
-        .float()
-        .mean()
-        .item(),
-        **{
-            f"{name}_mae": e
-            for name, e in zip(("dx", "dy", "size", "rotation"), errors.tolist(), strict=True)
-        },
+        "shape": accuracy(slice(0, n_shapes - 1)),
+        "colour": accuracy(slice(n_shapes, n_shapes + n_colours - 1)),
+        **{f"{name}_mae": e for name, e in zip(("dx", "dy", "size", "rotation"), errors, strict=True)},
     }
 
 
