@@ -120,14 +120,30 @@ def caption_conditions(model: Blip3o, scenes: list, rng: np.random.Generator) ->
     return model_conditions(model, captions)
 
 
+def _adamw_update(parameters, lr: float, warmup_steps: int):
+    """AdamW at `lr` without weight decay and a linear warm-up over `warmup_steps`; returns `update(loss)`, one
+    optimizer step: backward, gradients clipped to 1.0, step, schedule step."""
+    parameters = list(parameters)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        warmup.step()
+
+    return update
+
+
 def dit_training(dit: DiT, targets: torch.Tensor, conditions: torch.Tensor, flow, lr: float, batch: int,
                  generator: torch.Generator, bf16: bool = False):  # fmt: skip
     """Train `dit` by flow matching on `targets` (N, C, h, w) given `conditions` (N, L, H): AdamW at `lr`, no
     weight decay, 200 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`. Yields
     (step, smoothed loss, training seconds) after each step for as long as the caller iterates; what the caller
     does between steps (sampling, judging) is not counted."""
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    update = _adamw_update(dit.parameters(), lr, warmup_steps=200)
     running, train_s, step = None, 0.0, 0
     while True:
         tick = time.perf_counter()
@@ -136,11 +152,7 @@ def dit_training(dit: DiT, targets: torch.Tensor, conditions: torch.Tensor, flow
             loss, _ = flow_matching_loss(
                 dit, targets[index], conditions[index], generator=generator, cfg=flow
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
+        update(loss)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         train_s += time.perf_counter() - tick
@@ -154,17 +166,12 @@ def decoder_training(
     1e-3, no weight decay, 100 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`
     (moved to the decoder's device). Yields (step, loss) after each step for as long as the caller iterates."""
     device = next(decoder.parameters()).device
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    update = _adamw_update(decoder.parameters(), 1e-3, warmup_steps=100)
     step = 0
     while True:
         index = torch.randint(len(pixels), (batch,), generator=generator)
         loss = decoder.loss(pixels[index].to(device), tokens[index].to(device), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
+        update(loss)
         step += 1
         yield step, loss.item()
 
