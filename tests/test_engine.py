@@ -23,7 +23,13 @@ from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.clip import grid_to_tokens
 from blip3o.train.config import ConfigError, apply_overrides, preset
 from blip3o.train.optim import build_optimizer
-from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
+from blip3o.train.stages import (
+    StageModule,
+    condition_noise_draws,
+    fit_feature_statistics,
+    parameters_of,
+    set_trainable,
+)
 from blip3o.world.language import annotate
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -337,6 +343,34 @@ def test_principal_component_target_trains_and_generates(tmp_path: Path) -> None
     loaded = Blip3o.from_pretrained(tmp_path / "fp16")
     assert torch.equal(loaded.clip.component_basis, model.clip.component_basis)
     assert torch.equal(loaded.clip.component_std, model.clip.component_std)
+
+
+def test_decoder_conditioning_augmentation_is_seeded_noise_in_target_units() -> None:
+    base = tiny_config(tokenizer_corpus_scenes=100)
+    config = replace(base, clip=replace(base.clip, target_components=8), dit=replace(base.dit, in_channels=8))
+    model = Blip3o.from_config(config, seed=0)
+    batch = _world_batch(3)
+    fit_feature_statistics(model, batch["images"])
+    # The draws: a sample's noise depends on its own seed only, its std on [0, max_std].
+    noise = condition_noise_draws((3, 64, 128), [5, 6, 7], 0.5)  # (3, 64, 128)
+    assert torch.equal(condition_noise_draws((1, 64, 128), [6], 0.5)[0], noise[1])
+    stds = noise.flatten(1).std(dim=1)  # (3,)
+    assert stds.max() < 0.5 * 1.05 and stds.min() > 0 and len(set(stds.tolist())) == 3
+    assert not condition_noise_draws((2, 4, 8), [5, 6], 0.0).any()
+    # The decoder's condition: the real target plus the noise, mapped back to features.
+    target_noise = condition_noise_draws((3, 64, 8), batch["seeds"], 0.5)  # (3, 64, 8)
+    target = model.clip.features_to_target(model.encode_image(batch["images"]))  # (3, 64, 8)
+    expected = model.clip.target_to_features(target + target_noise)  # (3, 64, 128)
+    assert torch.allclose(model.decoder_features(batch["images"], target_noise), expected, atol=1e-5)
+    # The decoder stage draws it when condition_noise > 0: same batch, same loss; a different loss than without.
+    set_trainable(model, "decoder")
+    plain = StageModule(model, "decoder")(batch)[0]
+    model.decoder.config = replace(model.decoder.config, condition_noise=0.5)
+    noisy = StageModule(model, "decoder")(batch)[0]
+    assert torch.equal(noisy, StageModule(model, "decoder")(batch)[0])
+    assert not torch.isclose(noisy, plain)
+    with pytest.raises(ValueError, match="condition_noise"):
+        replace(model.decoder.config, condition_noise=-0.1)
 
 
 def test_vae_target_variant_trains_and_generates() -> None:

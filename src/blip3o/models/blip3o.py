@@ -280,16 +280,25 @@ class Blip3o(nn.Module):
         return self.clip.encode_image(self.clip.preprocess(images).to(self.device))
 
     @torch.no_grad()
-    def decoder_features(self, images: list[Image.Image]) -> torch.Tensor:
+    def decoder_features(
+        self, images: list[Image.Image], target_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """What the pixel decoder is trained on: normalised CLIP tokens (B, N, D) as the DiT's target keeps them.
 
         With `target_components` = k the decoder only ever sees generated targets mapped back from k
         components, so it learns from real tokens cut the same way; else these are `encode_image`'s tokens.
+        `target_noise` (B, N, C), in the target's units, is added before mapping back (conditioning
+        augmentation, `PixelDecoderConfig.condition_noise`).
         """
         features = self.encode_image(images)  # (B, N, D)
-        if self.config.target != "clip" or not self.clip.config.target_components:
+        if self.config.target != "clip":
             return features
-        return self.clip.target_to_features(self.clip.features_to_target(features))  # (B, N, D)
+        target = self.clip.features_to_target(features)  # (B, N, C); the features themselves without k
+        if target_noise is not None:
+            target = target + target_noise.to(target)  # (B, N, C)
+        elif not self.clip.config.target_components:
+            return features
+        return self.clip.target_to_features(target)  # (B, N, D)
 
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """The backbone's hidden states at the query positions for text-to-image prompts: (B, Q, H)."""

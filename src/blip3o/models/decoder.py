@@ -84,6 +84,11 @@ class PixelDecoderConfig:
     # token also paints into its 8 neighbours, so a token that names a whole object (one token per object,
     # objects wider than a patch) can draw all of it.
     spatial_kernel: int = 1
+    # Conditioning augmentation (Ho et al., cascaded diffusion): in training, the condition gets Gaussian noise
+    # of a std drawn per sample, uniform in [0, condition_noise], in the units of the DiT's target (unit
+    # variance per channel). The decoder learns from exact CLIP tokens but decodes the DiT's inexact ones;
+    # trained on perturbed tokens it must draw a clean image from a nearby token. 0: off. Sampling is unchanged.
+    condition_noise: float = 0.0
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -97,6 +102,8 @@ class PixelDecoderConfig:
             )
         if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:
             raise ValueError(f"spatial_kernel must be a positive odd number, got {self.spatial_kernel}")
+        if self.condition_noise < 0:
+            raise ValueError(f"condition_noise must be >= 0, got {self.condition_noise}")
 
     @property
     def grid(self) -> int:

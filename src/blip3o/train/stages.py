@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +94,19 @@ def per_sample_draws(
     )
 
 
+def condition_noise_draws(shape: tuple[int, ...], seeds: list[int], max_std: float) -> torch.Tensor:
+    """Conditioning-augmentation noise (B, ...) = per sample: std uniform in [0, max_std] times Gaussian noise.
+
+    Drawn from each sample's own seed (as `per_sample_draws`), on a stream of its own, so it does not repeat
+    the flow-matching draws made from the same seed."""
+    parts = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+        std = max_std * torch.rand((), generator=generator)
+        parts.append(std * torch.randn(shape[1:], generator=generator))
+    return torch.stack(parts)  # (B, ...)
+
+
 class StageModule(nn.Module):
     """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample').
 
@@ -140,7 +154,13 @@ class StageModule(nn.Module):
             )
             return loss, {}
         if kind == "decoder":
-            features = m.decoder_features(batch["images"])  # (B, N, D), frozen CLIP, as the DiT's target
+            noise = None
+            if m.decoder.config.condition_noise and m.config.target == "clip":
+                channels = m.clip.config.target_components or m.clip.config.feature_dim
+                shape = (len(batch["images"]), m.decoder.config.num_feature_tokens, channels)
+                noise = condition_noise_draws(shape, batch["seeds"], m.decoder.config.condition_noise)
+            # (B, N, D), frozen CLIP, as the DiT's target (+ conditioning augmentation)
+            features = m.decoder_features(batch["images"], noise)
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)
