@@ -552,6 +552,20 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     assert (tmp_path / "card" / "curves.png").exists() and (tmp_path / "card" / "curves.csv").exists()
     assert (tmp_path / "card" / "failures.png").exists() or (tmp_path / "card" / "passes.png").exists()
     assert card_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "card2")]) == 2
+    assert "reused" not in card and "+ only" not in card
+    # Provenance: a stage filled from another model (tools/reuse_backbone.py), or resumed, says so.
+    reused = {"source": "elsewhere/model", "tool": "tools/reuse_backbone.py", "log": "copied from c.csv"}
+    (tmp_path / "run" / "generation" / "reused.json").write_text(json.dumps(reused))
+    assert card_main([str(tmp_path / "run"), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert "| reused from `elsewhere/model` |" in card
+    assert "generation were not trained by this run" in card and "(copied from c.csv)" in card
+    (tmp_path / "run" / "generation" / "reused.json").unlink()
+    summary_file = tmp_path / "run" / "generation" / "stage_summary.json"
+    summary_file.write_text(json.dumps({**stage, "resumed_at": 7}))
+    assert card_main([str(tmp_path / "run"), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert "min (steps 7+ only) |" in card and "generation from step 7" in card
 
 
 def test_object_label_target_runs_clip_decoder_and_generation(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,3 +46,25 @@ def test_refuses_a_different_backbone_config(tmp_path: Path) -> None:
     Blip3o.from_config(config, seed=1).save_pretrained(tmp_path / "run" / "decoder" / "model")
     assert _load_tool().main([str(tmp_path / "source"), str(tmp_path / "run")]) == 1
     assert not (tmp_path / "run" / "vision").exists()
+
+
+def test_provenance_and_curves_are_recorded(tmp_path: Path) -> None:
+    config = tiny_config(tokenizer_corpus_scenes=100)
+    Blip3o.from_config(config, seed=1).save_pretrained(tmp_path / "source")
+    Blip3o.from_config(config, seed=1).save_pretrained(tmp_path / "run" / "decoder" / "model")
+    curves = tmp_path / "curves.csv"
+    curves.write_text(
+        "stage,step,loss,grad_norm,lr,samples_per_s\n"
+        "vision,50,1.5,2.0,0.001,800\nvision,100,0.9,1.0,0.001,810\nunderstanding,50,4.0,3.0,0.001,130\n"
+    )
+    args = [str(tmp_path / "source"), str(tmp_path / "run"), "--curves", str(curves)]
+    assert _load_tool().main(args) == 0
+    vision = [
+        json.loads(line) for line in (tmp_path / "run" / "vision" / "log.jsonl").read_text().splitlines()
+    ]
+    assert [(r["step"], r["loss"]) for r in vision] == [(50, 1.5), (100, 0.9)]
+    reused = json.loads((tmp_path / "run" / "understanding" / "reused.json").read_text())
+    assert reused["source"] == str(tmp_path / "source") and reused["log"] == f"copied from {curves}"
+    # A curves file without a filled stage's rows is refused before anything is written.
+    assert _load_tool().main([*args, "--stages", "vision", "extra"]) == 1
+    assert not (tmp_path / "run" / "extra").exists()

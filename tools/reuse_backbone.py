@@ -1,6 +1,7 @@
 """Skip a run's understanding stages by reusing a trained model's backbone (a surgery for recipe trials).
 
     python tools/reuse_backbone.py SOURCE_MODEL RUN_DIR [--after decoder] [--stages vision understanding]
+        [--curves SOURCE_CURVES.csv]
 
 Why: the `shapes` recipe trains CLIP and the decoder, then the backbone (stages "vision", "understanding",
 36 min), then generation. A change to CLIP or the generation side leaves the backbone's training untouched:
@@ -12,16 +13,23 @@ the backbone's weights with SOURCE_MODEL's (the language model and its vision to
 which the generation stages train from their initial values as in a full run), and exports the result as
 each of RUN_DIR/<stage>/model, so `blip3o train` resumes at the next stage. The two tokenizers must be the
 same (both are trained from the preset's config, deterministically); it refuses otherwise.
+
+Provenance: each filled stage gets a `reused.json` (the source and this tool), which `blip3o card` reports
+in place of a training time. `--curves` takes the source's training curves (a CSV written by `blip3o curves`
+or `blip3o card`, e.g. the previous model card's curves.csv) and writes each filled stage's rows as its
+log.jsonl, so the card still shows how the reused backbone was trained; reused.json records the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from blip3o.eval.curves import read_csv
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.loop import export_model
 
@@ -32,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the run folder (its stage <after> must be trained)")
     parser.add_argument("--after", default="decoder", help="the last stage this run trained itself")
     parser.add_argument("--stages", nargs="+", default=["vision", "understanding"], help="stages to fill")
+    parser.add_argument("--curves", type=Path, help="the source's training curves (CSV), copied per stage")
     args = parser.parse_args(argv)
+    curves = read_csv(args.curves) if args.curves else {}
+    if args.curves and (missing := [s for s in args.stages if s not in curves]):
+        print(f"{args.curves} has no curves for stage(s) {', '.join(missing)}", file=sys.stderr)
+        return 1
 
     model = Blip3o.from_pretrained(args.run / args.after / "model")
     source = Blip3o.from_pretrained(args.source)
@@ -51,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     assert torch.equal(model.backbone.latent_queries, queries)
     for stage in args.stages:
         export_model(model, args.run / stage / "model")
+        reused = {"source": str(args.source), "tool": "tools/reuse_backbone.py", "weights": "backbone"}
+        if args.curves:
+            lines = [json.dumps(record) for record in curves[stage]]
+            (args.run / stage / "log.jsonl").write_text("\n".join(lines) + "\n")
+            reused["log"] = f"copied from {args.curves}"
+        (args.run / stage / "reused.json").write_text(json.dumps(reused, indent=2) + "\n")
         print(f"wrote {args.run / stage / 'model'} (backbone of {args.source})")
     return 0
 

@@ -49,8 +49,15 @@ def stage_facts(run: Path, config: dict) -> list[dict]:
             raise ModelCardError(f"{run / name / 'log.jsonl'} is empty")
         end = (run / name / "model" / "config.json").stat().st_mtime
         summary_path = run / name / "stage_summary.json"
-        if summary_path.exists():
-            wall, source = _read_json(summary_path)["wall_s"], "stage_summary.json"
+        reused_path = run / name / "reused.json"  # filled from another model (tools/reuse_backbone.py)
+        reused = _read_json(reused_path) if reused_path.exists() else None
+        resumed_at = 0
+        if reused:
+            wall, source = None, "reused"
+        elif summary_path.exists():
+            summary = _read_json(summary_path)
+            wall, source = summary["wall_s"], "stage_summary.json"
+            resumed_at = summary.get("resumed_at", 0)
         else:
             wall, source = (end - previous_end if previous_end else None), "file times"
         previous_end = end
@@ -67,6 +74,8 @@ def stage_facts(run: Path, config: dict) -> list[dict]:
                 "samples_per_s": rates[len(rates) // 2] if rates else None,
                 "wall_s": wall,
                 "wall_source": source,
+                "resumed_at": resumed_at,
+                "reused": reused,
             }
         )
     return facts
@@ -98,6 +107,10 @@ def _examples(
 def _stage_row(f: dict) -> str:
     rate = "" if f["samples_per_s"] is None else f"{f['samples_per_s']:.0f}"
     wall = "" if f["wall_s"] is None else f"{f['wall_s'] / 60:.1f} min"
+    if f.get("reused"):
+        wall = f"reused from `{f['reused']['source']}`"
+    elif f.get("resumed_at"):
+        wall += f" (steps {f['resumed_at']}+ only)"
     return (
         f"| {f['name']} | {f['kind']} | {f['steps']} | {f['batch_size']} | {f['lr']:g} | "
         f"{f['first_loss']:.4f} | {f['last_loss']:.4f} | {rate} | {wall} |"
@@ -237,7 +250,23 @@ def build_model_card(
     )
 
     trained = sum(f["wall_s"] or 0 for f in facts)
-    sources = sorted({f["wall_source"] for f in facts})
+    sources = sorted({f["wall_source"] for f in facts} - {"reused"})
+    reused = [f for f in facts if f["reused"]]
+    resumed = [f for f in facts if f["resumed_at"]]
+    provenance = []
+    if reused:
+        logs = sorted({f["reused"].get("log", "") for f in reused} - {""})
+        provenance.append(
+            f"Stage(s) {', '.join(f['name'] for f in reused)} were not trained by this run: their weights "
+            f"were copied from `{reused[0]['reused']['source']}` by `{reused[0]['reused']['tool']}`"
+            + (f"; their curves are that model's training logs ({'; '.join(logs)})." if logs else ".")
+        )
+    if resumed:
+        provenance.append(
+            "Resumed stages report the wall time of their last session only: "
+            + ", ".join(f"{f['name']} from step {f['resumed_at']}" for f in resumed)
+            + "."
+        )
     lines = [
         f"# {title}",
         "",
@@ -245,7 +274,8 @@ def build_model_card(
         "",
         "## Recipe",
         "",
-        f"`blip3o train --preset {config['preset']} --out {run}`: every stage from scratch on ShapesWorld, "
+        f"`blip3o train --preset {config['preset']} --out {run}`: "
+        f"{'stages' if reused else 'every stage'} from scratch on ShapesWorld{' (see below)' if reused else ''}, "
         f"{config['data']['num_samples']:,} samples (world seed {config['data']['seed']}); stage 3 uses the "
         f"GenEval-style training prompts ({config['data']['instruct_renders']} renders each), disjoint from "
         "the evaluation prompts.",
@@ -257,6 +287,7 @@ def build_model_card(
         f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
         "before the first stage not included).",
         "",
+        *[line for p in provenance for line in (p, "")],
         *_model_section(config["model"]),
         "## Compute",
         "",
