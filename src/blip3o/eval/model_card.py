@@ -107,9 +107,9 @@ def _examples(
 def _stage_row(f: dict) -> str:
     rate = "" if f["samples_per_s"] is None else f"{f['samples_per_s']:.0f}"
     wall = "" if f["wall_s"] is None else f"{f['wall_s'] / 60:.1f} min"
-    if f.get("reused"):
+    if f["reused"]:
         wall = f"reused from `{f['reused']['source']}`"
-    elif f.get("resumed_at"):
+    elif f["resumed_at"]:
         wall += f" (steps {f['resumed_at']}+ only)"
     return (
         f"| {f['name']} | {f['kind']} | {f['steps']} | {f['batch_size']} | {f['lr']:g} | "

@@ -156,8 +156,8 @@ class StageModule(nn.Module):
         if kind == "decoder":
             noise = None
             if m.decoder.config.condition_noise and m.config.target == "clip":
-                channels = m.clip.config.target_components or m.clip.config.feature_dim
-                shape = (len(batch["images"]), m.decoder.config.num_feature_tokens, channels)
+                channels, height, width = m.config.target_shape  # what the DiT generates
+                shape = (len(batch["images"]), height * width, channels)
                 noise = condition_noise_draws(shape, batch["seeds"], m.decoder.config.condition_noise)
             # (B, N, D), frozen CLIP, as the DiT's target (+ conditioning augmentation)
             features = m.decoder_features(batch["images"], noise)
