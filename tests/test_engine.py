@@ -402,6 +402,30 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         assert abs(a - b) < 1e-5
 
 
+def test_top_config_that_disagrees_with_a_component_config_is_a_clear_error(
+    tmp_path: Path, tiny_model: Blip3o
+) -> None:
+    from blip3o.models.blip3o import ModelLoadError
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder"]["sample_steps"] += 5
+    config["dit"]["n_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"decoder\.sample_steps") as caught:
+        Blip3o.from_pretrained(folder)
+    assert "dit.n_layers" in str(caught.value)  # every disagreement is named, not just the first
+    # Agreeing again (both sides edited) loads, and the edit takes effect.
+    decoder_config = json.loads((folder / "decoder" / "config.json").read_text())
+    decoder_config["sample_steps"] = config["decoder"]["sample_steps"]
+    (folder / "decoder" / "config.json").write_text(json.dumps(decoder_config))
+    config["dit"] = json.loads((folder / "dit" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = Blip3o.from_pretrained(folder)
+    assert loaded.decoder.config.sample_steps == tiny_model.decoder.config.sample_steps + 5
+
+
 def test_query_count_mismatch_and_corrupt_checkpoint_are_clear_errors(
     tmp_path: Path, tiny_model: Blip3o
 ) -> None:

@@ -159,6 +159,30 @@ def _check_query_count(backbone_dir: Path, n_queries: int) -> None:
         )
 
 
+def _check_component_configs(config_path: Path, config: Blip3oConfig, **components: nn.Module | None) -> None:
+    """Each component is built from its own folder's config; the top config.json must say the same.
+
+    A hand-edited top config that disagrees with a component's would otherwise be ignored for the weights yet
+    saved as the "resolved config" of every later checkpoint: fail here, naming each disagreeing field.
+    """
+    problems = []
+    for name, component in components.items():
+        expected, loaded = getattr(config, name), getattr(component, "config", None)
+        if component is None or expected is None:
+            if (component is None) != (expected is None):
+                problems.append(f"{name}: {'no' if component is None else 'a'} {name}/ folder")
+            continue
+        for f in fields(expected):
+            want, have = getattr(expected, f.name), getattr(loaded, f.name)
+            if want != have:
+                problems.append(f"{name}.{f.name}: {want!r} here, {have!r} in {name}/{CONFIG_FILE}")
+    if problems:
+        raise ModelLoadError(
+            f"{config_path} disagrees with its components' own configs (edit both, or re-save the model): "
+            + "; ".join(problems)
+        )
+
+
 def storage_dtype_name(dtype: torch.dtype) -> str:
     """The config.json name of a storage dtype; ValueError for one weights cannot be stored in."""
     for name, value in STORAGE_DTYPES.items():
@@ -438,6 +462,9 @@ class Blip3o(nn.Module):
         clip = component("clip", ClipEncoder.from_pretrained)
         decoder = component("decoder", PixelDecoder.from_pretrained)
         vae = component("vae", Vae.from_pretrained) if (directory / "vae").is_dir() else None
+        _check_component_configs(
+            config_path, config, backbone=backbone, dit=dit, clip=clip, decoder=decoder, vae=vae
+        )
         model = cls(config, backbone, clip, decoder, dit=dit, vae=vae)
         if storage != "float32":
             # Half-precision storage only: the model computes in float32 whatever the files hold (each
