@@ -169,13 +169,17 @@ def _check_component_configs(config_path: Path, config: Blip3oConfig, **componen
     for name, component in components.items():
         expected, loaded = getattr(config, name), getattr(component, "config", None)
         if component is None or expected is None:
-            if (component is None) != (expected is None):
-                problems.append(f"{name}: {'no' if component is None else 'a'} {name}/ folder")
+            if component is None and expected is not None:
+                problems.append(f"{name}: in {CONFIG_FILE} but no {name}/ folder")
+            elif component is not None:
+                problems.append(f"{name}: a {name}/ folder but none in {CONFIG_FILE}")
             continue
         for f in fields(expected):
             want, have = getattr(expected, f.name), getattr(loaded, f.name)
             if want != have:
-                problems.append(f"{name}.{f.name}: {want!r} here, {have!r} in {name}/{CONFIG_FILE}")
+                problems.append(
+                    f"{name}.{f.name}: {want!r} in {CONFIG_FILE}, {have!r} in {name}/{CONFIG_FILE}"
+                )
     if problems:
         raise ModelLoadError(
             f"{config_path} disagrees with its components' own configs (edit both, or re-save the model): "
