@@ -167,15 +167,15 @@ def _check_component_configs(config_path: Path, config: Blip3oConfig, **componen
     """
     problems = []
     for name, component in components.items():
-        expected, loaded = getattr(config, name), getattr(component, "config", None)
-        if component is None or expected is None:
-            if component is None and expected is not None:
-                problems.append(f"{name}: in {CONFIG_FILE} but no {name}/ folder")
-            elif component is not None:
+        expected = getattr(config, name)
+        if component is None or expected is None:  # only the optional vae can be absent
+            if component is not None:
                 problems.append(f"{name}: a {name}/ folder but none in {CONFIG_FILE}")
+            elif expected is not None:
+                problems.append(f"{name}: in {CONFIG_FILE} but no {name}/ folder")
             continue
         for f in fields(expected):
-            want, have = getattr(expected, f.name), getattr(loaded, f.name)
+            want, have = getattr(expected, f.name), getattr(component.config, f.name)
             if want != have:
                 problems.append(
                     f"{name}.{f.name}: {want!r} in {CONFIG_FILE}, {have!r} in {name}/{CONFIG_FILE}"
