@@ -1,0 +1,117 @@
+"""Which pixel decoder draws a model's generated tokens best? One set of DiT samples, several decoders, one judge.
+
+    .venv/bin/python bench/decoder_arms.py MODEL [--dec DIR ...] [--prompts 240] [--cfg 3] [--seed 0]
+
+The model's DiT samples CLIP targets once for balanced ShapesGenEval prompts (`balanced_subset`, seed --seed);
+each decoder then draws the same targets (same decoder seed) and the ShapesWorld judge scores the images by
+ShapesGenEval's rules. So the rows differ only in the decoder: a paired comparison, far steadier than two
+full `blip3o eval geneval` runs, and ~1-2 min per arm instead of ~16 min per seed. The first row is MODEL's own
+decoder. A --dec folder is a model folder (its decoder/ is used) or a decoder folder itself; the decoders must
+read MODEL's CLIP features (same feature width and token count).
+
+"found" is the share of images in which the judge found any object at all: with the object-centric target it
+separated decoders better than the score did (docs/bench/object_target.txt, session 18).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from blip3o.eval.geneval import score_detection_lists
+from blip3o.eval.model_eval import balanced_subset
+from blip3o.models.blip3o import Blip3o
+from blip3o.models.clip import grid_to_tokens
+from blip3o.models.decoder import PixelDecoder, tensor_to_images
+from blip3o.world.judge import detect
+from blip3o.world.prompts import load_eval_prompts
+
+
+def load_decoder(folder: Path) -> PixelDecoder:
+    """A decoder from a model folder (its decoder/) or from a decoder folder, in float32."""
+    folder = folder / "decoder" if (folder / "decoder" / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder}: neither a model folder nor a decoder folder (no config.json)")
+    return PixelDecoder.from_pretrained(folder).float().eval()
+
+
+@torch.no_grad()
+def judge_decoder(
+    decoder: PixelDecoder, features: torch.Tensor, records: list[dict], args: argparse.Namespace
+) -> dict:
+    """Decode (P, N, D) CLIP features with `decoder` in batches and score the images."""
+    generator = torch.Generator().manual_seed(args.seed)
+    images = []
+    for start in range(0, len(features), args.batch):
+        pixels = decoder.decode(
+            features[start : start + args.batch],
+            steps=args.decoder_steps,
+            cfg_scale=args.decoder_cfg,
+            generator=generator,
+        )  # (b, 3, S, S) in [-1, 1]
+        images += tensor_to_images(pixels)
+    return score_detection_lists(records, [detect(image) for image in images])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="the model whose DiT samples the targets")
+    parser.add_argument(
+        "--dec", type=Path, nargs="*", default=[], help="other decoders (model or decoder folders)"
+    )
+    parser.add_argument("--prompts", type=int, default=240, help="balanced ShapesGenEval prompts")
+    parser.add_argument("--cfg", type=float, default=3.0, help="the DiT's guidance scale")
+    parser.add_argument("--steps", type=int, help="DiT sampling steps (default: the model's)")
+    parser.add_argument("--decoder-steps", type=int, help="decoder sampling steps (default: each decoder's)")
+    parser.add_argument("--decoder-cfg", type=float, help="decoder guidance (default: each decoder's)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt subset, DiT and decoder seed")
+    parser.add_argument("--batch", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Blip3o.from_pretrained(args.model).eval()
+    if model.config.target != "clip":
+        parser.error(f"{args.model}: its DiT generates {model.config.target} latents, not CLIP targets")
+    records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
+    prompts = [r["prompt"] for r in records]
+    features = []
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(args.seed)
+        for start in range(0, len(prompts), args.batch):
+            target = model.generate_target(
+                prompts[start : start + args.batch], args.steps, args.cfg, generator
+            )  # (b, C, g, g)
+            features.append(model.clip.target_to_features(grid_to_tokens(target)))  # (b, N, D)
+    features = torch.cat(features)  # (P, N, D)
+    arms = {f"{args.model} (own)": model.decoder}
+    for folder in args.dec:
+        decoder = load_decoder(folder)
+        if (
+            decoder.config.feature_dim != features.shape[2]
+            or decoder.config.num_feature_tokens != features.shape[1]
+        ):
+            parser.error(f"{folder}: its decoder reads {decoder.config.num_feature_tokens} x "
+                         f"{decoder.config.feature_dim} features, the model makes {tuple(features.shape[1:])}")  # fmt: skip
+        arms[str(folder)] = decoder
+    result = {
+        "model": str(args.model),
+        "prompts": len(records),
+        "cfg": args.cfg,
+        "seed": args.seed,
+        "arms": {},
+    }
+    print(f"{len(records)} balanced prompts, DiT CFG {args.cfg:g}, seed {args.seed}")
+    for name, decoder in arms.items():
+        row = judge_decoder(decoder, features, records, args)
+        result["arms"][name] = row
+        categories = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("found", "overall"))
+        print(f"  overall {row['overall']:.3f}, found {row['found']:.3f}: {categories}  <- {name}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
