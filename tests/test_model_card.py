@@ -1,8 +1,9 @@
-"""blip3o.eval.model_card: the card's Model section says what the DiT generates, from the run's config."""
+"""blip3o.eval.model_card: the card's Model section says what the DiT generates, from the run's config; its
+provenance says which stages the run did not train itself."""
 
 from __future__ import annotations
 
-from blip3o.eval.model_card import _model_section
+from blip3o.eval.model_card import _model_section, provenance_sentences
 from blip3o.train.config import preset
 
 
@@ -21,3 +22,24 @@ def test_model_section_names_the_target_of_each_recipe() -> None:
     target, clip = _target_and_clip_lines("shapes-object")
     assert "the 19 directions its label head reads" in target
     assert "box centre" in clip and "covered share" not in clip
+
+
+def _fact(name: str, source: str | None = None, resumed_at: int = 0) -> dict:
+    reused = (
+        {"source": source, "tool": "tools/reuse_backbone.py", "log": "copied from c.csv"} if source else None
+    )
+    return {"name": name, "reused": reused, "resumed_at": resumed_at}
+
+
+def test_provenance_names_each_source_of_reused_stages_and_the_resumed_ones() -> None:
+    facts = [_fact("clip", "old/model"), _fact("decoder", resumed_at=5000), _fact("vision", "older/model"),
+             _fact("understanding", "older/model"), _fact("generation")]  # fmt: skip
+    sentences = provenance_sentences(facts)
+    assert sentences == [
+        "Stage(s) clip were not trained by this run: their weights were copied from `old/model` by "
+        "`tools/reuse_backbone.py`; their curves are that model's training logs (copied from c.csv).",
+        "Stage(s) vision, understanding were not trained by this run: their weights were copied from "
+        "`older/model` by `tools/reuse_backbone.py`; their curves are that model's training logs (copied from c.csv).",
+        "Resumed stages report the wall time of their last session only: decoder from step 5000.",
+    ]
+    assert provenance_sentences([_fact("generation")]) == []

@@ -224,6 +224,31 @@ def _scores_section(run: Path) -> list[str]:
     return lines
 
 
+def provenance_sentences(facts: list[dict]) -> list[str]:
+    """What the card says about stages this run did not train itself: one sentence per (source model, tool) that
+    filled stages, so stages reused from different models each name theirs; and one for resumed stages."""
+    by_source: dict[tuple[str, str], list[dict]] = {}
+    for f in facts:
+        if f["reused"]:
+            by_source.setdefault((f["reused"]["source"], f["reused"]["tool"]), []).append(f)
+    sentences = []
+    for (source, tool), group in by_source.items():
+        logs = sorted({f["reused"].get("log", "") for f in group} - {""})
+        sentences.append(
+            f"Stage(s) {', '.join(f['name'] for f in group)} were not trained by this run: their weights "
+            f"were copied from `{source}` by `{tool}`"
+            + (f"; their curves are that model's training logs ({'; '.join(logs)})." if logs else ".")
+        )
+    resumed = [f for f in facts if f["resumed_at"]]
+    if resumed:
+        sentences.append(
+            "Resumed stages report the wall time of their last session only: "
+            + ", ".join(f"{f['name']} from step {f['resumed_at']}" for f in resumed)
+            + "."
+        )
+    return sentences
+
+
 def build_model_card(
     run_dir: str | Path, out_dir: str | Path, title: str = "blip3o ShapesWorld model"
 ) -> Path:
@@ -252,21 +277,7 @@ def build_model_card(
     trained = sum(f["wall_s"] or 0 for f in facts)
     sources = sorted({f["wall_source"] for f in facts} - {"reused"})
     reused = [f for f in facts if f["reused"]]
-    resumed = [f for f in facts if f["resumed_at"]]
-    provenance = []
-    if reused:
-        logs = sorted({f["reused"].get("log", "") for f in reused} - {""})
-        provenance.append(
-            f"Stage(s) {', '.join(f['name'] for f in reused)} were not trained by this run: their weights "
-            f"were copied from `{reused[0]['reused']['source']}` by `{reused[0]['reused']['tool']}`"
-            + (f"; their curves are that model's training logs ({'; '.join(logs)})." if logs else ".")
-        )
-    if resumed:
-        provenance.append(
-            "Resumed stages report the wall time of their last session only: "
-            + ", ".join(f"{f['name']} from step {f['resumed_at']}" for f in resumed)
-            + "."
-        )
+    provenance = provenance_sentences(facts)
     lines = [
         f"# {title}",
         "",
