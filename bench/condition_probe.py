@@ -1,0 +1,144 @@
+"""Does the generation condition say what the prompt asks for? Count, relation and binding, probed.
+
+    .venv/bin/python bench/condition_probe.py MODEL [--threads 2]
+
+Why: on the object-centric bundle the DiT's tokens, read by CLIP's label head (bench/label_judge.py), get
+single objects and colours right but counts and positions almost never (counting 0.00, position 0.06 at CFG 3),
+while a DiT trained from the exact scene as its condition reached counting 0.47 and position 0.74
+(bench/ideal_target.py). So: does the condition (the frozen backbone's last-layer states at the 64 query
+positions) carry those facts, or does the DiT have to do without them?
+
+Prompts are the benchmark's templates over every shape, colour and opener (`blip3o.world.prompts`), and four
+facts are read from them, each by a ridge one-vs-all probe (fit on a seeded 60% of the prompts, ridge picked on the
+next 20%, scored on the last 20%; mean over 3 split seeds):
+- count: "two/three/four ..." in counting prompts (3 classes);
+- relation: the relation word of position prompts (4 classes): present in the words themselves;
+- subject: which shape a position prompt places ("a circle left of a square" -> circle; 5 classes): needs
+  word order, which a bag of words lacks (both shapes are in it);
+- first colour: the colour of the first-named object in colour-attribute prompts ("a red circle and a blue
+  star" -> red; 8 classes): word order again.
+Read from four representations of each prompt: `words` (mean input embedding of the prompt's tokens: a bag of
+words, the floor for order facts), `prompt states` (mean of the last-layer states over the prompt's tokens),
+`queries mean` (mean of the 64 condition vectors) and `queries` (all 64 concatenated, what the DiT reads).
+A fact the words carry but the queries do not is lost on the way into the condition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import numpy as np
+import torch
+
+from blip3o.models.backbone import positions_from_mask
+from blip3o.models.blip3o import Blip3o
+from blip3o.world.prompts import (
+    COUNTING_NUMBERS,
+    DEFAULT_OPENER,
+    PARAPHRASE_OPENERS,
+    color_attr_record,
+    counting_record,
+    position_record,
+)
+from blip3o.world.scene import COLOR_NAMES, RELATIONS, SHAPES
+
+RIDGES = (1e-3, 1e-2, 0.1, 1.0, 10.0)  # times the feature width
+OPENERS = (DEFAULT_OPENER, *PARAPHRASE_OPENERS)
+
+
+def probe_prompts() -> dict[str, tuple[list[str], np.ndarray, int]]:
+    """Per fact: (prompts, labels, number of classes)."""
+    colours = (None, *COLOR_NAMES)
+    count = [(counting_record(s, n, c, o)["prompt"], COUNTING_NUMBERS.index(n))
+             for s, n, c, o in itertools.product(SHAPES, COUNTING_NUMBERS, colours, OPENERS)]  # fmt: skip
+    position = [(position_record(a, r, b, opener=o)["prompt"], RELATIONS.index(r), SHAPES.index(a))
+                for a, b in itertools.permutations(SHAPES, 2) for r in RELATIONS for o in OPENERS]  # fmt: skip
+    attr = [(color_attr_record(a, ca, b, cb, DEFAULT_OPENER)["prompt"], COLOR_NAMES.index(ca))
+            for a, b in itertools.permutations(SHAPES, 2)
+            for ca, cb in itertools.permutations(COLOR_NAMES, 2)]  # fmt: skip
+    return {
+        "count": ([p for p, _ in count], np.array([y for _, y in count]), len(COUNTING_NUMBERS)),
+        "relation": ([p for p, _, _ in position], np.array([y for _, y, _ in position]), len(RELATIONS)),
+        "subject": ([p for p, _, _ in position], np.array([y for _, _, y in position]), len(SHAPES)),
+        "first colour": ([p for p, _ in attr], np.array([y for _, y in attr]), len(COLOR_NAMES)),
+    }
+
+
+@torch.no_grad()
+def representations(model: Blip3o, prompts: list[str], batch: int = 256) -> dict[str, np.ndarray]:
+    """The four read-outs of each prompt, each (P, D)."""
+    backbone = model.backbone
+    n_queries = backbone.config.n_queries
+    language_model = backbone.vlm.model.language_model
+    out: dict[str, list[torch.Tensor]] = {"words": [], "prompt states": [], "queries mean": [], "queries": []}
+    for start in range(0, len(prompts), batch):
+        inputs = backbone.generation_inputs(prompts[start : start + batch])
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (B, T)
+        condition = backbone.condition(ids, mask)  # (B, Q, H), the DiT's input
+        text = mask[:, :-n_queries].unsqueeze(-1).float()  # (B, T - Q, 1): 1 on prompt tokens
+        embeds = language_model.embed_tokens(ids[:, :-n_queries])  # (B, T - Q, H)
+        queries = backbone.latent_queries.expand(len(ids), -1, -1)  # (B, Q, H)
+        hidden = language_model(
+            inputs_embeds=torch.cat([embeds, queries], dim=1),
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+        ).last_hidden_state[:, :-n_queries]  # (B, T - Q, H)
+        out["words"].append((embeds * text).sum(1) / text.sum(1))  # (B, H)
+        out["prompt states"].append((hidden * text).sum(1) / text.sum(1))  # (B, H)
+        out["queries mean"].append(condition.mean(1))  # (B, H)
+        out["queries"].append(condition.flatten(1))  # (B, Q * H)
+    return {k: torch.cat(v).float().numpy() for k, v in out.items()}
+
+
+def ridge_accuracy(x: np.ndarray, y: np.ndarray, classes: int, fit: int, ridge: float) -> float:
+    """Held-out accuracy of a one-vs-all ridge probe fit on the first `fit` rows of standardised (N, D) `x` and
+    scored on the rest. Solved in the dual (kernel) form: the queries' read-out is 8,192 wide against a few
+    hundred prompts. Targets are centred on the fit rows, which stands in for a bias."""
+    targets = np.eye(classes)[y[:fit]]  # (fit, classes)
+    mean = targets.mean(0)
+    kernel = x[:fit] @ x[:fit].T  # (fit, fit)
+    alpha = np.linalg.solve(kernel + ridge * len(x[0]) * np.eye(fit), targets - mean)  # (fit, classes)
+    scores = x[fit:] @ (x[:fit].T @ alpha) + mean  # (N - fit, classes)
+    return float((scores.argmax(1) == y[fit:]).mean())
+
+
+def probe(features: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> float:
+    """Held-out accuracy with the ridge picked on a validation split (60/20/20, seeded order)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    fit, val = int(0.6 * len(labels)), int(0.8 * len(labels))
+    x = features[order].astype(np.float64)
+    x = (x - x[:fit].mean(0)) / (x[:fit].std(0) + 1e-6)  # (N, D), standardised by the fit rows
+    y = labels[order]
+    best = max(RIDGES, key=lambda r: ridge_accuracy(x[:val], y[:val], classes, fit, r))
+    return ridge_accuracy(np.r_[x[:fit], x[val:]], np.r_[y[:fit], y[val:]], classes, fit, best)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a saved model folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (mean reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Blip3o.from_pretrained(args.model).eval()
+    result = {"model": args.model, "facts": {}}
+    cache: dict[tuple, dict] = {}  # relation and subject share their prompts
+    for fact, (prompts, labels, classes) in probe_prompts().items():
+        if tuple(prompts) not in cache:
+            cache[tuple(prompts)] = representations(model, prompts)
+        reps = cache[tuple(prompts)]
+        row = {"prompts": len(prompts), "chance": round(float(np.bincount(labels).max() / len(labels)), 3)}
+        for name, features in reps.items():
+            row[name] = round(float(np.mean([probe(features, labels, classes, s) for s in args.seeds])), 3)
+        result["facts"][fact] = row
+        print(f"{fact:13s} ({len(prompts):4d} prompts, chance {row['chance']:.2f}): "
+              + ", ".join(f"{k} {row[k]:.3f}" for k in reps))  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
