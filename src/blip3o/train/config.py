@@ -398,15 +398,17 @@ def _shapes_object() -> RunConfig:
     """The `shapes` recipe with the object-centric model (`shapes_object_model_config`) and the stage 2/3 of its
     session-16 trial: generation 3,000 steps at batch 32 and lr 1e-3 (a DiT on ideal object tokens learned at
     batch 64, lr 2e-3: bench/ideal_target.py), instruct cut to 300 steps for time (not tuned). The decoder
-    trains 5,000 steps: its round trip of real tokens (80 prompts) was 40/80 at 2,000 steps, 55/80 at 3,000 and
-    71/80 at 5,000, and the judge's score of the same decoded DiT tokens (240 prompts) 0.004, 0.046-0.050 and
-    0.073 (sessions 17-18, docs/bench/object_target.txt). That puts the recipe at an estimated ~180 min on an
-    idle 2-core CPU (the decoder ~90 of them), over the 120 minutes `shapes` fits in."""
+    trains 8,000 steps: its round trip of real tokens (80 prompts) was 40/80 at 2,000 steps, 55/80 at 3,000,
+    71/80 at 5,000 and 78/80 at 8,000, and the judge's score of the same decoded DiT tokens (240 prompts)
+    0.004, 0.046-0.050, 0.073-0.079 and 0.135 (sessions 17-19, docs/bench/object_target.txt; the bundled
+    decoder reached 8,000 as 5,000 steps plus 3,000 more from a fresh optimizer at lr 3e-4, not as this one
+    8,000-step schedule). At ~1.8 decoder steps/s on an idle 2-core CPU that puts the recipe at an estimated
+    ~175 min (the decoder ~75 of them), over the 120 minutes `shapes` fits in."""
     config = _shapes(quick=False, model=shapes_object_model_config(), name="shapes-object")
     return apply_overrides(
         config,
         [
-            "stages.decoder.steps=5000",
+            "stages.decoder.steps=8000",
             "stages.generation.steps=3000",
             "stages.generation.batch_size=32",
             "stages.generation.lr=1e-3",
