@@ -9,8 +9,10 @@ while a DiT trained from the exact scene as its condition reached counting 0.47 
 positions) carry those facts, or does the DiT have to do without them?
 
 Prompts are the benchmark's templates over every shape, colour and opener (`blip3o.world.prompts`), and four
-facts are read from them, each by a ridge one-vs-all probe (fit on a seeded 60% of the prompts, ridge picked on the
-next 20%, scored on the last 20%; mean over 3 split seeds):
+facts are read from them, each by a ridge one-vs-all probe (fit on a seeded 60%, ridge picked on the next
+20%, scored on the last 20%; mean over 3 split seeds). The split is by shapes by default: a count probe is
+scored on shapes it was not fit on, an order probe on shape pairs it was not fit on, so it cannot just
+remember prompts (`--split prompts` splits the prompts themselves):
 - count: "two/three/four ..." in counting prompts (3 classes);
 - relation: the relation word of position prompts (4 classes): present in the words themselves;
 - subject: which shape a position prompt places ("a circle left of a square" -> circle; 5 classes): needs
@@ -48,8 +50,9 @@ RIDGES = (1e-3, 1e-2, 0.1, 1.0, 10.0)  # times the feature width
 OPENERS = (DEFAULT_OPENER, *PARAPHRASE_OPENERS)
 
 
-def probe_prompts() -> dict[str, tuple[list[str], np.ndarray, int]]:
-    """Per fact: (prompts, labels, number of classes)."""
+def probe_prompts() -> dict[str, tuple[list[str], np.ndarray, int, np.ndarray]]:
+    """Per fact: (prompts, labels, number of classes, groups). A group is the prompt's shape (count) or its
+    unordered pair of shapes (the others): `--split shapes` keeps each group on one side of the split."""
     colours = (None, *COLOR_NAMES)
     count = [(counting_record(s, n, c, o)["prompt"], COUNTING_NUMBERS.index(n))
              for s, n, c, o in itertools.product(SHAPES, COUNTING_NUMBERS, colours, OPENERS)]  # fmt: skip
@@ -58,12 +61,22 @@ def probe_prompts() -> dict[str, tuple[list[str], np.ndarray, int]]:
     attr = [(color_attr_record(a, ca, b, cb, DEFAULT_OPENER)["prompt"], COLOR_NAMES.index(ca))
             for a, b in itertools.permutations(SHAPES, 2)
             for ca, cb in itertools.permutations(COLOR_NAMES, 2)]  # fmt: skip
+    count_groups = np.array(
+        [SHAPES.index(s) for s, *_ in itertools.product(SHAPES, COUNTING_NUMBERS, colours, OPENERS)]
+    )
+    pairs = sorted({frozenset(pair) for pair in itertools.permutations(SHAPES, 2)}, key=sorted)
+    position_groups = np.array([pairs.index(frozenset((a, b))) for a, b in itertools.permutations(SHAPES, 2)
+                                for _ in RELATIONS for _ in OPENERS])  # fmt: skip
+    attr_groups = np.array([pairs.index(frozenset((a, b))) for a, b in itertools.permutations(SHAPES, 2)
+                            for _ in itertools.permutations(COLOR_NAMES, 2)])  # fmt: skip
     return {
-        "count": ([p for p, _ in count], np.array([y for _, y in count]), len(COUNTING_NUMBERS)),
-        "relation": ([p for p, _, _ in position], np.array([y for _, y, _ in position]), len(RELATIONS)),
-        "subject": ([p for p, _, _ in position], np.array([y for _, _, y in position]), len(SHAPES)),
-        "first colour": ([p for p, _ in attr], np.array([y for _, y in attr]), len(COLOR_NAMES)),
-    }
+        "count": ([p for p, _ in count], np.array([y for _, y in count]), len(COUNTING_NUMBERS), count_groups),
+        "relation": ([p for p, _, _ in position], np.array([y for _, y, _ in position]), len(RELATIONS),
+                     position_groups),
+        "subject": ([p for p, _, _ in position], np.array([y for _, _, y in position]), len(SHAPES),
+                    position_groups),
+        "first colour": ([p for p, _ in attr], np.array([y for _, y in attr]), len(COLOR_NAMES), attr_groups),
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -105,10 +118,21 @@ def ridge_accuracy(x: np.ndarray, y: np.ndarray, classes: int, fit: int, ridge: 
     return float((scores.argmax(1) == y[fit:]).mean())
 
 
-def probe(features: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> float:
-    """Held-out accuracy with the ridge picked on a validation split (60/20/20, seeded order)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    fit, val = int(0.6 * len(labels)), int(0.8 * len(labels))
+def probe(
+    features: np.ndarray, labels: np.ndarray, classes: int, seed: int, groups: np.ndarray | None = None
+) -> float:
+    """Held-out accuracy with the ridge picked on a validation split: 60/20/20 of the prompts in a seeded order,
+    or, with `groups`, of the groups (every prompt of a group on the same side)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(len(labels))
+        fit, val = int(0.6 * len(labels)), int(0.8 * len(labels))
+    else:
+        names = rng.permutation(np.unique(groups))
+        cuts = [round(0.6 * len(names)), round(0.8 * len(names))]
+        parts = [np.flatnonzero(np.isin(groups, part)) for part in np.split(names, cuts)]
+        order = np.concatenate(parts)
+        fit, val = len(parts[0]), len(parts[0]) + len(parts[1])
     x = features[order].astype(np.float64)
     x = (x - x[:fit].mean(0)) / (x[:fit].std(0) + 1e-6)  # (N, D), standardised by the fit rows
     y = labels[order]
@@ -120,19 +144,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (mean reported)")
+    parser.add_argument(
+        "--split", choices=["prompts", "shapes"], default="shapes",
+        help="hold out random prompts, or whole shapes / shape pairs (no test prompt's shapes seen in fitting)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
-    result = {"model": args.model, "facts": {}}
+    result = {"model": args.model, "split": args.split, "facts": {}}
     cache: dict[tuple, dict] = {}  # relation and subject share their prompts
-    for fact, (prompts, labels, classes) in probe_prompts().items():
+    for fact, (prompts, labels, classes, groups) in probe_prompts().items():
         if tuple(prompts) not in cache:
             cache[tuple(prompts)] = representations(model, prompts)
         reps = cache[tuple(prompts)]
         row = {"prompts": len(prompts), "chance": round(float(np.bincount(labels).max() / len(labels)), 3)}
         for name, features in reps.items():
-            row[name] = round(float(np.mean([probe(features, labels, classes, s) for s in args.seeds])), 3)
+            held = groups if args.split == "shapes" else None
+            row[name] = round(
+                float(np.mean([probe(features, labels, classes, s, held) for s in args.seeds])), 3
+            )
         result["facts"][fact] = row
         print(f"{fact:13s} ({len(prompts):4d} prompts, chance {row['chance']:.2f}): "
               + ", ".join(f"{k} {row[k]:.3f}" for k in reps))  # fmt: skip

@@ -21,16 +21,18 @@ def bench():
 
 def test_labels_are_the_facts_the_prompts_state(bench) -> None:
     facts = bench.probe_prompts()
-    prompts, labels, classes = facts["count"]
+    assert all(len(prompts) == len(labels) == len(groups) for prompts, labels, _, groups in facts.values())
+    prompts, labels, classes, groups = facts["count"]
+    assert all(SHAPES[g] in p for p, g in zip(prompts, groups, strict=True))
     assert classes == 3 and all(
         f" {NUMBER_WORDS[(2, 3, 4)[y]]} " in f" {p} " for p, y in zip(prompts, labels, strict=True)
     )
-    prompts, labels, _ = facts["relation"]
+    prompts, labels, _, _ = facts["relation"]
     assert all(f" {RELATIONS[y]} " in p for p, y in zip(prompts, labels, strict=True))
-    prompts, labels, _ = facts["subject"]  # the placed shape is named before the relation
+    prompts, labels, _, _ = facts["subject"]  # the placed shape is named before the relation
     assert all(p.split(RELATIONS[r])[0].rstrip().endswith(SHAPES[y]) for p, y, r in
                zip(prompts, labels, facts["relation"][1], strict=True))  # fmt: skip
-    prompts, labels, classes = facts["first colour"]
+    prompts, labels, classes, _ = facts["first colour"]
     assert classes == len(COLOR_NAMES)
     assert all(
         p.split(" and ")[0].split()[-2] == COLOR_NAMES[y] for p, y in zip(prompts, labels, strict=True)
@@ -44,6 +46,16 @@ def test_probe_reads_a_linear_fact_and_not_noise(bench) -> None:
     assert bench.probe(signal, labels, 4, seed=0) == 1.0
     noise = rng.normal(size=(300, 2000))  # wider than the prompts: the dual form
     assert bench.probe(noise, labels, 4, seed=0) < 0.45  # chance 0.25; 60 held-out rows
+
+
+def test_a_group_split_cannot_recall_what_only_identifies_a_group(bench) -> None:
+    groups = np.repeat(np.arange(20), 15)  # 20 groups of 15 prompts
+    labels = groups % 3  # the label is a property of the group alone
+    features = np.eye(20)[groups] + 0.01 * np.random.default_rng(0).normal(
+        size=(300, 20)
+    )  # (300, 20): which group
+    assert bench.probe(features, labels, 3, seed=0) == 1.0  # prompts of every group were fit
+    assert bench.probe(features, labels, 3, seed=0, groups=groups) < 0.6  # test groups never seen
 
 
 def test_representations_of_a_tiny_model_have_the_documented_widths(bench, tmp_path: Path) -> None:
