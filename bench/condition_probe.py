@@ -34,7 +34,6 @@ import json
 import numpy as np
 import torch
 
-from blip3o.models.backbone import positions_from_mask
 from blip3o.models.blip3o import Blip3o
 from blip3o.world.prompts import (
     COUNTING_NUMBERS,
@@ -89,16 +88,13 @@ def representations(model: Blip3o, prompts: list[str], batch: int = 256) -> dict
     for start in range(0, len(prompts), batch):
         inputs = backbone.generation_inputs(prompts[start : start + batch])
         ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (B, T)
-        condition = backbone.condition(ids, mask)  # (B, Q, H), the DiT's input
+        states = backbone.generation_hidden_states(ids, mask)  # (B, T, H)
+        hidden, condition = (
+            states[:, :-n_queries],
+            states[:, -n_queries:],
+        )  # prompt's; the DiT's input (B, Q, H)
         text = mask[:, :-n_queries].unsqueeze(-1).float()  # (B, T - Q, 1): 1 on prompt tokens
         embeds = language_model.embed_tokens(ids[:, :-n_queries])  # (B, T - Q, H)
-        queries = backbone.latent_queries.expand(len(ids), -1, -1)  # (B, Q, H)
-        hidden = language_model(
-            inputs_embeds=torch.cat([embeds, queries], dim=1),
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask),
-            use_cache=False,
-        ).last_hidden_state[:, :-n_queries]  # (B, T - Q, H)
         out["words"].append((embeds * text).sum(1) / text.sum(1))  # (B, H)
         out["prompt states"].append((hidden * text).sum(1) / text.sum(1))  # (B, H)
         out["queries mean"].append(condition.mean(1))  # (B, H)

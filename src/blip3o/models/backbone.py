@@ -377,6 +377,11 @@ class Backbone(nn.Module):
 
         The placeholders' embeddings are replaced by `latent_queries`, so gradients reach the queries even
         with the VLM frozen."""
+        return self.generation_hidden_states(input_ids, attention_mask)[:, -self.config.n_queries :]
+
+    def generation_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer (post-norm) hidden states of a text-to-image sequence at every position, (B, T, H): the
+        prompt's, then the queries' (`condition`). Probes read the prompt's part too."""
         n_queries = self.config.n_queries
         self._check_query_layout(input_ids)
         language_model = self.vlm.model.language_model
@@ -391,7 +396,7 @@ class Backbone(nn.Module):
             position_ids=positions_from_mask(attention_mask),  # (B, T), shared by the 3 mRoPE bands
             use_cache=False,
         ).last_hidden_state  # (B, T, H), after the final RMSNorm
-        return hidden[:, -n_queries:]  # (B, n_queries, H)
+        return hidden
 
     def _check_query_layout(self, input_ids: torch.Tensor) -> None:
         query_id, n_queries = self.token_ids["query"], self.config.n_queries
