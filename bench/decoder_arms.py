@@ -24,8 +24,7 @@ import torch
 from blip3o.eval.geneval import score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
-from blip3o.models.clip import grid_to_tokens
-from blip3o.models.decoder import PixelDecoder, tensor_to_images
+from blip3o.models.decoder import PixelDecoder
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 
@@ -40,19 +39,15 @@ def load_decoder(folder: Path) -> PixelDecoder:
 
 @torch.no_grad()
 def judge_decoder(
-    decoder: PixelDecoder, features: torch.Tensor, records: list[dict], args: argparse.Namespace
+    model: Blip3o, decoder: PixelDecoder, targets: torch.Tensor, records: list[dict], args
 ) -> dict:
-    """Decode (P, N, D) CLIP features with `decoder` in batches and score the images."""
+    """Draw (P, C, g, g) DiT targets with `decoder` in `model`'s place, in batches, and score the images."""
+    model.decoder = decoder
     generator = torch.Generator().manual_seed(args.seed)
     images = []
-    for start in range(0, len(features), args.batch):
-        pixels = decoder.decode(
-            features[start : start + args.batch],
-            steps=args.decoder_steps,
-            cfg_scale=args.decoder_cfg,
-            generator=generator,
-        )  # (b, 3, S, S) in [-1, 1]
-        images += tensor_to_images(pixels)
+    for start in range(0, len(targets), args.batch):
+        chunk = targets[start : start + args.batch]  # (b, C, g, g)
+        images += model.decode_target(chunk, args.decoder_steps, args.decoder_cfg, generator)
     return score_detection_lists(records, [detect(image) for image in images])
 
 
@@ -77,24 +72,21 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.model}: its DiT generates {model.config.target} latents, not CLIP targets")
     records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
     prompts = [r["prompt"] for r in records]
-    features = []
+    generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(args.seed)
-        for start in range(0, len(prompts), args.batch):
-            target = model.generate_target(
-                prompts[start : start + args.batch], args.steps, args.cfg, generator
-            )  # (b, C, g, g)
-            features.append(model.clip.target_to_features(grid_to_tokens(target)))  # (b, N, D)
-    features = torch.cat(features)  # (P, N, D)
+        chunks = [
+            model.generate_target(prompts[start : start + args.batch], args.steps, args.cfg, generator)
+            for start in range(0, len(prompts), args.batch)
+        ]  # each (b, C, g, g)
+    targets = torch.cat(chunks)  # (P, C, g, g)
+    wanted = (model.decoder.config.num_feature_tokens, model.decoder.config.feature_dim)
     arms = {f"{args.model} (own)": model.decoder}
     for folder in args.dec:
         decoder = load_decoder(folder)
-        if (
-            decoder.config.feature_dim != features.shape[2]
-            or decoder.config.num_feature_tokens != features.shape[1]
-        ):
-            parser.error(f"{folder}: its decoder reads {decoder.config.num_feature_tokens} x "
-                         f"{decoder.config.feature_dim} features, the model makes {tuple(features.shape[1:])}")  # fmt: skip
+        reads = (decoder.config.num_feature_tokens, decoder.config.feature_dim)
+        if reads != wanted:
+            parser.error(f"{folder}: its decoder reads {reads[0]} x {reads[1]} features, the model makes "
+                         f"{wanted[0]} x {wanted[1]}")  # fmt: skip
         arms[str(folder)] = decoder
     result = {
         "model": str(args.model),
@@ -105,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{len(records)} balanced prompts, DiT CFG {args.cfg:g}, seed {args.seed}")
     for name, decoder in arms.items():
-        row = judge_decoder(decoder, features, records, args)
+        row = judge_decoder(model, decoder, targets, records, args)
         result["arms"][name] = row
         categories = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("found", "overall"))
         print(f"  overall {row['overall']:.3f}, found {row['found']:.3f}: {categories}  <- {name}")
