@@ -189,6 +189,7 @@ def test_meta_build_then_materialise() -> None:
         ({"in_channels": 2.0}, "in_channels must be a positive integer"),
         ({"ffn_dim_multiplier": -1.0}, "ffn_dim_multiplier must be positive"),
         ({"norm_eps": 0.0}, "norm_eps must be positive"),
+        ({"cross_attention_gate_init": 1.0}, "tanh value in"),
     ],
 )
 def test_bad_config_errors(overrides: dict, message: str) -> None:
@@ -268,6 +269,26 @@ def test_init_weights_predicts_zero_and_learns() -> None:
     out.sub(x).square().mean().backward()  # a velocity-like target
     assert model.model.norm_out.linear_2.weight.grad.abs().sum() > 0
     assert model.model.norm_out.linear_2.bias.grad.abs().sum() > 0
+
+
+def test_cross_attention_gate_init_opens_the_condition_path_at_step_zero() -> None:
+    """With the gates open at init, the cross-attention's keys and values get gradients on the first backward;
+    with the release's zero gates they get none (only the pooled condition is read at first)."""
+    grads = {}
+    for value in (0.0, 0.5):
+        config = DiTConfig.tiny(cross_attention_gate_init=value)
+        model = DiT(config)
+        layer = model.model.layers[0]
+        assert torch.allclose(layer.gate.tanh(), torch.full((config.n_heads,), value))
+        x, timestep, condition = _tiny_inputs(config)
+        with torch.no_grad():  # open the blocks (adaLN-Zero keeps them the identity at init) and the output
+            for block in model.model.layers:
+                block.norm1.linear.bias.fill_(0.5)
+            model.model.norm_out.linear_2.weight.normal_(std=0.1)
+        model(x, timestep, condition).square().mean().backward()
+        grads[value] = layer.attn2.to_v.weight.grad.abs().sum().item()
+    assert grads[0.0] == 0
+    assert grads[0.5] > 0
 
 
 def test_bf16_autocast_close_to_fp32() -> None:
