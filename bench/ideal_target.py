@@ -12,7 +12,10 @@ channels, `ideal_tokens`, standardised per channel over the training scenes). No
 boxes are at least 12 px wide and 2 px apart.
 
 - DiT: a fresh DiT of MODEL's config learns these tokens by flow matching from the exact scene condition of
-  bench/oracle_condition.py (or, with `--condition model`, MODEL's frozen backbone and queries on captions).
+  bench/oracle_condition.py (objects placed in 3x3 coarse cells), or with `--condition model` MODEL's frozen
+  backbone and queries on the scenes' captions (`--short-captions`: the share of short ones; the recipe: 0.1),
+  or with `--condition bag` one token per object (its shape and colour, no position, in random order): what
+  reading the objects out of a condition costs, against sampling their layout.
   Every `--eval-every` steps it samples the balanced ShapesGenEval prompts, and a token judge scores them:
   each cell whose presence reads over 0.5 is one detection, with its shape, colour and box read from the
   token, scored by ShapesGenEval's own rules. The same judge on the tokens of a scene built for each prompt
@@ -53,6 +56,25 @@ from oracle_condition import (  # bench/ on sys.path
     judge_images,
     model_conditions,
 )
+
+
+class BagCondition:
+    """A scene as a bag of objects: (9, H), token i = object i's shape + colour embedding (fixed random ones, as
+    `SceneCondition`'s) in a random order, zeros after the last object. No position: the DiT must lay them out."""
+
+    def __init__(self, width: int, seed: int = 99, slots: int = 9):
+        cells = SceneCondition(width, IMAGE_SIZE, seed)
+        self.shape, self.color, self.slots, self.width = cells.shape, cells.color, slots, width
+
+    def __call__(self, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
+        if len(scene.objects) > self.slots:
+            raise ValueError(f"a bag holds {self.slots} objects, the scene has {len(scene.objects)}")
+        tokens = torch.zeros(self.slots, self.width)  # (9, H)
+        for slot, index in enumerate(rng.permutation(len(scene.objects))):
+            obj = scene.objects[index]
+            tokens[slot] = self.shape[SHAPES.index(obj.shape)] + self.color[COLOR_NAMES.index(obj.color)]
+        return tokens
+
 
 GRID = 8
 CELL = IMAGE_SIZE / GRID
@@ -120,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=240, help="balanced ShapesGenEval prompts judged")
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
-    parser.add_argument("--condition", choices=("scene", "model"), default="scene")
+    parser.add_argument("--condition", choices=("scene", "model", "bag"), default="scene")
+    parser.add_argument("--short-captions", type=float, default=0.1, help="--condition model: short share")
     parser.add_argument("--decoder-steps", type=int, default=0)
     parser.add_argument("--decoder-batch", type=int, default=16)
     parser.add_argument("--decoder-preset", default="tiny_footprint")
@@ -161,8 +184,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             encode = SceneCondition(model.config.dit.latent_embedding_size, IMAGE_SIZE)
             conditions = torch.stack([encode(s) for s in scenes])  # (N, 9, H)
             prompt_conditions = torch.stack([encode(s) for s in prompt_scenes])  # (P, 9, H)
+        elif args.condition == "bag":
+            bag, order = BagCondition(model.config.dit.latent_embedding_size), np.random.default_rng(3)
+            conditions = torch.stack([bag(s, order) for s in scenes])  # (N, 9, H)
+            prompt_conditions = torch.stack([bag(s, order) for s in prompt_scenes])  # (P, 9, H)
         else:
-            conditions = caption_conditions(model, scenes, rng)  # (N, Q, H)
+            conditions = caption_conditions(model, scenes, rng, args.short_captions)  # (N, Q, H)
             prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
         train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log)
     return rows

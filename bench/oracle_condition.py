@@ -112,10 +112,14 @@ def model_conditions(model: Blip3o, texts: list[str], batch: int = 256) -> torch
     return torch.cat([model.condition(texts[i : i + batch]).float() for i in range(0, len(texts), batch)])
 
 
-def caption_conditions(model: Blip3o, scenes: list, rng: np.random.Generator) -> torch.Tensor:
-    """The saved model's condition for each scene's caption, in the recipe's stage-2 mix (10% short): (N, Q, H)."""
+def caption_conditions(
+    model: Blip3o, scenes: list, rng: np.random.Generator, short_share: float = 0.1
+) -> torch.Tensor:
+    """The saved model's condition for each scene's caption, a short one with probability `short_share` (the
+    recipe's stage-2 mix: 10%), else the long one: (N, Q, H)."""
     captions = [
-        a.short_caption if rng.random() < 0.1 else a.long_caption for a in (annotate(s, rng) for s in scenes)
+        a.short_caption if rng.random() < short_share else a.long_caption
+        for a in (annotate(s, rng) for s in scenes)
     ]
     return model_conditions(model, captions)
 

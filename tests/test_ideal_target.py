@@ -64,3 +64,33 @@ def test_tiny_run_trains_samples_and_logs(bench, tmp_path: Path) -> None:
     assert rows[2]["round_trip"].keys() == {"found", "geneval"}
     assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == rows
     assert (out / "round_trip_step2.png").is_file() and (out / "dit_samples_step3_cfg1.pt").is_file()
+
+
+def test_bag_condition_holds_each_object_once_and_no_position(bench) -> None:
+    """One token per object (shape + colour embedding), zeros after; moving the objects changes nothing."""
+    from dataclasses import replace
+
+    bag = bench.BagCondition(width=16)
+    scene = sample_scene(np.random.default_rng(2))
+    tokens = bag(scene, np.random.default_rng(0))  # (9, 16)
+    n = len(scene.objects)
+    assert tokens.shape == (9, 16) and torch.equal(tokens[n:], torch.zeros(9 - n, 16))
+    expected = sorted(
+        (bag.shape[bench.SHAPES.index(o.shape)] + bag.color[bench.COLOR_NAMES.index(o.color)]).tolist()
+        for o in scene.objects
+    )
+    assert sorted(tokens[:n].tolist()) == expected
+    moved = replace(scene, objects=tuple(replace(o, box=(0, 0, 12, 12)) for o in scene.objects))
+    assert torch.equal(bag(moved, np.random.default_rng(0)), tokens)
+    with pytest.raises(ValueError, match="holds 9 objects"):
+        bag(replace(scene, objects=scene.objects * 10), np.random.default_rng(0))
+
+
+def test_tiny_run_with_the_bag_condition(bench, tmp_path: Path) -> None:
+    save_untrained_tiny_model(tmp_path / "model")
+    rows = bench.main(
+        [str(tmp_path / "model"), "--scenes", "20", "--steps", "2", "--eval-every", "2", "--batch", "4",
+         "--prompts", "6", "--cfg", "3", "--sample-steps", "2", "--condition", "bag", "--threads", "1"]
+    )  # fmt: skip
+    assert [next(iter(r)) for r in rows] == ["ceiling", "step"]
+    assert rows[1]["step"] == 2 and set(rows[1]["cfg3"]) >= {"found", "overall"}
