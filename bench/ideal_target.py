@@ -44,10 +44,11 @@ from blip3o.models.dit import DiT
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import Detection
+from blip3o.world.language import COUNT_WORDS, annotate
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
-from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
+from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene, plural
 from oracle_condition import (  # bench/ on sys.path
     SceneCondition,
     caption_conditions,
@@ -86,6 +87,68 @@ COLOUR = slice(SHAPE.stop, SHAPE.stop + len(COLOR_NAMES))
 OFFSET_X, OFFSET_Y, SIZE, ROTATION = range(COLOUR.stop, COLOUR.stop + 4)
 CHANNELS = ROTATION + 1
 MID_BOX, HALF_RANGE = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
+
+
+def mentioned_objects(caption: str) -> list[tuple[str, str]]:
+    """The (shape, colour) of every object a caption names, in the order it names them ("two red circles and a
+    blue star" -> circle/red twice, then star/blue)."""
+    singular = {plural(shape, n): shape for shape in SHAPES for n in (1, 2)}
+    counts = {word: n for n, word in COUNT_WORDS.items()}
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    objects = []
+    for i, word in enumerate(words[:-1]):
+        if word in COLOR_NAMES and words[i + 1] in singular:
+            n = counts.get(words[i - 1], 1) if i else 1
+            objects += [(singular[words[i + 1]], word)] * n
+    return objects
+
+
+def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`--condition readout`: bag tokens in the order the caption names the objects, read out of the model's
+    condition by one ridge regression from its pooled (mean over queries, standardised) states; fitted on the
+    training captions and applied to them and to the prompts. What a linear slot head on the queries could give."""
+    bag = BagCondition(model.config.dit.latent_embedding_size)
+    captions = [
+        a.short_caption if rng.random() < args.short_captions else a.long_caption
+        for a in (annotate(s, rng) for s in scenes)
+    ]
+    targets = torch.zeros(len(captions), bag.slots, bag.width)  # (N, 9, H)
+    for row, caption in enumerate(captions):
+        for slot, (shape, color) in enumerate(mentioned_objects(caption)[: bag.slots]):
+            targets[row, slot] = bag.shape[SHAPES.index(shape)] + bag.color[COLOR_NAMES.index(color)]
+    pooled = model_conditions(model, captions).mean(1).double()  # (N, H)
+    prompt_pooled = model_conditions(model, [r["prompt"] for r in records]).mean(1).double()  # (P, H)
+    mean, std = pooled.mean(0), pooled.std(0) + 1e-6
+    x = torch.cat([(pooled - mean) / std, torch.ones(len(pooled), 1, dtype=torch.double)], 1)  # (N, H + 1)
+    y = targets.flatten(1).double()  # (N, 9H)
+    weights = torch.linalg.solve(x.T @ x + 1.0 * torch.eye(x.shape[1], dtype=torch.double), x.T @ y)
+    fitted = (x @ weights).float().view_as(targets)  # (N, 9, H)
+    x_prompt = torch.cat(
+        [(prompt_pooled - mean) / std, torch.ones(len(prompt_pooled), 1, dtype=torch.double)], 1
+    )
+    readout = (x_prompt @ weights).float().view(len(records), bag.slots, bag.width)  # (P, 9, H)
+    residual = (fitted - targets).pow(2).mean() / targets.pow(2).mean()
+    print(f"readout: relative training residual {residual.item():.3f}", flush=True)
+    return fitted, readout
+
+
+class SlotReader(torch.nn.Module):
+    """A DiT that reads `slots` tokens made from its condition: token k = LayerNorm(A_k @ LayerNorm(mean of the
+    condition's tokens) + b_k), one linear map per slot, learnt with the DiT. Why: every query state holds every
+    object (a linear probe reads the first and second object's shape and colour from any one of them), so a
+    per-slot linear map can pull one object into each token, the form the DiT reads well (`--condition bag`).
+    A zeroed (dropped) condition gives the same learnt constant tokens whatever the prompt."""
+
+    def __init__(self, dit: DiT, slots: int) -> None:
+        super().__init__()
+        self.dit, width = dit, dit.config.latent_embedding_size
+        self.maps = torch.nn.Parameter(torch.randn(slots, width, width) / width**0.5)  # (S, H, H)
+        self.bias = torch.nn.Parameter(torch.zeros(slots, width))  # (S, H)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.layer_norm(condition.mean(1), condition.shape[-1:])  # (B, H)
+        tokens = torch.einsum("bh,sgh->bsg", pooled, self.maps) + self.bias  # (B, S, H)
+        return self.dit(x, timestep, torch.nn.functional.layer_norm(tokens, tokens.shape[-1:]))
 
 
 def ideal_tokens(scene: Scene) -> torch.Tensor:
@@ -142,8 +205,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=240, help="balanced ShapesGenEval prompts judged")
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
-    parser.add_argument("--condition", choices=("scene", "model", "bag"), default="scene")
+    parser.add_argument("--condition", choices=("scene", "model", "bag", "readout"), default="scene")
     parser.add_argument("--short-captions", type=float, default=0.1, help="--condition model: short share")
+    parser.add_argument(
+        "--with-prompt", action="store_true", help="--condition model: the prompt tokens' states too"
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="S > 0: the DiT reads S tokens, each its own map of the pooled condition",
+    )
+    parser.add_argument("--dit-layers", type=int, help="DiT depth (default: the model's)")
+    parser.add_argument("--dit-dim", type=int, help="DiT width (default: the model's)")
     parser.add_argument("--decoder-steps", type=int, default=0)
     parser.add_argument("--decoder-batch", type=int, default=16)
     parser.add_argument("--decoder-preset", default="tiny_footprint")
@@ -188,16 +262,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             bag, order = BagCondition(model.config.dit.latent_embedding_size), np.random.default_rng(3)
             conditions = torch.stack([bag(s, order) for s in scenes])  # (N, 9, H)
             prompt_conditions = torch.stack([bag(s, order) for s in prompt_scenes])  # (P, 9, H)
+        elif args.condition == "readout":
+            conditions, prompt_conditions = readout_conditions(model, scenes, records, rng, args)
         else:
-            conditions = caption_conditions(model, scenes, rng, args.short_captions)  # (N, Q, H)
-            prompt_conditions = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
+            prompts = [r["prompt"] for r in records]
+            conditions = caption_conditions(
+                model, scenes, rng, args.short_captions, args.with_prompt
+            )  # (N, L, H): L = Q, or T + Q with the prompt
+            prompt_conditions = model_conditions(model, prompts, with_prompt=args.with_prompt)  # (P, L', H)
+            length = max(conditions.shape[1], prompt_conditions.shape[1])  # left-pad both to one length
+            conditions, prompt_conditions = (
+                torch.nn.functional.pad(c, (0, 0, length - c.shape[1], 0))
+                for c in (conditions, prompt_conditions)
+            )
         train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log)
     return rows
 
 
 def train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log) -> None:
-    dit = DiT(replace(model.config.dit, in_channels=CHANNELS))
+    sizes = {"n_layers": args.dit_layers, "dim": args.dit_dim}
+    dit = DiT(replace(model.config.dit, in_channels=CHANNELS, **{k: v for k, v in sizes.items() if v}))
     print(f"DiT {dit.num_params():,} params on {tuple(targets.shape[1:])} tokens", flush=True)
+    if args.slots:
+        dit = SlotReader(dit, args.slots)
     training = dit_training(
         dit, targets, conditions, model.config.flow, args.lr, args.batch, torch.Generator().manual_seed(0)
     )

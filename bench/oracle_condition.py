@@ -107,13 +107,25 @@ def judge_images(images: list, records: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def model_conditions(model: Blip3o, texts: list[str], batch: int = 256) -> torch.Tensor:
-    """The saved model's own condition (frozen backbone + queries) for each text: (N, Q, H)."""
-    return torch.cat([model.condition(texts[i : i + batch]).float() for i in range(0, len(texts), batch)])
+def model_conditions(
+    model: Blip3o, texts: list[str], batch: int = 256, with_prompt: bool = False
+) -> torch.Tensor:
+    """The saved model's own condition (frozen backbone + queries) for each text: (N, Q, H). `with_prompt`: the
+    last-layer states of the prompt's tokens too, left-padded with zeros to the longest text: (N, T + Q, H)."""
+    if not with_prompt:
+        return torch.cat([model.condition(texts[i : i + batch]).float() for i in range(0, len(texts), batch)])
+    chunks = []
+    for i in range(0, len(texts), batch):
+        inputs = model.backbone.generation_inputs(texts[i : i + batch])
+        mask = inputs["attention_mask"].to(model.device)  # (B, T + Q)
+        hidden = model.backbone.generation_hidden_states(inputs["input_ids"].to(model.device), mask)
+        chunks.append(hidden.float() * mask[..., None])  # (B, T + Q, H), zeros at the padding
+    length = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, 0, length - c.shape[1], 0)) for c in chunks])
 
 
 def caption_conditions(
-    model: Blip3o, scenes: list, rng: np.random.Generator, short_share: float = 0.1
+    model: Blip3o, scenes: list, rng: np.random.Generator, short_share: float = 0.1, with_prompt: bool = False
 ) -> torch.Tensor:
     """The saved model's condition for each scene's caption, a short one with probability `short_share` (the
     recipe's stage-2 mix: 10%), else the long one: (N, Q, H)."""
@@ -121,7 +133,7 @@ def caption_conditions(
         a.short_caption if rng.random() < short_share else a.long_caption
         for a in (annotate(s, rng) for s in scenes)
     ]
-    return model_conditions(model, captions)
+    return model_conditions(model, captions, with_prompt=with_prompt)
 
 
 def _adamw_update(parameters, lr: float, warmup_steps: int):

@@ -94,3 +94,44 @@ def test_tiny_run_with_the_bag_condition(bench, tmp_path: Path) -> None:
     )  # fmt: skip
     assert [next(iter(r)) for r in rows] == ["ceiling", "step"]
     assert rows[1]["step"] == 2 and set(rows[1]["cfg3"]) >= {"found", "overall"}
+
+
+def test_mentioned_objects_reads_every_object_of_a_short_caption(bench) -> None:
+    """The parser behind `--condition readout`: a short caption names each object once (groups with counts)."""
+    from blip3o.world.language import short_caption
+
+    rng = np.random.default_rng(3)
+    for scene in [sample_scene(rng) for _ in range(200)]:
+        caption = short_caption(scene, rng)
+        named = bench.mentioned_objects(caption)
+        assert sorted(named) == sorted((o.shape, o.color) for o in scene.objects), caption
+    assert bench.mentioned_objects("Two red circles and a blue star") == [("circle", "red")] * 2 + [
+        ("star", "blue")
+    ]
+
+
+@pytest.mark.parametrize(
+    "arm", [["--condition", "model", "--with-prompt"], ["--condition", "model", "--slots", "3"],
+            ["--condition", "readout"]],
+)  # fmt: skip
+def test_tiny_runs_with_conditions_read_from_the_model(bench, tmp_path: Path, arm: list[str]) -> None:
+    save_untrained_tiny_model(tmp_path / "model")
+    rows = bench.main(
+        [str(tmp_path / "model"), "--scenes", "20", "--steps", "2", "--eval-every", "2", "--batch", "4",
+         "--prompts", "6", "--cfg", "3", "--sample-steps", "2", "--threads", "1", *arm]
+    )  # fmt: skip
+    assert [next(iter(r)) for r in rows] == ["ceiling", "step"]
+    assert rows[1]["step"] == 2 and set(rows[1]["cfg3"]) >= {"found", "overall"}
+
+
+def test_slot_reader_gives_each_slot_its_own_token_and_ignores_the_condition_length(bench) -> None:
+    from blip3o.models.dit import DiT, DiTConfig
+
+    reader = bench.SlotReader(DiT(DiTConfig.tiny()), slots=3)
+    seen = []
+    reader.dit.forward = lambda x, t, condition: seen.append(condition) or x
+    condition = torch.randn(2, 5, 48)  # (B, L, H)
+    reader(torch.zeros(2, 32, 4, 4), torch.zeros(2), condition)
+    reader(torch.zeros(2, 32, 4, 4), torch.zeros(2), condition.repeat(1, 2, 1))  # same mean, twice as long
+    assert seen[0].shape == (2, 3, 48) and torch.allclose(seen[0], seen[1], atol=1e-5)
+    assert not torch.allclose(seen[0][:, 0], seen[0][:, 1])  # each slot is its own map of the pooled state
