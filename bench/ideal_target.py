@@ -1,6 +1,7 @@
 """How far could an object-centric generation target go? The DiT and the pixel decoder on "ideal" tokens.
 
-    .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600] [--condition scene|model]
+    .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600]
+        [--condition scene|model|bag|readout] [--with-prompt] [--slots S] [--dit-layers N] [--dit-dim D]
         [--decoder-steps 1500 --decoder-preset tiny_footprint] [--out DIR]
 
 Every CLIP-like target tried so far spreads one object over 2x2 to 3x3 tokens that the DiT must make agree
@@ -15,7 +16,10 @@ boxes are at least 12 px wide and 2 px apart.
   bench/oracle_condition.py (objects placed in 3x3 coarse cells), or with `--condition model` MODEL's frozen
   backbone and queries on the scenes' captions (`--short-captions`: the share of short ones; the recipe: 0.1),
   or with `--condition bag` one token per object (its shape and colour, no position, in random order): what
-  reading the objects out of a condition costs, against sampling their layout.
+  reading the objects out of a condition costs, against sampling their layout. Ways to derive a condition
+  from the model's (docs/bench/object_target.txt, session 21): `--with-prompt` adds the prompt tokens' states
+  to the queries', `--slots S` makes S tokens by learnt per-slot maps of the pooled states (`SlotReader`),
+  `--condition readout` reads bag tokens in the caption's order out of them by ridge regression.
   Every `--eval-every` steps it samples the balanced ShapesGenEval prompts, and a token judge scores them:
   each cell whose presence reads over 0.5 is one detection, with its shape, colour and box read from the
   token, scored by ShapesGenEval's own rules. The same judge on the tokens of a scene built for each prompt
