@@ -1,7 +1,8 @@
 """How far could an object-centric generation target go? The DiT and the pixel decoder on "ideal" tokens.
 
     .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600]
-        [--condition scene|model|bag|readout] [--with-prompt] [--slots S] [--dit-layers N] [--dit-dim D]
+        [--condition scene|model|bag|readout] [--with-prompt] [--standardize] [--slots S]
+        [--dit-layers N] [--dit-dim D]
         [--decoder-steps 1500 --decoder-preset tiny_footprint] [--out DIR]
 
 Every CLIP-like target tried so far spreads one object over 2x2 to 3x3 tokens that the DiT must make agree
@@ -48,7 +49,7 @@ from blip3o.models.dit import DiT
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import Detection
-from blip3o.world.language import COUNT_WORDS, annotate
+from blip3o.world.language import COUNT_WORDS
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -60,6 +61,7 @@ from oracle_condition import (  # bench/ on sys.path
     dit_training,
     judge_images,
     model_conditions,
+    scene_captions,
 )
 
 
@@ -112,10 +114,7 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     condition by one ridge regression from its pooled (mean over queries, standardised) states; fitted on the
     training captions and applied to them and to the prompts. What a linear slot head on the queries could give."""
     bag = BagCondition(model.config.dit.latent_embedding_size)
-    captions = [
-        a.short_caption if rng.random() < args.short_captions else a.long_caption
-        for a in (annotate(s, rng) for s in scenes)
-    ]
+    captions = scene_captions(scenes, rng, args.short_captions)
     targets = torch.zeros(len(captions), bag.slots, bag.width)  # (N, 9, H)
     for row, caption in enumerate(captions):
         for slot, (shape, color) in enumerate(mentioned_objects(caption)[: bag.slots]):
@@ -123,14 +122,16 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     pooled = model_conditions(model, captions).mean(1).double()  # (N, H)
     prompt_pooled = model_conditions(model, [r["prompt"] for r in records]).mean(1).double()  # (P, H)
     mean, std = pooled.mean(0), pooled.std(0) + 1e-6
-    x = torch.cat([(pooled - mean) / std, torch.ones(len(pooled), 1, dtype=torch.double)], 1)  # (N, H + 1)
-    y = targets.flatten(1).double()  # (N, 9H)
-    weights = torch.linalg.solve(x.T @ x + 1.0 * torch.eye(x.shape[1], dtype=torch.double), x.T @ y)
+
+    def design(states: torch.Tensor) -> torch.Tensor:  # standardised states and a constant column, (n, H + 1)
+        return torch.cat([(states - mean) / std, torch.ones(len(states), 1, dtype=torch.double)], 1)
+
+    x, y = design(pooled), targets.flatten(1).double()  # (N, H + 1), (N, 9H)
+    weights = torch.linalg.solve(
+        x.T @ x + torch.eye(x.shape[1], dtype=torch.double), x.T @ y
+    )  # ridge, lambda 1
     fitted = (x @ weights).float().view_as(targets)  # (N, 9, H)
-    x_prompt = torch.cat(
-        [(prompt_pooled - mean) / std, torch.ones(len(prompt_pooled), 1, dtype=torch.double)], 1
-    )
-    readout = (x_prompt @ weights).float().view(len(records), bag.slots, bag.width)  # (P, 9, H)
+    readout = (design(prompt_pooled) @ weights).float().view(len(records), bag.slots, bag.width)  # (P, 9, H)
     residual = (fitted - targets).pow(2).mean() / targets.pow(2).mean()
     print(f"readout: relative training residual {residual.item():.3f}", flush=True)
     return fitted, readout

@@ -127,13 +127,17 @@ def model_conditions(
 def caption_conditions(
     model: Blip3o, scenes: list, rng: np.random.Generator, short_share: float = 0.1, with_prompt: bool = False
 ) -> torch.Tensor:
-    """The saved model's condition for each scene's caption, a short one with probability `short_share` (the
-    recipe's stage-2 mix: 10%), else the long one: (N, Q, H)."""
-    captions = [
+    """The saved model's condition for each scene's caption (`scene_captions`): (N, Q, H)."""
+    return model_conditions(model, scene_captions(scenes, rng, short_share), with_prompt=with_prompt)
+
+
+def scene_captions(scenes: list, rng: np.random.Generator, short_share: float = 0.1) -> list[str]:
+    """Each scene's caption: a short one with probability `short_share` (the recipe's stage-2 mix: 10%), else
+    the long one."""
+    return [
         a.short_caption if rng.random() < short_share else a.long_caption
         for a in (annotate(s, rng) for s in scenes)
     ]
-    return model_conditions(model, captions, with_prompt=with_prompt)
 
 
 def _adamw_update(parameters, lr: float, warmup_steps: int):
