@@ -1,7 +1,7 @@
 """How far could an object-centric generation target go? The DiT and the pixel decoder on "ideal" tokens.
 
     .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600]
-        [--condition scene|model|bag|readout] [--with-prompt] [--standardize] [--slots S]
+        [--condition scene|model|bag|readout [--readout-queries K]] [--with-prompt] [--standardize] [--slots S]
         [--dit-layers N] [--dit-dim D]
         [--decoder-steps 1500 --decoder-preset tiny_footprint] [--out DIR]
 
@@ -119,14 +119,21 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     for row, caption in enumerate(captions):
         for slot, (shape, color) in enumerate(mentioned_objects(caption)[: bag.slots]):
             targets[row, slot] = bag.shape[SHAPES.index(shape)] + bag.color[COLOR_NAMES.index(color)]
-    pooled = model_conditions(model, captions).mean(1).double()  # (N, H)
-    prompt_pooled = model_conditions(model, [r["prompt"] for r in records]).mean(1).double()  # (P, H)
+    k = args.readout_queries
+
+    def features(conditions: torch.Tensor) -> torch.Tensor:  # (n, Q, H) -> (n, H) mean, or (n, k H) first k
+        return (conditions[:, :k].flatten(1) if k else conditions.mean(1)).double()
+
+    pooled = features(model_conditions(model, captions))  # (N, F)
+    prompt_pooled = features(model_conditions(model, [r["prompt"] for r in records]))  # (P, F)
     mean, std = pooled.mean(0), pooled.std(0) + 1e-6
 
-    def design(states: torch.Tensor) -> torch.Tensor:  # standardised states and a constant column, (n, H + 1)
+    def design(
+        states: torch.Tensor,
+    ) -> torch.Tensor:  # standardised features and a constant column, (n, F + 1)
         return torch.cat([(states - mean) / std, torch.ones(len(states), 1, dtype=torch.double)], 1)
 
-    x, y = design(pooled), targets.flatten(1).double()  # (N, H + 1), (N, 9H)
+    x, y = design(pooled), targets.flatten(1).double()  # (N, F + 1), (N, 9H)
     weights = torch.linalg.solve(
         x.T @ x + torch.eye(x.shape[1], dtype=torch.double), x.T @ y
     )  # ridge, lambda 1
@@ -220,6 +227,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         type=int,
         default=0,
         help="S > 0: the DiT reads S tokens, each its own map of the pooled condition",
+    )
+    parser.add_argument(
+        "--readout-queries",
+        type=int,
+        default=0,
+        help="--condition readout: from the first K query states (0: mean)",
     )
     parser.add_argument(
         "--standardize", action="store_true", help="--condition model: standardise each position and channel"

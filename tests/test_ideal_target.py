@@ -112,7 +112,8 @@ def test_mentioned_objects_reads_every_object_of_a_short_caption(bench) -> None:
 
 @pytest.mark.parametrize(
     "arm", [["--condition", "model", "--with-prompt"], ["--condition", "model", "--slots", "3"],
-            ["--condition", "readout"], ["--condition", "model", "--standardize", "--dit-layers", "1"]],
+            ["--condition", "readout"], ["--condition", "readout", "--readout-queries", "2"],
+            ["--condition", "model", "--standardize", "--dit-layers", "1"]],
 )  # fmt: skip
 def test_tiny_runs_with_conditions_read_from_the_model(bench, tmp_path: Path, arm: list[str]) -> None:
     save_untrained_tiny_model(tmp_path / "model")
