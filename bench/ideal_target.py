@@ -60,6 +60,7 @@ from oracle_condition import (  # bench/ on sys.path
     decoder_training,
     dit_training,
     judge_images,
+    left_pad,
     model_conditions,
     scene_captions,
 )
@@ -128,15 +129,13 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     prompt_pooled = features(model_conditions(model, [r["prompt"] for r in records]))  # (P, F)
     mean, std = pooled.mean(0), pooled.std(0) + 1e-6
 
-    def design(
-        states: torch.Tensor,
-    ) -> torch.Tensor:  # standardised features and a constant column, (n, F + 1)
+    def design(states: torch.Tensor) -> torch.Tensor:
+        """Standardised features and a constant column, (n, F + 1)."""
         return torch.cat([(states - mean) / std, torch.ones(len(states), 1, dtype=torch.double)], 1)
 
     x, y = design(pooled), targets.flatten(1).double()  # (N, F + 1), (N, 9H)
-    weights = torch.linalg.solve(
-        x.T @ x + torch.eye(x.shape[1], dtype=torch.double), x.T @ y
-    )  # ridge, lambda 1
+    ridge = torch.eye(x.shape[1], dtype=torch.double)  # lambda 1
+    weights = torch.linalg.solve(x.T @ x + ridge, x.T @ y)  # (F + 1, 9H)
     fitted = (x @ weights).float().view_as(targets)  # (N, 9, H)
     readout = (design(prompt_pooled) @ weights).float().view(len(records), bag.slots, bag.width)  # (P, 9, H)
     residual = (fitted - targets).pow(2).mean() / targets.pow(2).mean()
@@ -291,22 +290,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 model, scenes, rng, args.short_captions, args.with_prompt
             )  # (N, L, H): L = Q, or T + Q with the prompt
             prompt_conditions = model_conditions(model, prompts, with_prompt=args.with_prompt)  # (P, L', H)
-            length = max(conditions.shape[1], prompt_conditions.shape[1])  # left-pad both to one length
-            conditions, prompt_conditions = (
-                torch.nn.functional.pad(c, (0, 0, length - c.shape[1], 0))
-                for c in (conditions, prompt_conditions)
-            )
+            conditions, prompt_conditions = left_pad([conditions, prompt_conditions])  # one length L
             if args.standardize:
                 # Each query state is mostly its own query's constant (within a prompt the states' spread is
                 # rms 1.2, across prompts their mean moves by 0.2): keep only what the prompt changes.
-                centre, scale = (
-                    conditions.mean(0),
-                    conditions.std(0) + 1e-3,
-                )  # (L, H): per position and channel
-                conditions, prompt_conditions = (
-                    (conditions - centre) / scale,
-                    (prompt_conditions - centre) / scale,
-                )
+                centre = conditions.mean(0)  # (L, H): per position and channel
+                scale = conditions.std(0) + 1e-3  # (L, H)
+                conditions = (conditions - centre) / scale
+                prompt_conditions = (prompt_conditions - centre) / scale
         train_dit(args, model, targets, conditions, prompt_conditions, mean, std, records, log)
     return rows
 

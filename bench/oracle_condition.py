@@ -120,8 +120,13 @@ def model_conditions(
         mask = inputs["attention_mask"].to(model.device)  # (B, T + Q)
         hidden = model.backbone.generation_hidden_states(inputs["input_ids"].to(model.device), mask)
         chunks.append(hidden.float() * mask[..., None])  # (B, T + Q, H), zeros at the padding
-    length = max(c.shape[1] for c in chunks)
-    return torch.cat([torch.nn.functional.pad(c, (0, 0, length - c.shape[1], 0)) for c in chunks])
+    return torch.cat(left_pad(chunks))
+
+
+def left_pad(conditions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Conditions (n_i, L_i, H) left-padded with zeros to the longest L, as the backbone pads its rows."""
+    length = max(c.shape[1] for c in conditions)
+    return [torch.nn.functional.pad(c, (0, 0, length - c.shape[1], 0)) for c in conditions]
 
 
 def caption_conditions(
