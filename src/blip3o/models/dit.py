@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.dit_layers import (
     CaptionProjection,
     DiTBlock,
@@ -58,6 +59,12 @@ class DiTConfig:
     # in the shapes-object recipe they stayed open, but the samples were no better (docs/bench/object_target.txt,
     # session 20), so every preset keeps 0.
     cross_attention_gate_init: float = 0.0
+    # Ours, not the release's: S > 0 puts a `ConditionResampler` of this many slot tokens (and
+    # `condition_resampler_layers` layers of `condition_resampler_heads` heads) between the condition and the
+    # DiT, which then reads the S slots instead of the query states. 0 (every released preset): no resampler.
+    condition_slots: int = 0
+    condition_resampler_layers: int = 2
+    condition_resampler_heads: int = 4
 
     def __post_init__(self) -> None:
         for name in ("input_size", "patch_size", "in_channels", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -84,6 +91,15 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
         if not self.norm_eps > 0:
             raise ValueError(f"DiTConfig.norm_eps must be positive, got {self.norm_eps}")
+        for name in ("condition_slots", "condition_resampler_layers", "condition_resampler_heads"):
+            value, minimum = getattr(self, name), 0 if name == "condition_slots" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"DiTConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.condition_slots and self.latent_embedding_size % self.condition_resampler_heads:
+            raise ValueError(
+                f"DiTConfig: latent_embedding_size {self.latent_embedding_size} is not divisible by "
+                f"condition_resampler_heads {self.condition_resampler_heads}"
+            )
         if not -1 < self.cross_attention_gate_init < 1:
             raise ValueError(
                 f"DiTConfig.cross_attention_gate_init is a tanh value in (-1, 1), got {self.cross_attention_gate_init}"
@@ -221,6 +237,16 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         self.model = NextDiT(config)
+        self.resampler = (
+            ConditionResampler(
+                config.latent_embedding_size,
+                config.condition_slots,
+                config.condition_resampler_layers,
+                config.condition_resampler_heads,
+            )
+            if config.condition_slots
+            else None
+        )
         self.init_weights()
 
     @property
@@ -234,7 +260,12 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         self._check_inputs(x, timestep, condition)
-        return self.model(x, timestep, condition)
+        return self.model(x, timestep, self.resample_condition(condition))
+
+    def resample_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """What the transformer reads: the resampler's (B, S, latent) slots, or the (B, L, latent) condition
+        itself when there is no resampler."""
+        return condition if self.resampler is None else self.resampler(condition)
 
     def _check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> None:
         cfg = self.config
@@ -297,4 +328,6 @@ class DiT(nn.Module):
         for linear in (self.model.norm_out.linear_1, self.model.norm_out.linear_2):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        if self.resampler is not None:
+            self.resampler.reset_parameters()
         self.reset_rope()

@@ -81,6 +81,9 @@ class StageConfig:
     # Qwen2.5-VL tower has rotary positions only, so without it a token's content hardly says where it is
     # (see scene_supervision.py; it did not lift ShapesVQA's relation questions, so the recipe keeps it off).
     cell_position_weight: float = 0.0
+    # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
+    # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.
+    slot_label_weight: float = 0.0
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -122,6 +125,14 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
+        if self.slot_label_weight < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: slot_label_weight must be >= 0, got {self.slot_label_weight}"
+            )
+        if self.slot_label_weight and self.kind not in ("generation", "instruct"):
+            raise ConfigError(
+                f"stage {self.name!r}: slot_label_weight applies to generation and instruct stages only"
+            )
         if self.hard_negatives and self.kind != "clip":
             raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
 

@@ -185,6 +185,8 @@ def make_batch(
         batch["negative_captions"] = negatives
     if kind in ("understanding", "joint"):
         batch["prompts"], batch["answers"] = prompts, answers
-    if kind in ("vision", "clip"):  # scene labels: the vision stage's, and CLIP's optional patch labels
+    # Scene labels: the vision stage's, CLIP's optional patch labels, and how many objects a generation caption
+    # names before its relation sentences (the optional slot labels).
+    if kind in ("vision", "clip", "generation", "instruct"):
         batch["scenes"] = [examples[row].scene for row in rows]
     return batch

@@ -246,10 +246,15 @@ def train_stage(
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
     module = StageModule(
-        model, kind, stage.understanding_weight, stage.understanding_average, stage.cell_position_weight
+        model,
+        kind,
+        stage.understanding_weight,
+        stage.understanding_average,
+        stage.cell_position_weight,
+        stage.slot_label_weight,
     )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
-    # The module, not the model: it also holds the vision stage's scene head.
+    # The module, not the model: it also holds the vision stage's scene head and the slot label head.
     optimizer = build_optimizer(parameters_of(module), stage.lr, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
     ema = EMA(model, stage.ema_decay) if stage.ema_decay > 0 else None

@@ -18,6 +18,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import images_to_tensor
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels
+from blip3o.train.slot_supervision import SlotLabelHead
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
@@ -121,6 +122,7 @@ class StageModule(nn.Module):
         understanding_weight: float = 1.0,
         understanding_average: LossAverage = "token",
         cell_position_weight: float = 0.0,
+        slot_label_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -131,6 +133,13 @@ class StageModule(nn.Module):
             self.scene_head = SceneCellHead(model.config.backbone.hidden_size, cell_position_weight).to(
                 model.device
             )
+        self.slot_label_weight = slot_label_weight
+        if slot_label_weight > 0:
+            if model.dit.resampler is None:
+                raise ValueError(
+                    "slot_label_weight needs the DiT's condition resampler (model.dit.condition_slots > 0)"
+                )
+            self.slot_head = SlotLabelHead(model.config.dit.latent_embedding_size).to(model.device)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -185,6 +194,11 @@ class StageModule(nn.Module):
             gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
         else:
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
+        if self.slot_label_weight > 0:
+            slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
+            slot_loss, metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
+            metrics["gen_loss"] = gen_loss.detach()
+            return gen_loss + self.slot_label_weight * slot_loss, metrics
         if kind != "joint":
             return gen_loss, {}
         und_loss = m.backbone.understanding_loss(

@@ -513,3 +513,28 @@ def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
         return new if word == old else SHAPE_PLURALS[new]
 
     return _SHAPE_WORD.sub(replace, caption)
+
+
+_WORD_COUNTS = {word: n for n, word in COUNT_WORDS.items() if n > 0}
+
+
+def caption_objects(text: str) -> list[tuple[str, str | None]]:
+    """Every object a caption or prompt names, in the order it names them, as (shape, colour or None).
+
+    "two red circles and a star" -> [(circle, red), (circle, red), (star, None)]. A count word right before the
+    colour (or the shape) repeats the object. Long captions name each object once in their location sentences,
+    then again in the relation sentences: the first len(scene.objects) entries are the scene's objects.
+    """
+    words = re.sub(r"[^a-z ]", " ", text.lower()).split()  # (n_words,)
+    objects: list[tuple[str, str | None]] = []
+    for i, word in enumerate(words):
+        shape = _SHAPE_OF_WORD.get(word)
+        if shape is None:
+            continue
+        before = i - 1
+        color = words[before] if before >= 0 and words[before] in COLOR_NAMES else None
+        if color is not None:
+            before -= 1
+        count = _WORD_COUNTS.get(words[before], 1) if before >= 0 else 1
+        objects += [(shape, color)] * count
+    return objects

@@ -1,0 +1,78 @@
+"""Generation stages' scaffolding loss: slot k of the DiT's condition resampler names the k-th object the
+caption names.
+
+Why: the resampler (models/condition_resampler.py) trained by the flow loss alone, as a 2-layer refiner of
+the query states, did not separate the objects (token-level ShapesGenEval 0.00 against 0.09 without it,
+docs/bench/object_target.txt, session 20). With this loss its slots become one token per object, the form the
+DiT binds colour to shape from (session 22). It stands in for what a large pretrained language model's states
+already offer and ours, 128 wide and trained on ShapesWorld only, do not: objects kept apart.
+
+A shared linear head reads every slot: slot k classifies the shape and the colour of the k-th object
+(`world.language.caption_objects`; the first len(scene.objects) of them when the scene is known, since long
+captions name objects again in their relation sentences), slots past the last object the "none" classes. A
+prompt that names no colour ("a photo of two circles") trains the shape only. The head is training scaffolding:
+it lives in the stage, not in the model, and is not exported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip3o.world.language import caption_objects
+from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene
+
+NO_OBJECT_SHAPE = len(SHAPES)
+NO_OBJECT_COLOR = len(COLOR_NAMES)
+UNNAMED = -100  # cross_entropy's ignore_index: the caption names no colour for this object
+
+
+def caption_slot_labels(
+    caption: str, slots: int, scene: Scene | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shape, colour) class per slot, each (slots,) int64: the caption's objects in order, then "none"."""
+    objects = caption_objects(caption)
+    if scene is not None:
+        objects = objects[: len(scene.objects)]
+    shape = torch.full((slots,), NO_OBJECT_SHAPE)
+    colour = torch.full((slots,), NO_OBJECT_COLOR)
+    for k, (name, color) in enumerate(objects[:slots]):
+        shape[k] = SHAPES.index(name)
+        colour[k] = UNNAMED if color is None else COLOR_NAMES.index(color)
+    return shape, colour
+
+
+class SlotLabelHead(nn.Module):
+    """Shared linear shape and colour classifiers over every resampler slot."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.shape = nn.Linear(width, NO_OBJECT_SHAPE + 1)
+        self.colour = nn.Linear(width, NO_OBJECT_COLOR + 1)
+
+    def loss(
+        self, slot_tokens: torch.Tensor, captions: list[str], scenes: list[Scene | None] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """slot_tokens (B, S, W); the summed cross-entropies and the named objects' accuracies."""
+        batch, slots, width = slot_tokens.shape
+        if len(captions) != batch:
+            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        scenes = scenes if scenes is not None else [None] * batch
+        labels = [caption_slot_labels(c, slots, s) for c, s in zip(captions, scenes, strict=True)]
+        shape_y = torch.cat([y for y, _ in labels]).to(slot_tokens.device)  # (B * S,)
+        colour_y = torch.cat([y for _, y in labels]).to(slot_tokens.device)  # (B * S,)
+        flat = slot_tokens.reshape(-1, width).float()  # (B * S, W)
+        shape_logits, colour_logits = self.shape(flat), self.colour(flat)  # (B * S, classes)
+        loss = F.cross_entropy(shape_logits, shape_y) + F.cross_entropy(
+            colour_logits, colour_y, ignore_index=UNNAMED
+        )
+        with torch.no_grad():
+            named = shape_y != NO_OBJECT_SHAPE  # (B * S,) slots holding an object
+            coloured = named & (colour_y != UNNAMED)  # and the caption names its colour
+            metrics = {
+                "slot_shape_acc": (shape_logits.argmax(1) == shape_y)[named].sum() / named.sum().clamp(min=1),
+                "slot_colour_acc": (colour_logits.argmax(1) == colour_y)[coloured].sum()
+                / coloured.sum().clamp(min=1),
+            }
+        return loss, metrics

@@ -1,0 +1,187 @@
+"""The DiT's condition resampler and its slot-label scaffolding (generation stages)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from blip3o.data.shards import write_shards
+from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.models.condition_resampler import ConditionResampler
+from blip3o.models.dit import DiT, DiTConfig
+from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.data import load_shards
+from blip3o.train.loop import train_stage
+from blip3o.train.parallelize import init_distributed
+from blip3o.train.slot_supervision import (
+    NO_OBJECT_COLOR,
+    NO_OBJECT_SHAPE,
+    UNNAMED,
+    SlotLabelHead,
+    caption_slot_labels,
+)
+from blip3o.train.stages import StageModule, parameters_of
+from blip3o.world.language import annotate, caption_objects
+from blip3o.world.sampler import sample_scene
+from blip3o.world.scene import COLOR_NAMES, SHAPES
+
+
+def test_caption_objects_reads_counts_colours_and_bare_shapes() -> None:
+    assert caption_objects("a photo of two red circles and a star") == [
+        ("circle", "red"),
+        ("circle", "red"),
+        ("star", None),
+    ]
+    assert caption_objects("a photo of a circle left of a square") == [("circle", None), ("square", None)]
+    assert caption_objects("a photo of four stars") == [("star", None)] * 4
+    assert caption_objects("purple circle, yellow square and red star") == [
+        ("circle", "purple"),
+        ("square", "yellow"),
+        ("star", "red"),
+    ]
+    assert caption_objects("a plain light background") == []
+
+
+def test_caption_objects_names_every_scene_object_first() -> None:
+    """Short captions name exactly the scene's objects; long ones name them first, then again in relations."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        annotation = annotate(scene, rng)
+        objects = Counter((o.shape, o.color) for o in scene.objects)
+        assert Counter(caption_objects(annotation.short_caption)) == objects, annotation.short_caption
+        named = caption_objects(annotation.long_caption)
+        assert Counter(named[: len(scene.objects)]) == objects, annotation.long_caption
+
+
+def test_slot_labels_order_padding_and_unnamed_colours() -> None:
+    scene = next(
+        s for s in (sample_scene(np.random.default_rng(i)) for i in range(50)) if len(s.objects) >= 2
+    )
+    shape, colour = caption_slot_labels("a red circle and two stars", slots=5)
+    assert shape.tolist() == [
+        SHAPES.index("circle"),
+        SHAPES.index("star"),
+        SHAPES.index("star"),
+        NO_OBJECT_SHAPE,
+        NO_OBJECT_SHAPE,
+    ]
+    assert colour.tolist() == [COLOR_NAMES.index("red"), UNNAMED, UNNAMED, NO_OBJECT_COLOR, NO_OBJECT_COLOR]
+    # With the scene, only its first len(objects) mentions count (the rest are relation sentences).
+    caption = annotate(scene, np.random.default_rng(0)).long_caption
+    shape, _ = caption_slot_labels(caption, slots=9, scene=scene)
+    assert int((shape != NO_OBJECT_SHAPE).sum()) == len(scene.objects) < len(caption_objects(caption))
+    shape, _ = caption_slot_labels("two red circles and a star", slots=2)  # more objects than slots: cut
+    assert shape.tolist() == [SHAPES.index("circle")] * 2
+
+
+def test_slot_head_loss_is_the_cross_entropy_of_named_classes() -> None:
+    torch.manual_seed(0)
+    head = SlotLabelHead(16)
+    tokens = torch.randn(2, 3, 16)
+    captions = ["a blue square", "two stars"]
+    loss, metrics = head.loss(tokens, captions)
+    shape_y = torch.tensor(
+        [
+            SHAPES.index("square"),
+            NO_OBJECT_SHAPE,
+            NO_OBJECT_SHAPE,
+            SHAPES.index("star"),
+            SHAPES.index("star"),
+            NO_OBJECT_SHAPE,
+        ]
+    )
+    colour_y = torch.tensor(
+        [COLOR_NAMES.index("blue"), NO_OBJECT_COLOR, NO_OBJECT_COLOR, UNNAMED, UNNAMED, NO_OBJECT_COLOR]
+    )
+    flat = tokens.reshape(6, 16)
+    expected = F.cross_entropy(head.shape(flat), shape_y) + F.cross_entropy(
+        head.colour(flat), colour_y, ignore_index=UNNAMED
+    )
+    torch.testing.assert_close(loss, expected)
+    assert 0.0 <= metrics["slot_shape_acc"] <= 1.0 and 0.0 <= metrics["slot_colour_acc"] <= 1.0
+    with pytest.raises(ValueError, match="captions"):
+        head.loss(tokens, captions[:1])
+
+
+def test_resampler_gives_fixed_slots_whatever_the_condition_length() -> None:
+    torch.manual_seed(0)
+    resampler = ConditionResampler(width=32, slots=5, layers=2, heads=4)
+    short, long = resampler(torch.randn(3, 7, 32)), resampler(torch.randn(3, 64, 32))
+    assert short.shape == long.shape == (3, 5, 32)
+    assert not torch.allclose(short[0, 0], short[0, 1])  # slots differ from each other
+    null = resampler(torch.zeros(2, 7, 32))  # the unconditional branch: the same learnt slots for every row
+    torch.testing.assert_close(null[0], null[1])
+
+
+def test_dit_with_resampler_reads_slots_and_round_trips(tmp_path: Path) -> None:
+    config = DiTConfig.tiny(condition_slots=4)
+    dit = DiT(config)
+    assert dit.resampler is not None and DiT(DiTConfig.tiny()).resampler is None
+    condition = torch.randn(2, 6, config.latent_embedding_size)
+    assert dit.resample_condition(condition).shape == (2, 4, config.latent_embedding_size)
+    x, t = torch.randn(2, config.in_channels, 4, 4), torch.tensor([10.0, 900.0])
+    # The transformer reads the slots: its output changes with the condition through them.
+    with torch.no_grad():
+        for parameter in dit.parameters():  # adaLN-Zero, zero gates and output would hide any change
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        first, second = dit(x, t, condition), dit(x, t, torch.randn_like(condition))
+    assert not torch.allclose(first, second)
+    assert DiTConfig.from_dict(config.to_dict()) == config
+    for bad in (
+        {"condition_slots": -1},
+        {"condition_resampler_layers": 0},
+        {"condition_slots": 2, "condition_resampler_heads": 5},
+    ):
+        with pytest.raises(ValueError, match="condition_"):
+            DiTConfig.tiny(**bad)
+
+
+def test_slot_label_weight_checks() -> None:
+    with pytest.raises(ConfigError, match="slot_label_weight"):
+        StageConfig("clip", "clip", steps=1, batch_size=1, slot_label_weight=1.0)
+    with pytest.raises(ConfigError, match="slot_label_weight"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, slot_label_weight=-1.0)
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
+    with pytest.raises(ValueError, match="condition_slots"):
+        StageModule(model, "generation", slot_label_weight=1.0)
+
+
+def test_generation_stage_trains_the_slots_checkpoints_the_head_and_exports_without_it(
+    tmp_path: Path,
+) -> None:
+    shards = tmp_path / "data"
+    write_shards(shards, n=16, seed=0, progress=False)
+    examples, _ = load_shards(shards)
+    stage = StageConfig("generation", "generation", steps=6, batch_size=4, lr=1e-3, log_every=1, ckpt_every=3,
+                        slot_label_weight=1.0)  # fmt: skip
+    base = preset("tiny-test")
+    model_config = replace(base.model, dit=replace(base.model.dit, condition_slots=4))
+    run = replace(base, model=model_config, stages=(stage,), data=DataConfig(shards=str(shards)))
+    model = Blip3o.from_config(run.model, seed=0)
+    module = StageModule(model, "generation", slot_label_weight=1.0)
+    assert any(n.startswith("slot_head.") for n, _ in parameters_of(module))
+    dist = init_distributed("cpu")
+    first = train_stage(model, stage, 0, run, tmp_path, examples, dist, None, progress=False, stop_after_s=0)
+    record = json.loads((tmp_path / "generation" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["slot_shape_acc"] <= 1.0 and record["gen_loss"] < record["loss"]
+    saved = load_file(
+        tmp_path / "generation" / "checkpoints" / f"step_{first.end_step:08d}" / "model.safetensors"
+    )
+    assert any(k.startswith("slot_head.") for k in saved)
+    exported = Blip3o.from_pretrained(first.model_dir)
+    names = list(exported.state_dict())
+    assert any(n.startswith("dit.resampler.") for n in names) and not any("slot_head" in n for n in names)
+    second = train_stage(
+        Blip3o.from_config(run.model, seed=0), stage, 0, run, tmp_path, examples, dist, None, progress=False,
+        stop_after_s=0,
+    )  # fmt: skip
+    assert second.end_step == first.end_step + 1  # resumed, head included
