@@ -1,7 +1,7 @@
 """How far could an object-centric generation target go? The DiT and the pixel decoder on "ideal" tokens.
 
     .venv/bin/python bench/ideal_target.py MODEL [--steps 3000] [--eval-every 600]
-        [--condition scene|model|bag|readout [--readout-queries K]] [--with-prompt] [--standardize] [--slots S]
+        [--condition scene|model|bag|readout|slots [--readout-queries K] [--slot-steps N]] [--with-prompt] [--standardize] [--slots S]
         [--dit-layers N] [--dit-dim D]
         [--decoder-steps 1500 --decoder-preset tiny_footprint] [--out DIR]
 
@@ -20,7 +20,9 @@ boxes are at least 12 px wide and 2 px apart.
   reading the objects out of a condition costs, against sampling their layout. Ways to derive a condition
   from the model's (docs/bench/object_target.txt, session 21): `--with-prompt` adds the prompt tokens' states
   to the queries', `--slots S` makes S tokens by learnt per-slot maps of the pooled states (`SlotReader`),
-  `--condition readout` reads bag tokens in the caption's order out of them by ridge regression.
+  `--condition readout` reads bag tokens in the caption's order out of them by ridge regression;
+  `--condition slots` gives the DiT the slots of the recipe's condition resampler, taught to name one object each
+  (session 22).
   Every `--eval-every` steps it samples the balanced ShapesGenEval prompts, and a token judge scores them:
   each cell whose presence reads over 0.5 is one detection, with its shape, colour and box read from the
   token, scored by ShapesGenEval's own rules. The same judge on the tokens of a scene built for each prompt
@@ -44,18 +46,21 @@ from blip3o.eval.geneval import score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
+from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.decoder import PixelDecoder, decoder_config, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT
+from blip3o.train.slot_supervision import SlotLabelHead
 from blip3o.viz import image_grid
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import Detection
-from blip3o.world.language import COUNT_WORDS
+from blip3o.world.language import caption_objects
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
-from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene, plural
+from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
 from oracle_condition import (  # bench/ on sys.path
     SceneCondition,
+    adamw_update,
     caption_conditions,
     decoder_training,
     dit_training,
@@ -96,20 +101,6 @@ CHANNELS = ROTATION + 1
 MID_BOX, HALF_RANGE = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
 
 
-def mentioned_objects(caption: str) -> list[tuple[str, str]]:
-    """The (shape, colour) of every object a caption names, in the order it names them ("two red circles and a
-    blue star" -> circle/red twice, then star/blue)."""
-    singular = {plural(shape, n): shape for shape in SHAPES for n in (1, 2)}
-    counts = {word: n for n, word in COUNT_WORDS.items()}
-    words = caption.lower().replace(",", " ").replace(".", " ").split()
-    objects = []
-    for i, word in enumerate(words[:-1]):
-        if word in COLOR_NAMES and words[i + 1] in singular:
-            n = counts.get(words[i - 1], 1) if i else 1
-            objects += [(singular[words[i + 1]], word)] * n
-    return objects
-
-
 def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor, torch.Tensor]:
     """`--condition readout`: bag tokens in the order the caption names the objects, read out of the model's
     condition by one ridge regression from its pooled (mean over queries, standardised) states; fitted on the
@@ -118,7 +109,7 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     captions = scene_captions(scenes, rng, args.short_captions)
     targets = torch.zeros(len(captions), bag.slots, bag.width)  # (N, 9, H)
     for row, caption in enumerate(captions):
-        for slot, (shape, color) in enumerate(mentioned_objects(caption)[: bag.slots]):
+        for slot, (shape, color) in enumerate(caption_objects(caption)[: bag.slots]):  # (all coloured)
             targets[row, slot] = bag.shape[SHAPES.index(shape)] + bag.color[COLOR_NAMES.index(color)]
     k = args.readout_queries
 
@@ -141,6 +132,33 @@ def readout_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor,
     residual = (fitted - targets).pow(2).mean() / targets.pow(2).mean()
     print(f"readout: relative training residual {residual.item():.3f}", flush=True)
     return fitted, readout
+
+
+def slot_conditions(model, scenes, records, rng, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`--condition slots`: the recipe's condition resampler (9 slots, 2 layers; models/condition_resampler.py)
+    over the model's condition, trained alone by the slot-label loss (train/slot_supervision.py) for
+    `--slot-steps` on all but the last 1,000 training captions, then frozen: the DiT reads its slots. Prints the
+    held-out slot accuracies."""
+    captions = scene_captions(scenes, rng, args.short_captions)
+    states = model_conditions(model, captions)  # (N, Q, H)
+    prompt_states = model_conditions(model, [r["prompt"] for r in records])  # (P, Q, H)
+    resampler = ConditionResampler(states.shape[-1], slots=9, layers=2, heads=4)
+    head = SlotLabelHead(states.shape[-1])
+    update = adamw_update([*resampler.parameters(), *head.parameters()], 1e-3, warmup_steps=100)
+    fit = max(len(captions) - 1000, 1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(args.slot_steps):
+        rows = torch.randint(fit, (64,), generator=generator).tolist()
+        loss, _ = head.loss(resampler(states[rows]), [captions[i] for i in rows], [scenes[i] for i in rows])
+        update(loss)
+    with torch.no_grad():
+        held_out = range(fit, len(captions)) if fit < len(captions) else range(len(captions))
+        _, metrics = head.loss(
+            resampler(states[list(held_out)]), [captions[i] for i in held_out], [scenes[i] for i in held_out]
+        )
+        print("slots, held out:", {k: round(float(v), 3) for k, v in metrics.items()}, flush=True)
+        slots = torch.cat([resampler(states[i : i + 1000]) for i in range(0, len(states), 1000)])  # (N, 9, H)
+        return slots, resampler(prompt_states)  # (P, 9, H)
 
 
 class SlotReader(torch.nn.Module):
@@ -216,7 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=240, help="balanced ShapesGenEval prompts judged")
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--sample-steps", type=int, help="DiT sampling steps (default: the model's)")
-    parser.add_argument("--condition", choices=("scene", "model", "bag", "readout"), default="scene")
+    parser.add_argument("--condition", choices=("scene", "model", "bag", "readout", "slots"), default="scene")
+    parser.add_argument("--slot-steps", type=int, default=4000, help="--condition slots: resampler steps")
     parser.add_argument("--short-captions", type=float, default=0.1, help="--condition model: short share")
     parser.add_argument(
         "--with-prompt", action="store_true", help="--condition model: the prompt tokens' states too"
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prompt_conditions = torch.stack([bag(s, order) for s in prompt_scenes])  # (P, 9, H)
         elif args.condition == "readout":
             conditions, prompt_conditions = readout_conditions(model, scenes, records, rng, args)
+        elif args.condition == "slots":
+            conditions, prompt_conditions = slot_conditions(model, scenes, records, rng, args)
         else:
             prompts = [r["prompt"] for r in records]
             conditions = caption_conditions(

@@ -145,7 +145,7 @@ def scene_captions(scenes: list, rng: np.random.Generator, short_share: float = 
     ]
 
 
-def _adamw_update(parameters, lr: float, warmup_steps: int):
+def adamw_update(parameters, lr: float, warmup_steps: int):
     """AdamW at `lr` without weight decay and a linear warm-up over `warmup_steps`; returns `update(loss)`, one
     optimizer step: backward, gradients clipped to 1.0, step, schedule step."""
     parameters = list(parameters)
@@ -168,7 +168,7 @@ def dit_training(dit: DiT, targets: torch.Tensor, conditions: torch.Tensor, flow
     weight decay, 200 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`. Yields
     (step, smoothed loss, training seconds) after each step for as long as the caller iterates; what the caller
     does between steps (sampling, judging) is not counted."""
-    update = _adamw_update(dit.parameters(), lr, warmup_steps=200)
+    update = adamw_update(dit.parameters(), lr, warmup_steps=200)
     running, train_s, step = None, 0.0, 0
     while True:
         tick = time.perf_counter()
@@ -191,7 +191,7 @@ def decoder_training(
     1e-3, no weight decay, 100 warm-up steps, gradients clipped to 1.0, random batches drawn from `generator`
     (moved to the decoder's device). Yields (step, loss) after each step for as long as the caller iterates."""
     device = next(decoder.parameters()).device
-    update = _adamw_update(decoder.parameters(), 1e-3, warmup_steps=100)
+    update = adamw_update(decoder.parameters(), 1e-3, warmup_steps=100)
     step = 0
     while True:
         index = torch.randint(len(pixels), (batch,), generator=generator)

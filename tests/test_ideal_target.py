@@ -96,24 +96,11 @@ def test_tiny_run_with_the_bag_condition(bench, tmp_path: Path) -> None:
     assert rows[1]["step"] == 2 and set(rows[1]["cfg3"]) >= {"found", "overall"}
 
 
-def test_mentioned_objects_reads_every_object_of_a_short_caption(bench) -> None:
-    """The parser behind `--condition readout`: a short caption names each object once (groups with counts)."""
-    from blip3o.world.language import short_caption
-
-    rng = np.random.default_rng(3)
-    for scene in [sample_scene(rng) for _ in range(200)]:
-        caption = short_caption(scene, rng)
-        named = bench.mentioned_objects(caption)
-        assert sorted(named) == sorted((o.shape, o.color) for o in scene.objects), caption
-    assert bench.mentioned_objects("Two red circles and a blue star") == [("circle", "red")] * 2 + [
-        ("star", "blue")
-    ]
-
-
 @pytest.mark.parametrize(
     "arm", [["--condition", "model", "--with-prompt"], ["--condition", "model", "--slots", "3"],
             ["--condition", "readout"], ["--condition", "readout", "--readout-queries", "2"],
-            ["--condition", "model", "--standardize", "--dit-layers", "1"]],
+            ["--condition", "model", "--standardize", "--dit-layers", "1"],
+            ["--condition", "slots", "--slot-steps", "2"]],
 )  # fmt: skip
 def test_tiny_runs_with_conditions_read_from_the_model(bench, tmp_path: Path, arm: list[str]) -> None:
     save_untrained_tiny_model(tmp_path / "model")
