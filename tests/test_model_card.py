@@ -24,6 +24,14 @@ def test_model_section_names_the_target_of_each_recipe() -> None:
     assert "box centre" in clip and "covered share" not in clip
 
 
+def test_model_section_says_when_the_dit_reads_resampler_slots() -> None:
+    def dit_line(name: str) -> str:
+        return next(line for line in _model_section(preset(name).model.to_dict()) if line.startswith("- DiT"))
+
+    assert "9 slot tokens of a condition resampler (2 layers)" in dit_line("shapes-object")
+    assert "resampler" not in dit_line("shapes")
+
+
 def _fact(name: str, source: str | None = None, resumed_at: int = 0) -> dict:
     reused = (
         {"source": source, "tool": "tools/reuse_backbone.py", "log": "copied from c.csv"} if source else None

@@ -165,6 +165,13 @@ def _model_section(model: dict) -> list[str]:
     clip_line = "- CLIP: trained here, contrastive" + (f"; auxiliary: {'; '.join(aux)}." if aux else ".")
     objective = model.get("objective", "flow_matching").replace("_", " ")
     unet_channels = ", ".join(map(str, dec["block_out_channels"]))
+    slots = dit.get("condition_slots", 0)  # absent in configs saved before the resampler existed
+    resampler = (
+        f" It reads {slots} slot tokens of a condition resampler ({dit['condition_resampler_layers']} layers) over "
+        "the query states, not the query states themselves."
+        if slots
+        else ""
+    )
     return [
         "## Model",
         "",
@@ -173,7 +180,7 @@ def _model_section(model: dict) -> list[str]:
         clip_line,
         target_line,
         f"- DiT: {dit['n_layers']} layers of width {dit['dim']}, {dit['n_heads']} heads, patch {dit['patch_size']}, "
-        f"{dit['in_channels']} channels in and out; {objective}.",
+        f"{dit['in_channels']} channels in and out; {objective}.{resampler}",
         f"- Pixel decoder: a diffusion UNet at {dec['image_size']} px (channels {unet_channels}), "
         f"{dec['sample_steps']} sampling steps.",
         "",
