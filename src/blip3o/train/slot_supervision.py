@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE
 from blip3o.world.language import caption_objects
 from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene
 
-NO_OBJECT_SHAPE = len(SHAPES)
-NO_OBJECT_COLOR = len(COLOR_NAMES)
 UNNAMED = -100  # cross_entropy's ignore_index: the caption names no colour for this object
 
 
