@@ -209,9 +209,15 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------ distributed
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "slots"), [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)]
+)
+def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str, slots: bool) -> None:
+    """slots: with the DiT's condition resampler and the slot-label head (scaffolding outside the DiT's forward,
+    in FSDP2's root unit), as the `shapes-object` recipe trains them."""
     args = ["--preset", "tiny-gen", "stages.generation.steps=5", "stages.generation.ckpt_every=5"]
+    if slots:
+        args += ["model.dit.condition_slots=4", "stages.generation.slot_label_weight=1.0"]
     single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     cmd = [
@@ -233,7 +239,8 @@ def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str) -> N
         for p in fresh.dit.parameters():
             p.zero_()
     set_trainable(fresh, "generation")
-    load_training_state(ckpt, StageModule(fresh, "generation"))  # checkpoints name the stage module's params
+    module = StageModule(fresh, "generation", slot_label_weight=1.0 if slots else 0.0)
+    load_training_state(ckpt, module)  # checkpoints name the stage module's params (the slot head's too)
     for (name, a), b in zip(exported.dit.state_dict().items(), fresh.dit.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

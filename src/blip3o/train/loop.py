@@ -393,7 +393,9 @@ def train_stage(
         state = gather_model_state_dict(wrapped)
         if dist.is_main:
             plain = rebuild()
-            plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+            # Only the model's weights: the stage module's scaffolding heads (scene, slot labels) are not exported.
+            weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            plain.load_state_dict(weights, strict=True)
             export_model(plain, stage_dir / "model")
     elif dist.is_main:
         export_model(unwrap(wrapped).model, stage_dir / "model")
