@@ -30,7 +30,7 @@ from blip3o.models.clip import (
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.vae import Vae, VaeConfig
-from blip3o.transport import FlowMatchingConfig, build_objective, initial_noise
+from blip3o.transport import FlowMatchingConfig, build_objective, initial_noise, interpolate, sample_euler
 
 CONFIG_FILE = "config.json"
 DIT_WEIGHTS = "model.safetensors"
@@ -358,6 +358,31 @@ class Blip3o(nn.Module):
         cond = self.condition(prompts).float()  # (B, Q, H)
         noise = initial_noise((len(prompts), *self.config.target_shape), generator, device=self.device)
         return self.objective.sample(self.dit, noise, cond, steps=steps, cfg_scale=cfg_scale)
+
+    @torch.no_grad()
+    def regenerate_target(
+        self,
+        target: torch.Tensor,
+        prompts: list[str],
+        start_sigma: float,
+        noise: torch.Tensor,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+    ) -> torch.Tensor:
+        """The DiT's own rendition of known targets (B, C, h, w): noised to `start_sigma`, sampled back (SDEdit).
+
+        The result keeps the layout the target had at that noise level and has the DiT's finish below it,
+        which is what the pixel decoder meets at inference. A flow-matching DiT only (the regression baseline
+        has no trajectory to enter part-way)."""
+        if self.config.objective != "flow_matching":
+            raise ValueError(
+                f"regenerate_target needs the flow-matching objective, not {self.config.objective!r}"
+            )
+        cond = self.condition(prompts).float()  # (B, Q, H)
+        state = interpolate(target.float(), noise.to(target.device, torch.float32), torch.tensor(start_sigma))
+        return sample_euler(
+            self.dit, state, cond, self.config.flow, steps, cfg_scale, start_sigma=start_sigma
+        )  # (B, C, h, w)
 
     @torch.no_grad()
     def decode_target(

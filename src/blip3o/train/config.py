@@ -84,6 +84,13 @@ class StageConfig:
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.
     slot_label_weight: float = 0.0
+    # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
+    # to a start level, sampled back with the caption: `Blip3o.regenerate_target`) instead of the real target,
+    # so the decoder learns to draw what the DiT makes. Needs a trained DiT: an earlier generation stage.
+    generated_share: float = 0.0
+    # decoder: the highest start level of those renditions; levels are drawn from 4 evenly spaced up to it
+    # (higher: more of the DiT's own making, less tied to the image the decoder must draw)
+    generated_max_sigma: float = 0.6
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -132,6 +139,16 @@ class StageConfig:
         if self.slot_label_weight and self.kind not in ("generation", "instruct"):
             raise ConfigError(
                 f"stage {self.name!r}: slot_label_weight applies to generation and instruct stages only"
+            )
+        if not 0.0 <= self.generated_share <= 1.0:
+            raise ConfigError(
+                f"stage {self.name!r}: generated_share must be in [0, 1], got {self.generated_share}"
+            )
+        if self.generated_share and self.kind != "decoder":
+            raise ConfigError(f"stage {self.name!r}: generated_share applies to decoder stages only")
+        if not 0.0 < self.generated_max_sigma <= 1.0:
+            raise ConfigError(
+                f"stage {self.name!r}: generated_max_sigma must be in (0, 1], got {self.generated_max_sigma}"
             )
         if self.hard_negatives and self.kind != "clip":
             raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
@@ -191,6 +208,17 @@ class RunConfig:
             raise ConfigError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for index, stage in enumerate(self.stages):
+            if not stage.generated_share:
+                continue
+            if (self.model.target, self.model.objective) != ("clip", "flow_matching"):
+                raise ConfigError(
+                    f"stage {stage.name!r}: generated_share needs a flow-matching DiT generating CLIP targets"
+                )
+            if not any(s.kind in ("generation", "instruct", "joint") for s in self.stages[:index]):
+                raise ConfigError(
+                    f"stage {stage.name!r}: generated_share needs a trained DiT, i.e. a generation stage before it"
+                )
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

@@ -179,7 +179,8 @@ def make_batch(
         "images": images,
         "seeds": [int(np.random.SeedSequence([seed, pos, 11]).generate_state(1)[0]) for pos in positions],
     }
-    if kind in ("clip", "generation", "instruct", "joint"):
+    # (decoder: read only when the stage conditions on the DiT's renditions, StageConfig.generated_share)
+    if kind in ("clip", "decoder", "generation", "instruct", "joint"):
         batch["captions"] = captions
     if hard_negatives:
         batch["negative_captions"] = negatives

@@ -233,7 +233,8 @@ def train_stage(
         3,
         1,
     )
-    if kind == "decoder" and model.clip.pixel_head is not None and renders_patches:
+    first_decoder_stage = all(s.kind != "decoder" for s in config.stages[:index])
+    if kind == "decoder" and model.clip.pixel_head is not None and renders_patches and first_decoder_stage:
         # The decoder's per-patch rendering branch starts as CLIP's pixel head (a resume overwrites it).
         model.decoder.init_spatial_from_clip(model.clip)
     if kind in GENERATION_KINDS and config.model.target == "vae" and not model.vae.scaling_fitted:
@@ -252,6 +253,8 @@ def train_stage(
         stage.understanding_average,
         stage.cell_position_weight,
         stage.slot_label_weight,
+        stage.generated_share,
+        stage.generated_max_sigma,
     )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

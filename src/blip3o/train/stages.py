@@ -9,6 +9,7 @@ never exported.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
+from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels
 from blip3o.train.slot_supervision import SlotLabelHead
@@ -108,6 +110,44 @@ def condition_noise_draws(shape: tuple[int, ...], seeds: list[int], max_std: flo
     return torch.stack(parts)  # (B, ...)
 
 
+GENERATED_SIGMA_LEVELS = 4  # start levels of the decoder's DiT renditions: max_sigma * (1, 2, 3, 4) / 4
+
+
+class GeneratedTargetDraws(NamedTuple):
+    use: torch.Tensor  # (B,) bool: this sample's condition is the DiT's rendition
+    sigma: torch.Tensor  # (B,) its start level
+    noise: torch.Tensor  # (B, ...) the noise it is started from
+
+
+def generated_target_draws(
+    shape: tuple[int, ...], seeds: list[int], share: float, max_sigma: float
+) -> GeneratedTargetDraws:
+    """Per sample, from its own seed on a stream of its own (as `condition_noise_draws`): whether the decoder
+    sees the DiT's rendition of its target, from which of GENERATED_SIGMA_LEVELS start levels, and the noise."""
+    use, sigma, noise = [], [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+        use.append(bool(torch.rand((), generator=generator) < share))
+        level = int(torch.randint(GENERATED_SIGMA_LEVELS, (), generator=generator)) + 1
+        sigma.append(max_sigma * level / GENERATED_SIGMA_LEVELS)
+        noise.append(torch.randn(shape[1:], generator=generator))
+    return GeneratedTargetDraws(torch.tensor(use), torch.tensor(sigma), torch.stack(noise))
+
+
+def rendered_features(
+    model: Blip3o, images: list, captions: list[str], draws: GeneratedTargetDraws
+) -> torch.Tensor:
+    """Decoder conditions (B, N, D): the DiT's renditions (`Blip3o.regenerate_target`, the model's sampling
+    steps and guidance) where `draws.use`, else the real targets; one DiT call per start level."""
+    target = model.encode_target(images)  # (B, C, g, g)
+    for level in draws.sigma[draws.use].unique().tolist():
+        rows = torch.nonzero(draws.use & (draws.sigma == level)).flatten().tolist()
+        target[rows] = model.regenerate_target(
+            target[rows], [captions[i] for i in rows], level, draws.noise[rows]
+        )  # (b, C, g, g)
+    return model.clip.target_to_features(grid_to_tokens(target))  # (B, N, D)
+
+
 class StageModule(nn.Module):
     """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample').
 
@@ -123,6 +163,8 @@ class StageModule(nn.Module):
         understanding_average: LossAverage = "token",
         cell_position_weight: float = 0.0,
         slot_label_weight: float = 0.0,
+        generated_share: float = 0.0,
+        generated_max_sigma: float = 0.6,
     ):
         super().__init__()
         self.model = model
@@ -133,6 +175,7 @@ class StageModule(nn.Module):
             self.scene_head = SceneCellHead(model.config.backbone.hidden_size, cell_position_weight).to(
                 model.device
             )
+        self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.slot_label_weight = slot_label_weight
         if slot_label_weight > 0:
             if model.dit.resampler is None:
@@ -170,6 +213,14 @@ class StageModule(nn.Module):
                 noise = condition_noise_draws(shape, batch["seeds"], m.decoder.config.condition_noise)
             # (B, N, D), frozen CLIP, as the DiT's target (+ conditioning augmentation)
             features = m.decoder_features(batch["images"], noise)
+            if self.generated_share > 0:
+                shape = (len(batch["images"]), *m.config.target_shape)
+                draws = generated_target_draws(
+                    shape, batch["seeds"], self.generated_share, self.generated_max_sigma
+                )
+                if draws.use.any():
+                    rendered = rendered_features(m, batch["images"], batch["captions"], draws)  # (B, N, D)
+                    features = torch.where(draws.use.to(m.device).view(-1, 1, 1), rendered, features)
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)

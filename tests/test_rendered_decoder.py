@@ -1,0 +1,121 @@
+"""A decoder stage that conditions on the DiT's own renditions (StageConfig.generated_share)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip3o.data.shards import write_shards
+from blip3o.models.blip3o import Blip3o, tiny_config
+from blip3o.models.decoder import PixelDecoder
+from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.data import load_shards
+from blip3o.train.loop import train_stage
+from blip3o.train.parallelize import init_distributed
+from blip3o.train.stages import (
+    GENERATED_SIGMA_LEVELS,
+    fit_feature_statistics,
+    generated_target_draws,
+    rendered_features,
+)
+from blip3o.transport import initial_noise
+
+PROMPTS = ["a red circle", "two blue stars", "a green square left of a red cross"]
+
+
+@pytest.fixture(scope="module")
+def model() -> Blip3o:
+    return Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0).eval()
+
+
+def test_generated_share_checks() -> None:
+    with pytest.raises(ConfigError, match="decoder stages only"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, generated_share=0.5)
+    with pytest.raises(ConfigError, match="generated_share must be"):
+        StageConfig("dec", "decoder", steps=1, batch_size=1, generated_share=1.5)
+    with pytest.raises(ConfigError, match="generated_max_sigma"):
+        StageConfig("dec", "decoder", steps=1, batch_size=1, generated_max_sigma=0.0)
+    base = preset("tiny-test")
+    refine = StageConfig("refine", "decoder", steps=1, batch_size=2, generated_share=0.5)
+    with pytest.raises(ConfigError, match="generation stage before it"):
+        replace(base, stages=(refine, *base.stages))
+    assert replace(base, stages=(*base.stages, refine)).stages[-1] == refine
+    with pytest.raises(ConfigError, match="flow-matching DiT"):
+        replace(base, model=replace(base.model, objective="mse"), stages=(*base.stages, refine))
+
+
+def test_draws_are_per_sample_and_follow_the_share() -> None:
+    shape = (5, 3, 2, 2)
+    draws = generated_target_draws(shape, [1, 2, 3, 4, 5], share=0.5, max_sigma=0.8)
+    # A sample's draw depends on its seed only, not on its neighbours in the batch.
+    alone = generated_target_draws((1, 3, 2, 2), [3], share=0.5, max_sigma=0.8)
+    assert alone.use[0] == draws.use[2] and alone.sigma[0] == draws.sigma[2]
+    assert torch.equal(alone.noise[0], draws.noise[2])
+    levels = {round(0.8 * k / GENERATED_SIGMA_LEVELS, 6) for k in range(1, GENERATED_SIGMA_LEVELS + 1)}
+    assert {round(s, 6) for s in draws.sigma.tolist()} <= levels
+    many = list(range(400))
+    assert not generated_target_draws((400, 1), many, 0.0, 0.6).use.any()
+    assert generated_target_draws((400, 1), many, 1.0, 0.6).use.all()
+    share = generated_target_draws((400, 1), many, 0.3, 0.6).use.float().mean().item()
+    assert 0.22 < share < 0.38
+
+
+def test_regenerate_from_full_noise_is_generation_and_from_little_noise_the_target(model: Blip3o) -> None:
+    shape = (len(PROMPTS), *model.config.target_shape)
+    target = torch.randn(shape)
+    noise = initial_noise(shape, torch.Generator().manual_seed(7))
+    generated = model.generate_target(PROMPTS, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(model.regenerate_target(target, PROMPTS, 1.0, noise), generated, atol=1e-5)
+    kept = model.regenerate_target(target, PROMPTS, 1e-3, noise)
+    assert (kept - target).abs().max() < 0.05 * target.abs().max()
+    midway = model.regenerate_target(target, PROMPTS, 0.5, noise)
+    assert not torch.allclose(midway, target, atol=1e-2) and not torch.allclose(midway, generated, atol=1e-2)
+
+
+def test_rendered_features_replace_only_the_drawn_samples(tmp_path: Path, model: Blip3o) -> None:
+    shards = tmp_path / "data"
+    write_shards(shards, n=8, seed=0, progress=False)
+    examples, _ = load_shards(shards)
+    images, captions = [e.image for e in examples[:4]], [e.short_caption for e in examples[:4]]
+    fit_feature_statistics(model, images)
+    real = model.decoder_features(images)  # (4, N, D)
+    draws = generated_target_draws((4, *model.config.target_shape), [0, 1, 2, 3], 0.5, 0.6)
+    draws = draws._replace(use=torch.tensor([True, False, True, False]))
+    rendered = rendered_features(model, images, captions, draws)  # (4, N, D)
+    assert torch.allclose(rendered[1::2], real[1::2], atol=1e-5)
+    assert (rendered[0::2] - real[0::2]).abs().mean() > 1e-3
+
+
+def test_a_later_decoder_stage_trains_on_renditions_from_the_decoder_it_receives(tmp_path: Path) -> None:
+    """The refine stage's decoder starts from the one it is handed: with lr 0 it exports it unchanged (the
+    first decoder stage would re-initialise a pixel-shuffle branch from CLIP's head; a later one must not)."""
+    shards = tmp_path / "data"
+    write_shards(shards, n=16, seed=0, progress=False)
+    examples, _ = load_shards(shards)
+    base = preset("tiny-test")
+    model_config = replace(
+        base.model,
+        clip=replace(base.model.clip, reconstruction_weight=1.0),
+        decoder=replace(base.model.decoder, spatial_channels=3, spatial_upsample="pixel_shuffle"),
+    )
+    refine = StageConfig("refine", "decoder", steps=2, batch_size=4, lr=0.0, warmup_steps=0, log_every=1,
+                         ckpt_every=2, generated_share=1.0)  # fmt: skip
+    decoder = StageConfig("decoder", "decoder", steps=1, batch_size=4)
+    generation = StageConfig("generation", "generation", steps=1, batch_size=4)
+    stages = (decoder, generation, refine)
+    run = replace(base, model=model_config, stages=stages, data=DataConfig(shards=str(shards)))
+    model = Blip3o.from_config(run.model, seed=0)
+    with torch.no_grad():
+        model.decoder.feature_to_pixels.weight.normal_()  # not what CLIP's head would give
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    dist = init_distributed("cpu")
+    result = train_stage(model, refine, 2, run, tmp_path, examples, dist, None, progress=False)
+    log = (tmp_path / "refine" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and all("nan" not in line for line in log)
+    exported = PixelDecoder.from_pretrained(result.model_dir / "decoder").state_dict()
+    assert exported.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(exported[k], before[k])]
+    assert not changed, changed
