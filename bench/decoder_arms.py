@@ -1,6 +1,6 @@
 """Which pixel decoder draws a model's generated tokens best? One set of DiT samples, several decoders, one judge.
 
-    .venv/bin/python bench/decoder_arms.py MODEL [--dec DIR ...] [--prompts 240] [--cfg 3] [--seed 0]
+    .venv/bin/python bench/decoder_arms.py MODEL [--dec DIR ...] [--prompts 240] [--cfg 3] [--seed 0] [--grid PNG]
 
 The model's DiT samples CLIP targets once for balanced ShapesGenEval prompts (`balanced_subset`, seed --seed);
 each decoder then draws the same targets (same decoder seed) and the ShapesWorld judge scores the images by
@@ -20,11 +20,13 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from blip3o.eval.geneval import score_detection_lists
+from blip3o.eval.geneval import score_detection_lists, score_detections
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import PixelDecoder
+from blip3o.viz import image_grid
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 
@@ -40,15 +42,42 @@ def load_decoder(folder: Path) -> PixelDecoder:
 @torch.no_grad()
 def judge_decoder(
     model: Blip3o, decoder: PixelDecoder, targets: torch.Tensor, records: list[dict], args
-) -> dict:
-    """Draw (P, C, g, g) DiT targets with `decoder` in `model`'s place, in batches, and score the images."""
+) -> tuple[dict, list[Image.Image], list[bool]]:
+    """Draw (P, C, g, g) DiT targets with `decoder` in `model`'s place, in batches, and score the images.
+    Returns the score, the images and each image's verdict."""
     model.decoder = decoder
     generator = torch.Generator().manual_seed(args.seed)
     images = []
     for start in range(0, len(targets), args.batch):
         chunk = targets[start : start + args.batch]  # (b, C, g, g)
         images += model.decode_target(chunk, args.decoder_steps, args.decoder_cfg, generator)
-    return score_detection_lists(records, [detect(image) for image in images])
+    detections = [detect(image) for image in images]
+    verdicts = [score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)]
+    return score_detection_lists(records, detections), images, verdicts
+
+
+def comparison_grid(
+    records: list[dict], drawn: dict[str, tuple[list[Image.Image], list[bool]]], per_category: int
+) -> Image.Image:
+    """The first `per_category` prompts of each category, one row per decoder, each image with its verdict."""
+    picked: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        if len(picked.setdefault(record["tag"], [])) < per_category:
+            picked[record["tag"]].append(i)
+    columns = [i for rows in picked.values() for i in rows]
+    images, labels, colors = [], [], []
+    for arm, (arm_images, verdicts) in enumerate(drawn.values()):
+        for i in columns:
+            images.append(arm_images[i])
+            verdict = "PASS" if verdicts[i] else "FAIL"
+            labels.append(
+                f"{verdict} {records[i]['prompt'].removeprefix('a photo of ')}" if arm == 0 else verdict
+            )
+            colors.append("darkgreen" if verdicts[i] else "darkred")
+    title = "rows: " + " | ".join(f"{k + 1}. {name}" for k, name in enumerate(drawn))
+    return image_grid(
+        images, labels, columns=len(columns), cell=96, title=title, label_lines=3, colors=colors
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="prompt subset, DiT and decoder seed")
     parser.add_argument("--batch", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grid", type=Path, help="also write a PNG: the same prompts drawn by every decoder")
+    parser.add_argument("--grid-per-category", type=int, default=2, help="prompts per category in --grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
@@ -96,11 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
         "arms": {},
     }
     print(f"{len(records)} balanced prompts, DiT CFG {args.cfg:g}, seed {args.seed}")
+    drawn = {}
     for name, decoder in arms.items():
-        row = judge_decoder(model, decoder, targets, records, args)
+        row, images, verdicts = judge_decoder(model, decoder, targets, records, args)
         result["arms"][name] = row
+        drawn[name] = (images, verdicts)
         categories = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("found", "overall"))
         print(f"  overall {row['overall']:.3f}, found {row['found']:.3f}: {categories}  <- {name}")
+    if args.grid:
+        comparison_grid(records, drawn, args.grid_per_category).save(args.grid)
+        print(f"grid: {args.grid}")
     print(json.dumps(result))
     return result
 
