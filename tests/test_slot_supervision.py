@@ -18,7 +18,7 @@ from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
-from blip3o.train.data import load_shards
+from blip3o.train.data import instruct_examples, load_shards, make_batch
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
 from blip3o.train.slot_supervision import (
@@ -27,8 +27,9 @@ from blip3o.train.slot_supervision import (
     UNNAMED,
     SlotLabelHead,
     caption_slot_labels,
+    caption_slot_positions,
 )
-from blip3o.train.stages import StageModule, parameters_of
+from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
 from blip3o.world.language import annotate, caption_objects
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES
@@ -185,3 +186,54 @@ def test_generation_stage_trains_the_slots_checkpoints_the_head_and_exports_with
         stop_after_s=0,
     )  # fmt: skip
     assert second.end_step == first.end_step + 1  # resumed, head included
+
+
+def test_slot_positions_follow_the_caption_order_and_carry_its_relation() -> None:
+    examples = instruct_examples(0, 1)
+    lefts = [e for e in examples if " left of " in e.long_caption][:40]
+    assert lefts
+    for example in lefts:
+        centres, known = caption_slot_positions(example.long_caption, 9, example.scene)
+        assert known.tolist() == [True, True] + [False] * 7, example.long_caption
+        assert centres[0, 0] < centres[1, 0], example.long_caption  # the first-named object is the left one
+    # Scenes list their objects in their own order: matching is by shape and named colour, not by index.
+    swapped = next(e for e in examples if caption_objects(e.long_caption)[0][0] != e.scene.objects[0].shape)
+    centres, known = caption_slot_positions(swapped.long_caption, 9, swapped.scene)
+    first = caption_objects(swapped.long_caption)[0]
+    owner = next(o for o in swapped.scene.objects if o.shape == first[0] and first[1] in (None, o.color))
+    assert known[0] and torch.allclose(centres[0], torch.tensor(owner.center) / swapped.scene.size)
+
+
+def test_slot_position_loss_is_the_mse_over_slots_with_an_object() -> None:
+    torch.manual_seed(0)
+    examples = instruct_examples(0, 1, 30)
+    captions, scenes = [e.long_caption for e in examples[:3]], [e.scene for e in examples[:3]]
+    head = SlotLabelHead(16, position=True)
+    tokens = torch.randn(3, 4, 16)
+    loss, metrics = head.position_loss(tokens, captions, scenes)
+    labels = [caption_slot_positions(c, 4, s) for c, s in zip(captions, scenes, strict=True)]
+    centres, known = torch.stack([c for c, _ in labels]), torch.stack([k for _, k in labels])
+    expected = (head.position(tokens) - centres).pow(2).sum(-1)[known].mean()
+    torch.testing.assert_close(loss, expected)
+    assert metrics["slot_position_mae"] > 0
+    with pytest.raises(ValueError, match="scene"):
+        head.position_loss(tokens, captions, [None, *scenes[1:]])
+    with pytest.raises(ValueError, match="position regressor"):
+        SlotLabelHead(16).position_loss(tokens, captions, scenes)
+    with pytest.raises(ConfigError, match="slot_position_weight"):
+        StageConfig("clip", "clip", steps=1, batch_size=1, slot_position_weight=1.0)
+
+
+def test_instruct_step_with_the_position_loss_trains_the_resampler_and_the_regressor() -> None:
+    base = preset("tiny-test")
+    model = Blip3o.from_config(replace(base.model, dit=replace(base.model.dit, condition_slots=4)), seed=0)
+    examples = instruct_examples(0, 1, 8)
+    fit_feature_statistics(model, [e.image for e in examples])
+    module = StageModule(model, "instruct", slot_label_weight=1.0, slot_position_weight=1.0)
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = module(batch)
+    assert torch.isfinite(loss) and {"slot_position_mae", "slot_shape_acc", "gen_loss"} <= set(metrics)
+    loss.backward()
+    assert module.slot_head.position.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.resampler.parameters())

@@ -255,6 +255,7 @@ def train_stage(
         stage.slot_label_weight,
         stage.generated_share,
         stage.generated_max_sigma,
+        stage.slot_position_weight,
     )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -43,13 +43,61 @@ def caption_slot_labels(
     return shape, colour
 
 
-class SlotLabelHead(nn.Module):
-    """Shared linear shape and colour classifiers over every resampler slot."""
+def caption_slot_positions(caption: str, slots: int, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where slot k's object sits: centres (slots, 2) as (x, y) / scene size, and which slots have one (slots,).
 
-    def __init__(self, width: int):
+    The caption's k-th object is matched to the first scene object not yet taken with its shape and, when the
+    caption names it, its colour (scenes list their objects in their own order, not the caption's). Slots past
+    the caption's objects, and objects the scene does not hold, have no position."""
+    centres = torch.zeros(slots, 2)
+    known = torch.zeros(slots, dtype=torch.bool)
+    free = list(scene.objects)
+    for k, (name, color) in enumerate(caption_objects(caption)[: min(slots, len(scene.objects))]):
+        match = next((o for o in free if o.shape == name and color in (None, o.color)), None)
+        if match is None:
+            continue
+        free.remove(match)
+        centres[k] = torch.tensor(match.center) / scene.size
+        known[k] = True
+    return centres, known
+
+
+class SlotLabelHead(nn.Module):
+    """Shared linear shape and colour classifiers over every resampler slot (and, with `position`, a shared
+    linear regressor of the slot's object centre)."""
+
+    def __init__(self, width: int, position: bool = False):
         super().__init__()
         self.shape = nn.Linear(width, NO_OBJECT_SHAPE + 1)
         self.colour = nn.Linear(width, NO_OBJECT_COLOR + 1)
+        self.position = nn.Linear(width, 2) if position else None
+
+    def position_loss(
+        self, slot_tokens: torch.Tensor, captions: list[str], scenes: list[Scene | None]
+    ) -> tuple[torch.Tensor, dict]:
+        """slot_tokens (B, S, W); the mean squared error of the predicted centres over slots with an object.
+
+        A caption rarely fixes where an object is, so the best prediction is the centre's expectation given the
+        caption: "a circle left of a square" puts the circle's left of the square's. Training towards it makes
+        the slots carry the relation the DiT has to draw."""
+        if self.position is None:
+            raise ValueError("this head has no position regressor (SlotLabelHead(position=True))")
+        if any(scene is None for scene in scenes):
+            raise ValueError(
+                "the slot position loss needs every sample's scene (shards and stage 3 hold them)"
+            )
+        batch, slots, _ = slot_tokens.shape
+        if len(captions) != batch:
+            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        labels = [caption_slot_positions(c, slots, s) for c, s in zip(captions, scenes, strict=True)]
+        centres = torch.stack([c for c, _ in labels]).to(slot_tokens.device)  # (B, S, 2)
+        known = torch.stack([k for _, k in labels]).to(slot_tokens.device)  # (B, S)
+        predicted = self.position(slot_tokens.float())  # (B, S, 2)
+        error = (predicted - centres).pow(2).sum(-1)  # (B, S)
+        loss = (error * known).sum() / known.sum().clamp(min=1)
+        with torch.no_grad():
+            mae = ((predicted - centres).abs().mean(-1) * known).sum() / known.sum().clamp(min=1)
+        return loss, {"slot_position_mae": mae}
 
     def loss(
         self, slot_tokens: torch.Tensor, captions: list[str], scenes: list[Scene | None] | None = None

@@ -165,6 +165,7 @@ class StageModule(nn.Module):
         slot_label_weight: float = 0.0,
         generated_share: float = 0.0,
         generated_max_sigma: float = 0.6,
+        slot_position_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -176,13 +177,15 @@ class StageModule(nn.Module):
                 model.device
             )
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
-        self.slot_label_weight = slot_label_weight
-        if slot_label_weight > 0:
+        self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
+        if slot_label_weight > 0 or slot_position_weight > 0:
             if model.dit.resampler is None:
                 raise ValueError(
-                    "slot_label_weight needs the DiT's condition resampler (model.dit.condition_slots > 0)"
+                    "slot_label_weight and slot_position_weight need the DiT's condition resampler "
+                    "(model.dit.condition_slots > 0)"
                 )
-            self.slot_head = SlotLabelHead(model.config.dit.latent_embedding_size).to(model.device)
+            width = model.config.dit.latent_embedding_size
+            self.slot_head = SlotLabelHead(width, position=slot_position_weight > 0).to(model.device)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -245,11 +248,22 @@ class StageModule(nn.Module):
             gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
         else:
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
-        if self.slot_label_weight > 0:
+        if self.slot_label_weight > 0 or self.slot_position_weight > 0:
             slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
-            slot_loss, metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
-            metrics["gen_loss"] = gen_loss.detach()
-            return gen_loss + self.slot_label_weight * slot_loss, metrics
+            loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
+            if self.slot_label_weight > 0:
+                slot_loss, label_metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
+                loss, metrics = loss + self.slot_label_weight * slot_loss, {**metrics, **label_metrics}
+            if self.slot_position_weight > 0:
+                scenes = batch.get("scenes") or [None] * len(batch["captions"])
+                position_loss, position_metrics = self.slot_head.position_loss(
+                    slots, batch["captions"], scenes
+                )
+                loss, metrics = (
+                    loss + self.slot_position_weight * position_loss,
+                    {**metrics, **position_metrics},
+                )
+            return loss, metrics
         if kind != "joint":
             return gen_loss, {}
         und_loss = m.backbone.understanding_loss(
