@@ -2,8 +2,9 @@
 
 `StageModule` is the thing handed to DDP / FSDP2: every computation of a step (and of in-training sampling)
 goes through its `forward`, so the wrappers' hooks see it. It owns no parameters beyond the model's, except
-the "vision" stage's scene head: training scaffolding that is optimised and checkpointed with the stage but
-never exported.
+the "vision" stage's scene head and the generation stages' slot-label head: training scaffolding that is
+optimised and checkpointed with the stage but never exported. A decoder stage with `generated_share` also runs
+the (frozen) DiT inside its forward, to draw the renditions it conditions on.
 """
 
 from __future__ import annotations
@@ -218,12 +219,14 @@ class StageModule(nn.Module):
             features = m.decoder_features(batch["images"], noise)
             if self.generated_share > 0:
                 shape = (len(batch["images"]), *m.config.target_shape)
-                draws = generated_target_draws(
+                renditions = generated_target_draws(
                     shape, batch["seeds"], self.generated_share, self.generated_max_sigma
                 )
-                if draws.use.any():
-                    rendered = rendered_features(m, batch["images"], batch["captions"], draws)  # (B, N, D)
-                    features = torch.where(draws.use.to(m.device).view(-1, 1, 1), rendered, features)
+                if renditions.use.any():
+                    rendered = rendered_features(
+                        m, batch["images"], batch["captions"], renditions
+                    )  # (B, N, D)
+                    features = torch.where(renditions.use.to(m.device).view(-1, 1, 1), rendered, features)
             pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)
