@@ -137,22 +137,14 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
-        if self.slot_label_weight < 0:
-            raise ConfigError(
-                f"stage {self.name!r}: slot_label_weight must be >= 0, got {self.slot_label_weight}"
-            )
-        if self.slot_label_weight and self.kind not in ("generation", "instruct"):
-            raise ConfigError(
-                f"stage {self.name!r}: slot_label_weight applies to generation and instruct stages only"
-            )
-        if self.slot_position_weight < 0:
-            raise ConfigError(
-                f"stage {self.name!r}: slot_position_weight must be >= 0, got {self.slot_position_weight}"
-            )
-        if self.slot_position_weight and self.kind not in ("generation", "instruct"):
-            raise ConfigError(
-                f"stage {self.name!r}: slot_position_weight applies to generation and instruct stages only"
-            )
+        for key in ("slot_label_weight", "slot_position_weight"):  # the slot head's two losses
+            weight = getattr(self, key)
+            if weight < 0:
+                raise ConfigError(f"stage {self.name!r}: {key} must be >= 0, got {weight}")
+            if weight and self.kind not in ("generation", "instruct"):
+                raise ConfigError(
+                    f"stage {self.name!r}: {key} applies to generation and instruct stages only"
+                )
         if not 0.0 <= self.generated_share <= 1.0:
             raise ConfigError(
                 f"stage {self.name!r}: generated_share must be in [0, 1], got {self.generated_share}"

@@ -98,6 +98,12 @@ def per_sample_draws(
     )
 
 
+def sample_stream(seed: int, stream: int) -> torch.Generator:
+    """A generator of a sample's own, for one kind of draw: seeded from (its seed, `stream`), so draws of different
+    kinds made from the same sample seed do not repeat one another."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+
+
 def condition_noise_draws(shape: tuple[int, ...], seeds: list[int], max_std: float) -> torch.Tensor:
     """Conditioning-augmentation noise (B, ...) = per sample: std uniform in [0, max_std] times Gaussian noise.
 
@@ -105,7 +111,7 @@ def condition_noise_draws(shape: tuple[int, ...], seeds: list[int], max_std: flo
     the flow-matching draws made from the same seed."""
     parts = []
     for seed in seeds:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+        generator = sample_stream(seed, 1)
         std = max_std * torch.rand((), generator=generator)
         parts.append(std * torch.randn(shape[1:], generator=generator))
     return torch.stack(parts)  # (B, ...)
@@ -127,7 +133,7 @@ def generated_target_draws(
     sees the DiT's rendition of its target, from which of GENERATED_SIGMA_LEVELS start levels, and the noise."""
     use, sigma, noise = [], [], []
     for seed in seeds:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+        generator = sample_stream(seed, 2)
         use.append(bool(torch.rand((), generator=generator) < share))
         level = int(torch.randint(GENERATED_SIGMA_LEVELS, (), generator=generator)) + 1
         sigma.append(max_sigma * level / GENERATED_SIGMA_LEVELS)
