@@ -24,15 +24,17 @@ from blip3o.train.parallelize import init_distributed
 from blip3o.train.slot_supervision import (
     NO_OBJECT_COLOR,
     NO_OBJECT_SHAPE,
+    NO_RELATION,
     UNNAMED,
     SlotLabelHead,
     caption_slot_labels,
     caption_slot_positions,
+    caption_slot_relations,
 )
 from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
 from blip3o.world.language import annotate, caption_objects
 from blip3o.world.sampler import sample_scene
-from blip3o.world.scene import COLOR_NAMES, SHAPES
+from blip3o.world.scene import COLOR_NAMES, RELATIONS, SHAPES
 
 
 def test_caption_objects_reads_counts_colours_and_bare_shapes() -> None:
@@ -236,4 +238,73 @@ def test_instruct_step_with_the_position_loss_trains_the_resampler_and_the_regre
     assert torch.isfinite(loss) and {"slot_position_mae", "slot_shape_acc", "gen_loss"} <= set(metrics)
     loss.backward()
     assert module.slot_head.position.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.resampler.parameters())
+
+
+def test_slot_relations_give_each_object_its_own_side_of_a_position_phrase() -> None:
+    left, right, above, below = (RELATIONS.index(r) for r in ("left of", "right of", "above", "below"))
+    labels = caption_slot_relations("a photo of a red circle left of a blue star", 4)
+    assert labels.tolist() == [left, right, UNNAMED, UNNAMED]
+    assert caption_slot_relations("a photo of a square below a cross", 3).tolist() == [below, above, UNNAMED]
+    # No relation stated: every named object's slot is "none", the empty slots are ignored.
+    assert caption_slot_relations("a photo of three circles", 5).tolist() == [NO_RELATION] * 3 + [UNNAMED] * 2
+    # Location words are not relations ("in the top left"); relation sentences among more objects are ignored.
+    assert caption_slot_relations("a red circle is in the top left.", 2).tolist() == [NO_RELATION, UNNAMED]
+    rng = np.random.default_rng(0)
+    longs = [annotate(sample_scene(rng), rng).long_caption for _ in range(40)]
+    related = [c for c in longs if any(f" {r} " in c for r in RELATIONS)]
+    assert len(related) >= 5
+    for caption in related:
+        assert (caption_slot_relations(caption, 9) == UNNAMED).all(), caption
+    # On the instruct set every position prompt is labelled (both objects), and only those.
+    examples = instruct_examples(0, 1)
+    for example in examples:
+        labels = caption_slot_relations(example.long_caption, 9)
+        positional = any(f" {r} " in example.long_caption for r in RELATIONS)
+        assert (
+            (labels[:2] < NO_RELATION).all()
+            if positional
+            else (labels[labels != UNNAMED] == NO_RELATION).all()
+        )
+
+
+def test_slot_relation_loss_is_the_cross_entropy_of_labelled_slots() -> None:
+    torch.manual_seed(0)
+    captions = ["a photo of a circle above a star", "a photo of two squares", "a photo of a cross"]
+    head = SlotLabelHead(16, relation=True)
+    tokens = torch.randn(3, 4, 16)
+    loss, metrics = head.relation_loss(tokens, captions)
+    labels = torch.cat([caption_slot_relations(c, 4) for c in captions])
+    logits = head.relation(tokens.reshape(-1, 16))
+    keep = labels != UNNAMED
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], labels[keep]))
+    torch.testing.assert_close(
+        metrics["slot_relation_acc"], (logits.argmax(1) == labels)[keep].float().mean()
+    )
+    # A batch without a labelled slot: zero loss, same metric keys (distributed logging reduces them by key).
+    empty, empty_metrics = head.relation_loss(tokens[:, :0], captions)
+    assert empty.item() == 0.0 and set(empty_metrics) == {"slot_relation_acc"}
+    with pytest.raises(ValueError, match="relation classifier"):
+        SlotLabelHead(16).relation_loss(tokens, captions)
+    with pytest.raises(ValueError, match="captions"):
+        head.relation_loss(tokens, captions[:2])
+    with pytest.raises(ConfigError, match="slot_relation_weight"):
+        StageConfig("clip", "clip", steps=1, batch_size=1, slot_relation_weight=1.0)
+    with pytest.raises(ConfigError, match="slot_relation_weight"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, slot_relation_weight=-0.5)
+
+
+def test_instruct_step_with_the_relation_loss_trains_the_resampler_and_the_classifier() -> None:
+    base = preset("tiny-test")
+    model = Blip3o.from_config(replace(base.model, dit=replace(base.model.dit, condition_slots=4)), seed=0)
+    examples = [e for e in instruct_examples(0, 1) if " left of " in e.long_caption][:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    module = StageModule(model, "instruct", slot_relation_weight=1.0)
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = module(batch)
+    assert torch.isfinite(loss) and {"slot_relation_acc", "gen_loss"} <= set(metrics)
+    assert loss > metrics["gen_loss"]  # the relation term is in the loss
+    loss.backward()
+    assert module.slot_head.relation.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.resampler.parameters())

@@ -89,6 +89,12 @@ class StageConfig:
     # Tried once at 5.0 in stage 2 of shapes-object (session 23): the regression never beat a constant (mean
     # error ~0.19 of the image throughout) and label_judge fell from 0.280 to 0.195, so every preset keeps 0.
     slot_position_weight: float = 0.0
+    # generation / instruct: weight of a third one, each object's slot classifying its side of a two-object
+    # position phrase ("a circle left of a star": slot 1 "left of", slot 2 "right of"; other captions' objects
+    # "none"; slot_supervision.caption_slot_relations), because the relation reaches the query states but
+    # hardly the two objects' slots (runs/s24/relprobe.py: held-out 1.000 from the query states, 0.571 from
+    # slots 1-2). 0: off.
+    slot_relation_weight: float = 0.0
     # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
     # to a start level, sampled back with the caption: `Blip3o.regenerate_target`) instead of the real target,
     # so the decoder learns to draw what the DiT makes. Needs a trained DiT: an earlier generation stage.
@@ -137,7 +143,7 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
-        for key in ("slot_label_weight", "slot_position_weight"):  # the slot head's two losses
+        for key in ("slot_label_weight", "slot_position_weight", "slot_relation_weight"):  # slot head losses
             weight = getattr(self, key)
             if weight < 0:
                 raise ConfigError(f"stage {self.name!r}: {key} must be >= 0, got {weight}")

@@ -17,15 +17,19 @@ it lives in the stage, not in the model, and is not exported.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE
 from blip3o.world.language import caption_objects
-from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene
+from blip3o.world.scene import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPES, Scene
 
 UNNAMED = -100  # cross_entropy's ignore_index: the caption names no colour for this object
+NO_RELATION = len(RELATIONS)  # the relation class of an object in a caption that states no relation
+_RELATION_PATTERN = re.compile(r"\b(" + "|".join(RELATIONS) + r")\b")
 
 
 def caption_slot_labels(
@@ -62,15 +66,56 @@ def caption_slot_positions(caption: str, slots: int, scene: Scene) -> tuple[torc
     return centres, known
 
 
+def caption_slot_relations(caption: str, slots: int) -> torch.Tensor:
+    """Where each slot's object stands relative to the other one, (slots,) int64 indices into RELATIONS.
+
+    A two-object position phrase, "a red circle left of a blue star": slot 1 "left of", slot 2 "right of"
+    (each object's own side, so both tokens carry the relation). A caption that states no relation: its
+    objects' slots NO_RELATION. Everything else is UNNAMED (ignored): slots past the objects, and captions with
+    more objects or relations than that (long captions' relation sentences, whose subjects are not slot 1)."""
+    labels = torch.full((slots,), UNNAMED)
+    objects = caption_objects(caption)
+    stated = _RELATION_PATTERN.findall(re.sub(r"[^a-z ]", " ", caption.lower()))
+    if not stated:
+        labels[: min(len(objects), slots)] = NO_RELATION
+    elif len(stated) == 1 and len(objects) == 2 and slots >= 2:
+        labels[0] = RELATIONS.index(stated[0])
+        labels[1] = RELATIONS.index(OPPOSITE_RELATION[stated[0]])
+    return labels
+
+
 class SlotLabelHead(nn.Module):
     """Shared linear shape and colour classifiers over every resampler slot (and, with `position`, a shared
     linear regressor of the slot's object centre)."""
 
-    def __init__(self, width: int, position: bool = False):
+    def __init__(self, width: int, position: bool = False, relation: bool = False):
         super().__init__()
         self.shape = nn.Linear(width, NO_OBJECT_SHAPE + 1)
         self.colour = nn.Linear(width, NO_OBJECT_COLOR + 1)
         self.position = nn.Linear(width, 2) if position else None
+        self.relation = nn.Linear(width, NO_RELATION + 1) if relation else None
+
+    def relation_loss(self, slot_tokens: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        """slot_tokens (B, S, W); the cross-entropy over the labelled slots (`caption_slot_relations`) and their
+        accuracy (the same keys in every batch, as distributed logging reduces them key by key)."""
+        if self.relation is None:
+            raise ValueError("this head has no relation classifier (SlotLabelHead(relation=True))")
+        batch, slots, width = slot_tokens.shape
+        if len(captions) != batch:
+            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        labels = torch.cat([caption_slot_relations(c, slots) for c in captions]).to(
+            slot_tokens.device
+        )  # (B*S,)
+        logits = self.relation(slot_tokens.reshape(-1, width).float())  # (B * S, relations + 1)
+        labelled = labels != UNNAMED  # (B * S,)
+        if (
+            not labelled.any()
+        ):  # a zero that still reaches the head's parameters (DDP expects their gradients)
+            return logits.sum() * 0.0, {"slot_relation_acc": logits.new_zeros(())}
+        loss = F.cross_entropy(logits, labels, ignore_index=UNNAMED)
+        with torch.no_grad():
+            accuracy = (logits.argmax(1) == labels)[labelled].float().mean()
+        return loss, {"slot_relation_acc": accuracy}
 
     def position_loss(
         self, slot_tokens: torch.Tensor, captions: list[str], scenes: list[Scene | None]

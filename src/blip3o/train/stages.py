@@ -173,6 +173,7 @@ class StageModule(nn.Module):
         generated_share: float = 0.0,
         generated_max_sigma: float = 0.6,
         slot_position_weight: float = 0.0,
+        slot_relation_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -185,14 +186,21 @@ class StageModule(nn.Module):
             )
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
-        if slot_label_weight > 0 or slot_position_weight > 0:
+        self.slot_relation_weight = slot_relation_weight
+        if self.uses_slot_head:
             if model.dit.resampler is None:
                 raise ValueError(
-                    "slot_label_weight and slot_position_weight need the DiT's condition resampler "
-                    "(model.dit.condition_slots > 0)"
+                    "slot_label_weight, slot_position_weight and slot_relation_weight need the DiT's "
+                    "condition resampler (model.dit.condition_slots > 0)"
                 )
             width = model.config.dit.latent_embedding_size
-            self.slot_head = SlotLabelHead(width, position=slot_position_weight > 0).to(model.device)
+            self.slot_head = SlotLabelHead(
+                width, position=slot_position_weight > 0, relation=slot_relation_weight > 0
+            ).to(model.device)
+
+    @property
+    def uses_slot_head(self) -> bool:
+        return self.slot_label_weight > 0 or self.slot_position_weight > 0 or self.slot_relation_weight > 0
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -257,7 +265,7 @@ class StageModule(nn.Module):
             gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
         else:
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
-        if self.slot_label_weight > 0 or self.slot_position_weight > 0:
+        if self.uses_slot_head:
             slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
             loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
             if self.slot_label_weight > 0:
@@ -272,6 +280,10 @@ class StageModule(nn.Module):
                     loss + self.slot_position_weight * position_loss,
                     {**metrics, **position_metrics},
                 )
+            if self.slot_relation_weight > 0:
+                relation_loss, relation_metrics = self.slot_head.relation_loss(slots, batch["captions"])
+                loss = loss + self.slot_relation_weight * relation_loss
+                metrics = {**metrics, **relation_metrics}
             return loss, metrics
         if kind != "joint":
             return gen_loss, {}
