@@ -22,7 +22,9 @@ remember prompts (`--split prompts` splits the prompts themselves):
 Read from four representations of each prompt: `words` (mean input embedding of the prompt's tokens: a bag of
 words, the floor for order facts), `prompt states` (mean of the last-layer states over the prompt's tokens),
 `queries mean` (mean of the 64 condition vectors) and `queries` (all 64 concatenated, what the DiT reads).
-A fact the words carry but the queries do not is lost on the way into the condition.
+A fact the words carry but the queries do not is lost on the way into the condition. With the DiT's condition
+resampler (`DiTConfig.condition_slots`), two more: `slots` (all slots concatenated, what that DiT reads) and
+`slots 1-2` (the first two objects' slots: a position prompt's two objects, whose tokens the DiT would place).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def probe_prompts() -> dict[str, tuple[list[str], np.ndarray, int, np.ndarray]]:
 
 @torch.no_grad()
 def representations(model: Blip3o, prompts: list[str], batch: int = 256) -> dict[str, np.ndarray]:
-    """The four read-outs of each prompt, each (P, D)."""
+    """The read-outs of each prompt, each (P, D): four, and two more when the DiT has a condition resampler."""
     backbone = model.backbone
     n_queries = backbone.config.n_queries
     language_model = backbone.vlm.model.language_model
@@ -99,6 +101,10 @@ def representations(model: Blip3o, prompts: list[str], batch: int = 256) -> dict
         out["prompt states"].append((hidden * text).sum(1) / text.sum(1))  # (B, H)
         out["queries mean"].append(condition.mean(1))  # (B, H)
         out["queries"].append(condition.flatten(1))  # (B, Q * H)
+        if model.dit.resampler is not None:
+            slots = model.dit.resample_condition(condition.float())  # (B, S, H)
+            out.setdefault("slots", []).append(slots.flatten(1))  # (B, S * H)
+            out.setdefault("slots 1-2", []).append(slots[:, :2].flatten(1))  # (B, 2 * H)
     return {k: torch.cat(v).float().numpy() for k, v in out.items()}
 
 

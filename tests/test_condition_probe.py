@@ -67,3 +67,19 @@ def test_representations_of_a_tiny_model_have_the_documented_widths(bench, tmp_p
     }  # fmt: skip
     condition = model.condition(["a photo of two stars"]).detach().numpy()  # (1, Q, H)
     np.testing.assert_allclose(reps["queries"][:1], condition.reshape(1, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_a_condition_resampler_also_gives_its_slots(bench) -> None:
+    from dataclasses import replace
+
+    from blip3o.models.blip3o import Blip3o, tiny_config
+
+    config = tiny_config(tokenizer_corpus_scenes=200)
+    model = Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=3)), seed=0).eval()
+    prompts = ["a photo of a star left of a circle", "a photo of a red circle and a blue star"]
+    reps = bench.representations(model, prompts)
+    width = model.config.dit.latent_embedding_size
+    assert reps["slots"].shape == (2, 3 * width) and reps["slots 1-2"].shape == (2, 2 * width)
+    slots = model.dit.resample_condition(model.condition(prompts).float()).detach().numpy()  # (2, 3, W)
+    np.testing.assert_allclose(reps["slots"], slots.reshape(2, -1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reps["slots 1-2"], slots[:, :2].reshape(2, -1), rtol=1e-4, atol=1e-5)
