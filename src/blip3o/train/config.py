@@ -91,9 +91,9 @@ class StageConfig:
     slot_position_weight: float = 0.0
     # generation / instruct: weight of a third one, each object's slot classifying its side of a two-object
     # position phrase ("a circle left of a star": slot 1 "left of", slot 2 "right of"; other captions' objects
-    # "none"; slot_supervision.caption_slot_relations), because the relation reaches the query states but
-    # hardly the two objects' slots (runs/s24/relprobe.py: held-out 1.000 from the query states, 0.571 from
-    # slots 1-2). 0: off.
+    # "none"; slot_supervision.caption_slot_relations), to make the two objects' own tokens carry the relation
+    # (bench/condition_probe.py --split prompts on the session-23 bundle: read at 1.000 from the query states,
+    # 0.995 from all slots, 0.839 from slots 1-2). 0: off.
     slot_relation_weight: float = 0.0
     # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
     # to a start level, sampled back with the caption: `Blip3o.regenerate_target`) instead of the real target,
