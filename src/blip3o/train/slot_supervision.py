@@ -86,7 +86,7 @@ def caption_slot_relations(caption: str, slots: int) -> torch.Tensor:
 
 class SlotLabelHead(nn.Module):
     """Shared linear shape and colour classifiers over every resampler slot (and, with `position`, a shared
-    linear regressor of the slot's object centre)."""
+    linear regressor of the slot's object centre; with `relation`, a shared classifier of its relation)."""
 
     def __init__(self, width: int, position: bool = False, relation: bool = False):
         super().__init__()
@@ -103,14 +103,12 @@ class SlotLabelHead(nn.Module):
         batch, slots, width = slot_tokens.shape
         if len(captions) != batch:
             raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
-        labels = torch.cat([caption_slot_relations(c, slots) for c in captions]).to(
-            slot_tokens.device
-        )  # (B*S,)
+        labels = torch.cat([caption_slot_relations(c, slots) for c in captions])  # (B * S,)
+        labels = labels.to(slot_tokens.device)
         logits = self.relation(slot_tokens.reshape(-1, width).float())  # (B * S, relations + 1)
         labelled = labels != UNNAMED  # (B * S,)
-        if (
-            not labelled.any()
-        ):  # a zero that still reaches the head's parameters (DDP expects their gradients)
+        # No labelled slot: a zero that still reaches the head's parameters (DDP expects their gradients).
+        if not labelled.any():
             return logits.sum() * 0.0, {"slot_relation_acc": logits.new_zeros(())}
         loss = F.cross_entropy(logits, labels, ignore_index=UNNAMED)
         with torch.no_grad():
