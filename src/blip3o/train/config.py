@@ -463,7 +463,10 @@ def _shapes_object() -> RunConfig:
     0.004, 0.046-0.050, 0.073-0.079 and 0.135 (sessions 17-19, docs/bench/object_target.txt; the bundled
     decoder reached 8,000 as 5,000 steps plus 3,000 more from a fresh optimizer at lr 3e-4, not as this one
     8,000-step schedule). At ~1.8 decoder steps/s on an idle 2-core CPU that puts the recipe at an estimated
-    ~220 min (the decoder ~75 of them), over the 120 minutes `shapes` fits in."""
+    ~220 min (the decoder ~75 of them), over the 120 minutes `shapes` fits in. Session 24 measured that the
+    round trip was the wrong guide once `refine` follows: a 3,000-step first decoder (24.5 min) plus the same
+    refine drew the DiT's tokens better (paired bench 0.371 against 0.343 over two seeds); 8,000 stays here
+    because the bundled model was trained so, until one is rebuilt and evaluated the short way."""
     config = _shapes(quick=False, model=shapes_object_model_config(), name="shapes-object")
     refine = StageConfig("refine", "decoder", steps=1500, batch_size=16, lr=2e-4, warmup_steps=50, log_every=50,
                          ckpt_every=500, generated_share=0.5, generated_max_sigma=0.6)  # fmt: skip
