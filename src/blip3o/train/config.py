@@ -457,16 +457,12 @@ def _shapes_object() -> RunConfig:
     its conditions the DiT's own renditions of the image's target (`generated_share`, start levels up to 0.6):
     on the same 240 DiT samples the judge's score of the drawn images went from 0.256 to 0.347
     (bench/decoder_arms.py, session 23), where a decoder trained on real targets only had lost much of what
-    the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage trains 8,000 steps: its round
-    trip of real tokens (80 prompts) was 40/80 at 2,000 steps, 55/80 at 3,000,
-    71/80 at 5,000 and 78/80 at 8,000, and the judge's score of the same decoded DiT tokens (240 prompts)
-    0.004, 0.046-0.050, 0.073-0.079 and 0.135 (sessions 17-19, docs/bench/object_target.txt; the bundled
-    decoder reached 8,000 as 5,000 steps plus 3,000 more from a fresh optimizer at lr 3e-4, not as this one
-    8,000-step schedule). At ~1.8 decoder steps/s on an idle 2-core CPU that puts the recipe at an estimated
-    ~220 min (the decoder ~75 of them), over the 120 minutes `shapes` fits in. Session 24 measured that the
-    round trip was the wrong guide once `refine` follows: a 3,000-step first decoder (24.5 min) plus the same
-    refine drew the DiT's tokens better (paired bench 0.371 against 0.343 over two seeds); 8,000 stays here
-    because the bundled model was trained so, until one is rebuilt and evaluated the short way."""
+    the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage trains 3,000 steps (24.5 min):
+    sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real tokens (80 prompts: 55/80 at
+    3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws the DiT's tokens better
+    (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343 with refine, 0.324-0.333
+    against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage only fit real targets
+    more closely. That puts the recipe at an estimated ~170 min, still over the 120 minutes `shapes` fits in."""
     config = _shapes(quick=False, model=shapes_object_model_config(), name="shapes-object")
     refine = StageConfig("refine", "decoder", steps=1500, batch_size=16, lr=2e-4, warmup_steps=50, log_every=50,
                          ckpt_every=500, generated_share=0.5, generated_max_sigma=0.6)  # fmt: skip
@@ -474,7 +470,7 @@ def _shapes_object() -> RunConfig:
     return apply_overrides(
         config,
         [
-            "stages.decoder.steps=8000",
+            "stages.decoder.steps=3000",
             "stages.generation.steps=3000",
             "stages.generation.batch_size=32",
             "stages.generation.lr=1e-3",
