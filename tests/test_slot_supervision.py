@@ -32,7 +32,7 @@ from blip3o.train.slot_supervision import (
     caption_slot_relations,
 )
 from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
-from blip3o.world.language import annotate, caption_objects
+from blip3o.world.language import annotate, caption_objects, caption_words
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, RELATIONS, SHAPES
 
@@ -51,6 +51,21 @@ def test_caption_objects_reads_counts_colours_and_bare_shapes() -> None:
         ("star", "red"),
     ]
     assert caption_objects("a plain light background") == []
+
+
+def test_caption_words_drop_case_punctuation_and_digits() -> None:
+    assert caption_words("A red circle, left of a BLUE star.") == [
+        "a",
+        "red",
+        "circle",
+        "left",
+        "of",
+        "a",
+        "blue",
+        "star",
+    ]
+    assert caption_words("3 stars!") == ["stars"]
+    assert caption_words("") == []
 
 
 def test_caption_objects_names_every_scene_object_first() -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE
-from blip3o.world.language import caption_objects
+from blip3o.world.language import caption_objects, caption_words
 from blip3o.world.scene import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPES, Scene
 
 UNNAMED = -100  # cross_entropy's ignore_index: the caption names no colour for this object
@@ -75,13 +75,18 @@ def caption_slot_relations(caption: str, slots: int) -> torch.Tensor:
     more objects or relations than that (long captions' relation sentences, whose subjects are not slot 1)."""
     labels = torch.full((slots,), UNNAMED)
     objects = caption_objects(caption)
-    stated = _RELATION_PATTERN.findall(re.sub(r"[^a-z ]", " ", caption.lower()))
+    stated = _RELATION_PATTERN.findall(" ".join(caption_words(caption)))
     if not stated:
         labels[: min(len(objects), slots)] = NO_RELATION
     elif len(stated) == 1 and len(objects) == 2 and slots >= 2:
         labels[0] = RELATIONS.index(stated[0])
         labels[1] = RELATIONS.index(OPPOSITE_RELATION[stated[0]])
     return labels
+
+
+def _check_captions(captions: list[str], batch: int) -> None:
+    if len(captions) != batch:
+        raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
 
 
 class SlotLabelHead(nn.Module):
@@ -101,8 +106,7 @@ class SlotLabelHead(nn.Module):
         if self.relation is None:
             raise ValueError("this head has no relation classifier (SlotLabelHead(relation=True))")
         batch, slots, width = slot_tokens.shape
-        if len(captions) != batch:
-            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        _check_captions(captions, batch)
         labels = torch.cat([caption_slot_relations(c, slots) for c in captions])  # (B * S,)
         labels = labels.to(slot_tokens.device)
         logits = self.relation(slot_tokens.reshape(-1, width).float())  # (B * S, relations + 1)
@@ -130,8 +134,7 @@ class SlotLabelHead(nn.Module):
                 "the slot position loss needs every sample's scene (shards and stage 3 hold them)"
             )
         batch, slots, _ = slot_tokens.shape
-        if len(captions) != batch:
-            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        _check_captions(captions, batch)
         labels = [caption_slot_positions(c, slots, s) for c, s in zip(captions, scenes, strict=True)]
         centres = torch.stack([c for c, _ in labels]).to(slot_tokens.device)  # (B, S, 2)
         known = torch.stack([k for _, k in labels]).to(slot_tokens.device)  # (B, S)
@@ -147,8 +150,7 @@ class SlotLabelHead(nn.Module):
     ) -> tuple[torch.Tensor, dict]:
         """slot_tokens (B, S, W); the summed cross-entropies and the named objects' accuracies."""
         batch, slots, width = slot_tokens.shape
-        if len(captions) != batch:
-            raise ValueError(f"{len(captions)} captions for {batch} rows of slot tokens")
+        _check_captions(captions, batch)
         scenes = scenes if scenes is not None else [None] * batch
         labels = [caption_slot_labels(c, slots, s) for c, s in zip(captions, scenes, strict=True)]
         shape_y = torch.cat([y for y, _ in labels]).to(slot_tokens.device)  # (B * S,)

@@ -518,6 +518,12 @@ def swap_shape_word(caption: str, rng: np.random.Generator) -> str | None:
 _WORD_COUNTS = {word: n for n, word in COUNT_WORDS.items() if n > 0}
 
 
+def caption_words(text: str) -> list[str]:
+    """A caption's lowercase words, everything but the letters a-z dropped: "A red circle, left of..." ->
+    ["a", "red", "circle", "left", "of", ...]."""
+    return re.sub(r"[^a-z ]", " ", text.lower()).split()
+
+
 def caption_objects(text: str) -> list[tuple[str, str | None]]:
     """Every object a caption or prompt names, in the order it names them, as (shape, colour or None).
 
@@ -525,7 +531,7 @@ def caption_objects(text: str) -> list[tuple[str, str | None]]:
     colour (or the shape) repeats the object. Long captions name each object once in their location sentences,
     then again in the relation sentences: the first len(scene.objects) entries are the scene's objects.
     """
-    words = re.sub(r"[^a-z ]", " ", text.lower()).split()  # (n_words,)
+    words = caption_words(text)
     objects: list[tuple[str, str | None]] = []
     for i, word in enumerate(words):
         shape = _SHAPE_OF_WORD.get(word)
