@@ -14,6 +14,7 @@ from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES, scene_object_labels
 from blip3o.train.stages import fit_feature_statistics
 from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -37,6 +38,33 @@ def test_exact_labels_pass_their_prompts_and_none_fail(bench) -> None:
     empty = labels.clone()
     empty[..., : PATCH_LABEL_GROUPS[0]] = torch.eye(PATCH_LABEL_GROUPS[0])[-1]  # every patch says "none"
     assert set(bench.judge_labels(empty, records).values()) == {0.0}
+
+
+def test_verdict_agreement_counts_each_pair(bench) -> None:
+    tokens = [True, True, False, False, True]
+    pixels = [True, False, True, False, False]
+    assert bench.verdict_agreement(tokens, pixels) == {
+        "both": 1,
+        "tokens_only": 2,
+        "pixels_only": 1,
+        "neither": 1,
+    }
+    with pytest.raises(ValueError):
+        bench.verdict_agreement(tokens, pixels[:3])
+
+
+def test_lost_grid_labels_each_image_with_the_judge_objects(bench) -> None:
+    records = [r for _, r in balanced_subset(load_eval_prompts(), 12)][:3]
+    rng = np.random.default_rng(0)
+    images = [render(scene_for_prompt(r, rng)) for r in records]
+    labels = bench.judged_labels(images, records)
+    for label, record, image in zip(labels, records, images, strict=True):
+        prompt, judged = label.split(" | judge: ")
+        assert record["prompt"].endswith(prompt)
+        # a render's objects are segmented and recognised with full confidence
+        assert judged.count(" 1.00") == len(detect(image)) >= 1, label
+    grid = bench.lost_grid(images, records)
+    assert grid.width == 3 * 128 and grid.height > 128  # one cell per image (fewer than 8), labels below
 
 
 def test_head_accuracy_counts_objects_classes_and_value_errors(bench) -> None:
@@ -75,6 +103,14 @@ def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Pat
     assert set(result) == {"model", "prompts", "head", "ceiling", "cfg1", "cfg3"} and result["prompts"] == 6
     assert 0.0 <= result["head"]["recall"] <= 1.0 and result["head"]["objects"] >= 6
     assert {"found", "overall"} <= set(result["cfg3"])
+    drawn = bench.main([str(tmp_path / "object"), "--prompts", "6", "--cfg", "3", "--steps", "2", "--threads", "1",
+                        "--pixels", "--grid", str(tmp_path / "lost.png")])  # fmt: skip
+    assert drawn["cfg3"] == result["cfg3"]  # same seed, same tokens
+    agreement = {k: drawn["cfg3_pixels"][k] for k in bench.AGREEMENT_KEYS}
+    assert sum(agreement.values()) == 6 and {"found", "overall"} <= set(drawn["cfg3_pixels"])
+    assert (tmp_path / "lost.png").is_file() == (agreement["tokens_only"] > 0)
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path / "object"), "--grid", str(tmp_path / "x.png")])
     save_untrained_tiny_model(tmp_path / "plain")
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "plain"), "--prompts", "6"])
