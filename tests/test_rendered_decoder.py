@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,10 +17,12 @@ from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
 from blip3o.train.stages import (
     GENERATED_SIGMA_LEVELS,
     fit_feature_statistics,
     generated_target_draws,
+    reading_images,
     rendered_features,
 )
 from blip3o.transport import initial_noise
@@ -45,6 +49,44 @@ def test_generated_share_checks() -> None:
     assert replace(base, stages=(*base.stages, refine)).stages[-1] == refine
     with pytest.raises(ConfigError, match="flow-matching DiT"):
         replace(base, model=replace(base.model, objective="mse"), stages=(*base.stages, refine))
+
+
+def object_label_config(model_config):
+    """A model config whose CLIP has the object label head and generates its 19 label components."""
+    clip = replace(model_config.clip, patch_label_weight=1.0, patch_label_groups=PATCH_LABEL_GROUPS,
+                   patch_label_values=PATCH_LABEL_VALUES, patch_label_kind="object", target_basis="labels",
+                   target_components=19)  # fmt: skip
+    return replace(model_config, clip=clip, dit=replace(model_config.dit, in_channels=19))
+
+
+def test_generated_pairs_checks() -> None:
+    with pytest.raises(ConfigError, match="generated_pairs must be"):
+        StageConfig("dec", "decoder", steps=1, batch_size=1, generated_share=0.5, generated_pairs="scene")
+    base = preset("tiny-test")
+    refine = StageConfig(
+        "refine", "decoder", steps=1, batch_size=2, generated_share=0.5, generated_pairs="reading"
+    )
+    with pytest.raises(ConfigError, match="object label head"):
+        replace(base, stages=(*base.stages, refine))
+    run = replace(base, model=object_label_config(base.model), stages=(*base.stages, refine))
+    assert run.stages[-1].generated_pairs == "reading"
+
+
+def test_reading_images_replace_the_drawn_samples_by_renders_of_their_reading(tmp_path: Path) -> None:
+    model = Blip3o.from_config(object_label_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0).eval()
+    write_shards(tmp_path, n=8, seed=0, progress=False)
+    images = [e.image for e in load_shards(tmp_path)[0][:4]]
+    fit_feature_statistics(model, images)
+    features = model.decoder_features(images)  # (4, N, D)
+    use = torch.tensor([True, False, True, False])
+    drawn = reading_images(model, features, images, [5, 6, 7, 8], use)
+    assert drawn[1] is images[1] and drawn[3] is images[3]
+    assert all(d.size == i.size for d, i in zip(drawn, images, strict=True))
+    assert drawn[0].tobytes() != images[0].tobytes() and drawn[2].tobytes() != images[2].tobytes()
+    again = reading_images(model, features, images, [5, 6, 7, 8], use)  # the sample's seed fixes the render
+    assert again[0].tobytes() == drawn[0].tobytes()
+    other = reading_images(model, features, images, [9, 6, 7, 8], use)
+    assert other[0].tobytes() != drawn[0].tobytes() and other[2].tobytes() == drawn[2].tobytes()
 
 
 def test_draws_are_per_sample_and_follow_the_share() -> None:
@@ -119,3 +161,25 @@ def test_a_later_decoder_stage_trains_on_renditions_from_the_decoder_it_receives
     assert exported.keys() == before.keys()
     changed = [k for k in before if not torch.equal(exported[k], before[k])]
     assert not changed, changed
+
+
+def test_a_refine_stage_trains_on_reading_pairs(tmp_path: Path) -> None:
+    shards = tmp_path / "data"
+    write_shards(shards, n=16, seed=0, progress=False)
+    examples, _ = load_shards(shards)
+    base = preset("tiny-test")
+    refine = StageConfig("refine", "decoder", steps=2, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=2,
+                         generated_share=1.0, generated_max_sigma=1.0, generated_pairs="reading")  # fmt: skip
+    stages = (StageConfig("generation", "generation", steps=1, batch_size=4), refine)
+    run = replace(
+        base, model=object_label_config(base.model), stages=stages, data=DataConfig(shards=str(shards))
+    )
+    model = Blip3o.from_config(run.model, seed=0)
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    result = train_stage(
+        model, refine, 1, run, tmp_path, examples, init_distributed("cpu"), None, progress=False
+    )
+    log = [json.loads(line) for line in (tmp_path / "refine" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(row["loss"]) for row in log)
+    exported = PixelDecoder.from_pretrained(result.model_dir / "decoder").state_dict()
+    assert any(not torch.equal(exported[k], before[k]) for k in before)

@@ -102,6 +102,11 @@ class StageConfig:
     # decoder: the highest start level of those renditions; levels are drawn from 4 evenly spaced up to it
     # (higher: more of the DiT's own making, less tied to the image the decoder must draw)
     generated_max_sigma: float = 0.6
+    # decoder, with generated_share: what the decoder learns to draw from a rendition. "image": the batch's own
+    # image (the rendition keeps its layout up to start levels of ~0.6). "reading": the ShapesWorld render of what
+    # CLIP's object label head reads in the rendition (`scene_supervision.object_label_scene`), a valid pair at
+    # any start level up to 1 (the DiT's own samples): the decoder learns to draw each token's object cleanly.
+    generated_pairs: str = "image"
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -157,6 +162,10 @@ class StageConfig:
             )
         if self.generated_share and self.kind != "decoder":
             raise ConfigError(f"stage {self.name!r}: generated_share applies to decoder stages only")
+        if self.generated_pairs not in ("image", "reading"):
+            raise ConfigError(
+                f"stage {self.name!r}: generated_pairs must be image or reading, got {self.generated_pairs!r}"
+            )
         if not 0.0 < self.generated_max_sigma <= 1.0:
             raise ConfigError(
                 f"stage {self.name!r}: generated_max_sigma must be in (0, 1], got {self.generated_max_sigma}"
@@ -229,6 +238,14 @@ class RunConfig:
             if not any(s.kind in ("generation", "instruct", "joint") for s in self.stages[:index]):
                 raise ConfigError(
                     f"stage {stage.name!r}: generated_share needs a trained DiT, i.e. a generation stage before it"
+                )
+            clip = self.model.clip
+            if stage.generated_pairs == "reading" and not (
+                clip.patch_label_weight and clip.patch_label_kind == "object"
+            ):
+                raise ConfigError(
+                    f"stage {stage.name!r}: generated_pairs 'reading' needs CLIP's object label head "
+                    "(model.clip.patch_label_kind 'object', patch_label_weight > 0)"
                 )
 
     def stage(self, name: str) -> StageConfig:

@@ -23,6 +23,7 @@ it off: the language model is what fails to compare positions at this size.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,8 +32,18 @@ from torch import nn
 
 from blip3o.models.clip import ClipConfig
 from blip3o.world.judge import Detection
-from blip3o.world.render import render_object_mask
-from blip3o.world.scene import COLOR_NAMES, IMAGE_SIZE, MAX_BOX, MAX_ROTATION, MIN_BOX, SHAPES, Scene
+from blip3o.world.render import make_object, render_object_mask, unit_extent
+from blip3o.world.sampler import jitter_color, sample_background
+from blip3o.world.scene import (
+    COLOR_NAMES,
+    IMAGE_SIZE,
+    MAX_BOX,
+    MAX_NOISE_STD,
+    MAX_ROTATION,
+    MIN_BOX,
+    SHAPES,
+    Scene,
+)
 
 NO_OBJECT_SHAPE = len(SHAPES)  # the "none" class of the shape head
 NO_OBJECT_COLOR = len(COLOR_NAMES)  # the "none" class of the colour head
@@ -141,6 +152,25 @@ def object_label_detections(labels: torch.Tensor, size: int = IMAGE_SIZE) -> lis
     a centre; measured, all of its extra reads on real renders were such neighbours). Exact labels lose nothing:
     two true centres tie at 1. Reads generated targets too, so a model's samples can be judged without a pixel
     decoder."""
+    found = []
+    for read in _read_objects(labels, size):
+        (cx, cy), half = read.center, read.side / 2
+        box = (cx - half, cy - half, cx + half, cy + half)
+        found.append(Detection(read.shape, read.color, box, read.confidence))
+    return found
+
+
+class _ReadObject(NamedTuple):
+    shape: str
+    color: str
+    center: tuple[float, float]  # the box centre, pixels
+    side: float  # the box's mean side, pixels
+    rotation: float  # degrees
+    confidence: float  # 1 - p(none)
+
+
+def _read_objects(labels: torch.Tensor, size: int) -> list[_ReadObject]:
+    """The objects (grid * grid, 19) labels name, by `object_label_detections`' peak rule, in raster order."""
     n_shapes, n_colours = PATCH_LABEL_GROUPS
     grid = math.isqrt(labels.shape[0])
     if grid * grid != labels.shape[0] or labels.shape[1] != n_shapes + n_colours + PATCH_LABEL_VALUES:
@@ -155,14 +185,47 @@ def object_label_detections(labels: torch.Tensor, size: int = IMAGE_SIZE) -> lis
     for index in ((labels[:, :n_shapes].argmax(1) != n_shapes - 1) & peaks).nonzero().flatten().tolist():
         label = labels[index].float()
         row, col = divmod(index, grid)
-        dx, dy, side = label[n_shapes + n_colours : n_shapes + n_colours + 3].tolist()
-        cx, cy = (col + 0.5 + dx / 2) * cell, (row + 0.5 + dy / 2) * cell
-        half = (mid + side * half_range) / 2
-        shape = SHAPES[int(label[: n_shapes - 1].argmax())]
-        colour = COLOR_NAMES[int(label[n_shapes : n_shapes + n_colours - 1].argmax())]
-        confidence = float(1 - label[n_shapes - 1])
-        found.append(Detection(shape, colour, (cx - half, cy - half, cx + half, cy + half), confidence))
+        dx, dy, side, rotation = label[n_shapes + n_colours :].tolist()
+        found.append(
+            _ReadObject(
+                shape=SHAPES[int(label[: n_shapes - 1].argmax())],
+                color=COLOR_NAMES[int(label[n_shapes : n_shapes + n_colours - 1].argmax())],
+                center=((col + 0.5 + dx / 2) * cell, (row + 0.5 + dy / 2) * cell),
+                side=mid + side * half_range,
+                rotation=rotation * MAX_ROTATION,
+                confidence=float(1 - label[n_shapes - 1]),
+            )
+        )
     return found
+
+
+def object_label_scene(labels: torch.Tensor, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """A scene of what (grid * grid, 19) labels (or a label head's reading) say, rendered as ShapesWorld draws:
+    one object per `object_label_detections` detection, of its shape and colour (jittered like the sampler's),
+    box centre, mean side (clamped to MIN_BOX..MAX_BOX) and rotation (clamped to +-MAX_ROTATION; 0 for circles),
+    kept inside the canvas; background, noise and colour jitter drawn from `rng` as `sample_scene` draws them.
+    Objects are not kept apart: two reads that overlap are drawn overlapping, in raster order.
+
+    What for: the image a generated condition describes, so a pixel decoder can learn to draw the DiT's own
+    tokens as clean ShapesWorld objects (StageConfig.generated_pairs = "reading")."""
+    objects = []
+    for read in _read_objects(labels, size):
+        rotation = 0.0 if read.shape == "circle" else min(max(read.rotation, -MAX_ROTATION), MAX_ROTATION)
+        side = min(max(read.side, MIN_BOX), MAX_BOX)
+        width, height = unit_extent(read.shape, rotation)
+        scale = side / ((width + height) / 2)
+        obj = make_object(read.shape, read.color, jitter_color(rng, read.color), read.center, scale, rotation)
+        # The polygon's box is not centred on its anchor (a triangle's is not): move the box onto the read centre,
+        # then inside the canvas.
+        x0, y0, x1, y1 = obj.box
+        dx, dy = read.center[0] - (x0 + x1) / 2, read.center[1] - (y0 + y1) / 2
+        dx += max(0.0, -(x0 + dx)) - max(0.0, x1 + dx - size)
+        dy += max(0.0, -(y0 + dy)) - max(0.0, y1 + dy - size)
+        center = (obj.center[0] + dx, obj.center[1] + dy)
+        objects.append(make_object(read.shape, read.color, obj.rgb, center, scale, rotation))
+    background = sample_background(rng)
+    noise_std = float(rng.uniform(0.0, MAX_NOISE_STD))
+    return Scene(background, tuple(objects), noise_std, int(rng.integers(2**31 - 1)), size)
 
 
 PATCH_LABELS = {"coverage": scene_patch_labels, "object": scene_object_labels}

@@ -4,7 +4,8 @@
 goes through its `forward`, so the wrappers' hooks see it. It owns no parameters beyond the model's, except
 the "vision" stage's scene head and the generation stages' slot-label head: training scaffolding that is
 optimised and checkpointed with the stage but never exported. A decoder stage with `generated_share` also runs
-the (frozen) DiT inside its forward, to draw the renditions it conditions on.
+the (frozen) DiT inside its forward, to draw the renditions it conditions on; with `generated_pairs` "reading"
+it also renders, as the image to draw, the scene CLIP's label head reads in each rendition.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels
+from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
 from blip3o.train.slot_supervision import SlotLabelHead
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
+from blip3o.world.render import render
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
 NEEDS_CLIP_FEATURES = ("decoder", "generation", "instruct", "joint")
@@ -155,6 +157,21 @@ def rendered_features(
     return model.clip.target_to_features(grid_to_tokens(target))  # (B, N, D)
 
 
+@torch.no_grad()
+def reading_images(
+    model: Blip3o, features: torch.Tensor, images: list, seeds: list[int], use: torch.Tensor
+) -> list:
+    """`images` with each used sample's image replaced by the ShapesWorld render of what CLIP's object label head
+    reads in its (B, N, D) normalised condition features (`object_label_scene`; background, noise and colour jitter
+    from the sample's own seed, on a stream of its own)."""
+    reading = model.clip.patch_labels_from_tokens(model.clip.denormalize_features(features))  # (B, N, 19)
+    drawn = list(images)
+    for row in torch.nonzero(use).flatten().tolist():
+        rng = np.random.default_rng(np.random.SeedSequence([seeds[row], 3]))
+        drawn[row] = render(object_label_scene(reading[row].cpu(), rng, size=images[row].width))
+    return drawn
+
+
 class StageModule(nn.Module):
     """forward(batch, generator) -> (loss, metrics) for one stage kind; forward(prompts, mode='sample').
 
@@ -174,6 +191,7 @@ class StageModule(nn.Module):
         generated_max_sigma: float = 0.6,
         slot_position_weight: float = 0.0,
         slot_relation_weight: float = 0.0,
+        generated_pairs: str = "image",
     ):
         super().__init__()
         self.model = model
@@ -185,6 +203,7 @@ class StageModule(nn.Module):
                 model.device
             )
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
+        self.generated_pairs = generated_pairs
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
         self.slot_relation_weight = slot_relation_weight
         if self.uses_slot_head:
@@ -231,6 +250,7 @@ class StageModule(nn.Module):
                 noise = condition_noise_draws(shape, batch["seeds"], m.decoder.config.condition_noise)
             # (B, N, D), frozen CLIP, as the DiT's target (+ conditioning augmentation)
             features = m.decoder_features(batch["images"], noise)
+            images = batch["images"]  # what the decoder learns to draw
             if self.generated_share > 0:
                 shape = (len(batch["images"]), *m.config.target_shape)
                 renditions = generated_target_draws(
@@ -241,7 +261,9 @@ class StageModule(nn.Module):
                         m, batch["images"], batch["captions"], renditions
                     )  # (B, N, D)
                     features = torch.where(renditions.use.to(m.device).view(-1, 1, 1), rendered, features)
-            pixels = images_to_tensor(batch["images"]).to(m.device)  # (B, 3, H, W) in [-1, 1]
+                    if self.generated_pairs == "reading":
+                        images = reading_images(m, rendered, batch["images"], batch["seeds"], renditions.use)
+            pixels = images_to_tensor(images).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)
             loss, _ = flow_matching_loss(m.decoder.velocity, pixels, features, cfg=fm, draws=draws)

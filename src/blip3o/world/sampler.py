@@ -42,7 +42,8 @@ class SceneSamplingError(RuntimeError):
     """No scene satisfying the request was found within the attempt budget."""
 
 
-def _jitter(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
+def jitter_color(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
+    """The RGB an object of a named colour is drawn in: the palette's, each channel moved by up to COLOR_JITTER."""
     base = np.asarray(COLORS[color])
     jit = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
     return tuple(int(v) for v in np.clip(base + jit, 0, 255))
@@ -60,7 +61,7 @@ def _sample_object(rng: np.random.Generator, spec: ObjectSpec, size: int) -> Sce
     cx = float(rng.uniform(half_w, size - half_w))
     cy = float(rng.uniform(half_h, size - half_h))
     # The box is computed from the polygon; recentre so it lies fully inside the canvas.
-    obj = make_object(shape, color, _jitter(rng, color), (cx, cy), scale, rotation)
+    obj = make_object(shape, color, jitter_color(rng, color), (cx, cy), scale, rotation)
     dx = max(0.0, -obj.box[0]) - max(0.0, obj.box[2] - size)
     dy = max(0.0, -obj.box[1]) - max(0.0, obj.box[3] - size)
     if dx or dy:
@@ -83,7 +84,8 @@ def _place(
     return placed
 
 
-def _background(rng: np.random.Generator) -> tuple[int, int, int]:
+def sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A scene's background colour, each channel uniform in BACKGROUND_RANGE."""
     lo, hi = BACKGROUND_RANGE
     return tuple(int(v) for v in rng.integers(lo, hi + 1, size=3))
 
@@ -105,7 +107,7 @@ def sample_scene(
     if specs is not None and not MIN_OBJECTS <= len(specs) <= MAX_OBJECTS:
         raise ValueError(f"a scene holds {MIN_OBJECTS} to {MAX_OBJECTS} objects, got {len(specs)}")
     for _ in range(max_attempts):
-        background = _background(rng)
+        background = sample_background(rng)
         n_specs = specs
         if n_specs is None:
             n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
