@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import warnings
@@ -484,6 +485,9 @@ def single_process_run(toy, tmp_path_factory) -> tuple[dict, Path]:
     return toy.train("none", DistInfo(), out), out
 
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(strategy: str, out: Path, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -493,6 +497,13 @@ def _torchrun(strategy: str, out: Path, *extra: str) -> dict:
         str(TESTS / "dist_toy_train.py"), "--strategy", strategy, "--out", str(out), *extra,
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and GLOO_EXIT_ABORT in proc.stderr:
+        # Known upstream flake (torch 2.13, gloo; see `shutdown_distributed`): a rank can abort at exit while its
+        # process group is torn down (seen once, FSDP, in a fresh clone's full suite in session 25; the test then
+        # passed 3 of 3 times alone). One rerun from an empty folder; a real failure fails again.
+        shutil.rmtree(out)
+        out.mkdir()
+        proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "result.json").read_text())
 
