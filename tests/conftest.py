@@ -1,5 +1,5 @@
-"""Shared test helpers: single-threaded torch for small models, an untrained tiny model on disk, and loading a
-script (bench/, tools/) as a module."""
+"""Shared test helpers: single-threaded torch for small models, an untrained tiny model on disk, a model config
+with the object-centric label target, and loading a script (bench/, tools/) as a module."""
 
 from __future__ import annotations
 
@@ -63,3 +63,16 @@ def save_untrained_tiny_model(folder: Path):
     fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
     model.save_pretrained(folder)
     return model
+
+
+def object_label_model_config(model_config):
+    """`model_config` with CLIP's object label head, the DiT generating its 19 label components (as the
+    `shapes-object` preset's model does)."""
+    from dataclasses import replace
+
+    from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
+
+    clip = replace(model_config.clip, patch_label_weight=1.0, patch_label_groups=PATCH_LABEL_GROUPS,
+                   patch_label_values=PATCH_LABEL_VALUES, patch_label_kind="object", target_basis="labels",
+                   target_components=19)  # fmt: skip
+    return replace(model_config, clip=clip, dit=replace(model_config.dit, in_channels=19))

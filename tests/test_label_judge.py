@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,14 @@ import torch
 
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES, scene_object_labels
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, scene_object_labels
 from blip3o.train.stages import fit_feature_statistics
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
-from conftest import load_script, save_untrained_tiny_model
+from conftest import load_script, object_label_model_config, save_untrained_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "label_judge.py"
@@ -90,11 +89,7 @@ def test_head_accuracy_counts_objects_classes_and_value_errors(bench) -> None:
 
 
 def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Path) -> None:
-    base = tiny_config(tokenizer_corpus_scenes=100)
-    clip = replace(base.clip, patch_label_weight=1.0, patch_label_groups=PATCH_LABEL_GROUPS,
-                   patch_label_values=PATCH_LABEL_VALUES, patch_label_kind="object", target_basis="labels",
-                   target_components=19)  # fmt: skip
-    model = Blip3o.from_config(replace(base, clip=clip, dit=replace(base.dit, in_channels=19)), seed=0)
+    model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
     rng = np.random.default_rng(0)
     fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
     model.save_pretrained(tmp_path / "object")

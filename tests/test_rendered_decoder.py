@@ -17,7 +17,6 @@ from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
-from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
 from blip3o.train.stages import (
     GENERATED_SIGMA_LEVELS,
     fit_feature_statistics,
@@ -26,6 +25,7 @@ from blip3o.train.stages import (
     rendered_features,
 )
 from blip3o.transport import initial_noise
+from conftest import object_label_model_config
 
 PROMPTS = ["a red circle", "two blue stars", "a green square left of a red cross"]
 
@@ -51,14 +51,6 @@ def test_generated_share_checks() -> None:
         replace(base, model=replace(base.model, objective="mse"), stages=(*base.stages, refine))
 
 
-def object_label_config(model_config):
-    """A model config whose CLIP has the object label head and generates its 19 label components."""
-    clip = replace(model_config.clip, patch_label_weight=1.0, patch_label_groups=PATCH_LABEL_GROUPS,
-                   patch_label_values=PATCH_LABEL_VALUES, patch_label_kind="object", target_basis="labels",
-                   target_components=19)  # fmt: skip
-    return replace(model_config, clip=clip, dit=replace(model_config.dit, in_channels=19))
-
-
 def test_generated_pairs_checks() -> None:
     with pytest.raises(ConfigError, match="generated_pairs must be"):
         StageConfig("dec", "decoder", steps=1, batch_size=1, generated_share=0.5, generated_pairs="scene")
@@ -68,12 +60,14 @@ def test_generated_pairs_checks() -> None:
     )
     with pytest.raises(ConfigError, match="object label head"):
         replace(base, stages=(*base.stages, refine))
-    run = replace(base, model=object_label_config(base.model), stages=(*base.stages, refine))
+    run = replace(base, model=object_label_model_config(base.model), stages=(*base.stages, refine))
     assert run.stages[-1].generated_pairs == "reading"
 
 
 def test_reading_images_replace_the_drawn_samples_by_renders_of_their_reading(tmp_path: Path) -> None:
-    model = Blip3o.from_config(object_label_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0).eval()
+    model = Blip3o.from_config(
+        object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0
+    ).eval()
     write_shards(tmp_path, n=8, seed=0, progress=False)
     images = [e.image for e in load_shards(tmp_path)[0][:4]]
     fit_feature_statistics(model, images)
@@ -172,7 +166,7 @@ def test_a_refine_stage_trains_on_reading_pairs(tmp_path: Path) -> None:
                          generated_share=1.0, generated_max_sigma=1.0, generated_pairs="reading")  # fmt: skip
     stages = (StageConfig("generation", "generation", steps=1, batch_size=4), refine)
     run = replace(
-        base, model=object_label_config(base.model), stages=stages, data=DataConfig(shards=str(shards))
+        base, model=object_label_model_config(base.model), stages=stages, data=DataConfig(shards=str(shards))
     )
     model = Blip3o.from_config(run.model, seed=0)
     before = {k: v.clone() for k, v in model.decoder.state_dict().items()}

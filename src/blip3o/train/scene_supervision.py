@@ -33,7 +33,7 @@ from torch import nn
 from blip3o.models.clip import ClipConfig
 from blip3o.world.judge import Detection
 from blip3o.world.render import make_object, render_object_mask, unit_extent
-from blip3o.world.sampler import jitter_color, sample_background
+from blip3o.world.sampler import jitter_color, keep_inside, sample_background
 from blip3o.world.scene import (
     COLOR_NAMES,
     IMAGE_SIZE,
@@ -215,14 +215,12 @@ def object_label_scene(labels: torch.Tensor, rng: np.random.Generator, size: int
         width, height = unit_extent(read.shape, rotation)
         scale = side / ((width + height) / 2)
         obj = make_object(read.shape, read.color, jitter_color(rng, read.color), read.center, scale, rotation)
-        # The polygon's box is not centred on its anchor (a triangle's is not): move the box onto the read centre,
-        # then inside the canvas.
+        # The polygon's box is not centred on its anchor (a triangle's is not): move the box onto the read centre.
         x0, y0, x1, y1 = obj.box
-        dx, dy = read.center[0] - (x0 + x1) / 2, read.center[1] - (y0 + y1) / 2
-        dx += max(0.0, -(x0 + dx)) - max(0.0, x1 + dx - size)
-        dy += max(0.0, -(y0 + dy)) - max(0.0, y1 + dy - size)
-        center = (obj.center[0] + dx, obj.center[1] + dy)
-        objects.append(make_object(read.shape, read.color, obj.rgb, center, scale, rotation))
+        center = (2 * read.center[0] - (x0 + x1) / 2, 2 * read.center[1] - (y0 + y1) / 2)
+        objects.append(
+            keep_inside(make_object(read.shape, read.color, obj.rgb, center, scale, rotation), size)
+        )
     background = sample_background(rng)
     noise_std = float(rng.uniform(0.0, MAX_NOISE_STD))
     return Scene(background, tuple(objects), noise_std, int(rng.integers(2**31 - 1)), size)

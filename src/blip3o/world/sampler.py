@@ -60,13 +60,18 @@ def _sample_object(rng: np.random.Generator, spec: ObjectSpec, size: int) -> Sce
     half_w, half_h = w1 * scale / 2, h1 * scale / 2
     cx = float(rng.uniform(half_w, size - half_w))
     cy = float(rng.uniform(half_h, size - half_h))
-    # The box is computed from the polygon; recentre so it lies fully inside the canvas.
-    obj = make_object(shape, color, jitter_color(rng, color), (cx, cy), scale, rotation)
+    return keep_inside(make_object(shape, color, jitter_color(rng, color), (cx, cy), scale, rotation), size)
+
+
+def keep_inside(obj: SceneObject, size: int) -> SceneObject:
+    """`obj` moved, if need be, so that its box lies fully inside a size x size canvas (the box is computed from
+    the polygon, which need not be centred on the object's anchor)."""
     dx = max(0.0, -obj.box[0]) - max(0.0, obj.box[2] - size)
     dy = max(0.0, -obj.box[1]) - max(0.0, obj.box[3] - size)
-    if dx or dy:
-        obj = make_object(shape, color, obj.rgb, (cx + dx, cy + dy), scale, rotation)
-    return obj
+    if not (dx or dy):
+        return obj
+    center = (obj.center[0] + dx, obj.center[1] + dy)
+    return make_object(obj.shape, obj.color, obj.rgb, center, obj.scale, obj.rotation)
 
 
 def _place(
