@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from blip3o.eval.geneval import score_detection_lists, score_detections
+from blip3o.eval.geneval import detection_verdicts, score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.decoder import PixelDecoder
@@ -52,8 +52,8 @@ def judge_decoder(
         chunk = targets[start : start + args.batch]  # (b, C, g, g)
         images += model.decode_target(chunk, args.decoder_steps, args.decoder_cfg, generator)
     detections = [detect(image) for image in images]
-    verdicts = [score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)]
-    return score_detection_lists(records, detections), images, verdicts
+    verdicts = detection_verdicts(records, detections)
+    return score_detection_lists(records, detections, verdicts), images, verdicts
 
 
 def comparison_grid(

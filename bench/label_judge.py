@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from blip3o.eval.geneval import score_detection_lists, score_detections
+from blip3o.eval.geneval import detection_verdicts, score_detection_lists
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
@@ -87,8 +87,8 @@ def decoded_verdicts(
     for start in range(0, len(target), 60):
         images += model.decode_target(target[start : start + 60], generator=generator)
     detections = [detect(image) for image in images]
-    verdicts = [score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)]
-    return score_detection_lists(records, detections), verdicts, images
+    verdicts = detection_verdicts(records, detections)
+    return score_detection_lists(records, detections, verdicts), verdicts, images
 
 
 def head_accuracy(read: torch.Tensor, truth: torch.Tensor) -> dict:
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         generator = torch.Generator().manual_seed(args.seed)
         target = model.generate_target(prompts, steps=args.steps, cfg_scale=scale, generator=generator)
         tokens = [object_label_detections(reading) for reading in read_targets(model, target)]
-        result[f"cfg{scale:g}"] = score_detection_lists(records, tokens)
+        token_pass = detection_verdicts(records, tokens)
+        result[f"cfg{scale:g}"] = score_detection_lists(records, tokens, token_pass)
         if args.pixels:
             pixels, pixel_pass, images = decoded_verdicts(model, target, records, args.seed)
-            token_pass = [score_detections(r, d)[0] for r, d in zip(records, tokens, strict=True)]
             result[f"cfg{scale:g}_pixels"] = {**pixels, **verdict_agreement(token_pass, pixel_pass)}
             lost = [i for i, (t, p) in enumerate(zip(token_pass, pixel_pass, strict=True)) if t and not p]
             if args.grid and lost:

@@ -33,6 +33,7 @@ from blip3o.train.stages import (
 from blip3o.world.language import annotate
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
+from conftest import object_label_model_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -605,25 +606,13 @@ def test_object_label_target_runs_clip_decoder_and_generation(tmp_path: Path) ->
     label head's directions (19 channels), a decoder whose 3x3 projection lets a token paint its neighbours
     learns from them (the pixel head's start is skipped: it renders 1x1 patches), and the model generates."""
     from blip3o.train.loop import run
-    from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
 
     base = preset("tiny-test")
-    clip = replace(
-        base.model.clip,
-        reconstruction_weight=1.0,
-        patch_label_weight=1.0,
-        patch_label_groups=PATCH_LABEL_GROUPS,
-        patch_label_values=PATCH_LABEL_VALUES,
-        patch_label_kind="object",
-        target_basis="labels",
-        target_components=19,
-    )
+    labelled = object_label_model_config(base.model)
     decoder = replace(
         base.model.decoder, spatial_channels=8, spatial_upsample="pixel_shuffle", spatial_kernel=3
     )
-    model_config = replace(
-        base.model, clip=clip, dit=replace(base.model.dit, in_channels=19), decoder=decoder
-    )
+    model_config = replace(labelled, clip=replace(labelled.clip, reconstruction_weight=1.0), decoder=decoder)
     stages = tuple(s for s in base.stages if s.kind in ("clip", "decoder", "generation"))
     config = replace(base, model=model_config, stages=stages)
     run(config, tmp_path / "run", progress=False)

@@ -17,6 +17,7 @@ from blip3o.eval.geneval import (
     TABLE_FILE,
     OracleDetection,
     SampleFolderError,
+    detection_verdicts,
     format_table,
     read_sample_folder,
     scene_detections,
@@ -195,6 +196,13 @@ def test_detection_lists_are_scored_per_category(eval_records):
     assert scores == {"found": 0.667, "overall": 0.75, "single_object": 0.5, "colors": 1.0}
     with pytest.raises(ValueError, match="2 detection lists for 3"):
         score_detection_lists(records, right[:2])
+    # The caller's own verdicts are used as given (no second scoring), and must match the lists in number.
+    verdicts = detection_verdicts(records, [right[0], [], right[2]])
+    assert verdicts == [True, False, True]
+    assert score_detection_lists(records, [right[0], [], right[2]], verdicts) == scores
+    assert score_detection_lists(records, [right[0], [], right[2]], [False, False, True])["overall"] == 0.5
+    with pytest.raises(ValueError, match="2 verdicts and 3 detection lists"):
+        score_detection_lists(records, [right[0], [], right[2]], verdicts[:2])
 
 
 def test_distractors_fill_the_scene_when_asked(eval_records):

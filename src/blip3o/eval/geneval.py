@@ -146,17 +146,29 @@ def summarize(image_results: Iterable[dict]) -> dict:
     }
 
 
-def score_detection_lists(records: Sequence[dict], detections: Sequence[Iterable[DetectionLike]]) -> dict:
-    """A compact score of one detection list per prompt record (e.g. read from generated tokens instead of
-    images): the share of lists with any detection ("found"), the overall score and each category's, rounded to
-    3 places."""
-    detections = [list(d) for d in detections]
+def detection_verdicts(records: Sequence[dict], detections: Sequence[Iterable[DetectionLike]]) -> list[bool]:
+    """Each prompt record's verdict (GenEval's rules) on its own detection list."""
     if len(detections) != len(records):
         raise ValueError(f"got {len(detections)} detection lists for {len(records)} prompt records")
-    summary = summarize(
-        {"tag": r["tag"], "correct": score_detections(r, d)[0]}
-        for r, d in zip(records, detections, strict=True)
-    )
+    return [score_detections(r, d)[0] for r, d in zip(records, detections, strict=True)]
+
+
+def score_detection_lists(
+    records: Sequence[dict],
+    detections: Sequence[Iterable[DetectionLike]],
+    verdicts: Sequence[bool] | None = None,
+) -> dict:
+    """A compact score of one detection list per prompt record (e.g. read from generated tokens instead of
+    images): the share of lists with any detection ("found"), the overall score and each category's, rounded to
+    3 places. `verdicts` (from `detection_verdicts`) saves scoring the lists again when the caller has them."""
+    detections = [list(d) for d in detections]
+    if verdicts is None:
+        verdicts = detection_verdicts(records, detections)
+    if not len(verdicts) == len(detections) == len(records):
+        raise ValueError(
+            f"got {len(verdicts)} verdicts and {len(detections)} detection lists for {len(records)} prompt records"
+        )
+    summary = summarize({"tag": r["tag"], "correct": v} for r, v in zip(records, verdicts, strict=True))
     per_category = {tag: round(c["accuracy"], 3) for tag, c in summary["categories"].items()}
     found = float(np.mean([len(d) > 0 for d in detections])) if detections else 0.0
     return {"found": round(found, 3), "overall": round(summary["overall"], 3), **per_category}
