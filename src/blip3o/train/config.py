@@ -468,23 +468,25 @@ def _shapes_object() -> RunConfig:
     session-16 trial: generation 3,000 steps at batch 32 and lr 1e-3 (a DiT on ideal object tokens learned at
     batch 64, lr 2e-3: bench/ideal_target.py). Both generation stages add the slot-label loss that teaches the
     DiT's condition resampler one object per slot (train/slot_supervision.py). Instruct: with the slots,
-    bench/label_judge.py read 0.371 / 0.469 / 0.523 after 300 / 1,500 / 4,000 instruct steps (session 22;
-    without them 0.337 / 0.365 / 0.349, session 21) and 0.599 after 8,000 (session 23), which the recipe now
-    runs (~24 min). A last `refine` stage trains the decoder 1,500 steps more (lr 2e-4, ~23 min) with half of
-    its conditions the DiT's own renditions of the image's target (`generated_share`, start levels up to 0.6):
-    on the same 240 DiT samples the judge's score of the drawn images went from 0.256 to 0.347
-    (bench/decoder_arms.py, session 23), where a decoder trained on real targets only had lost much of what
-    the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage trains 3,000 steps (24.5 min):
-    sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real tokens (80 prompts: 55/80 at
-    3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws the DiT's tokens better
-    (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343 with refine, 0.324-0.333
-    against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage only fit real targets
-    more closely. That puts the recipe at an estimated ~170 min, still over the 120 minutes `shapes` fits in.
-    Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired with
-    the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
-    batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52 of
-    the 118 prompts the tokens passed were lost in pixels), and with reading pairs the same 240 DiT samples score
-    0.530 / 0.478 against 0.364 / 0.377 (seeds 0 / 1, bench/decoder_arms.py; same 1,500 steps, ~25 min)."""
+    bench/label_judge.py read 0.371 / 0.469 / 0.523 after 300 / 1,500 / 4,000 instruct steps (session 22; without
+    them 0.337 / 0.365 / 0.349, session 21), 0.599 after 8,000 (session 23) and 0.625 after 16,000 (session 26),
+    which the recipe now runs (~46 min): on the full pipeline 16,000 steps lifted ShapesGenEval from 0.484 ±
+    0.012 to 0.517 ± 0.005 (3 seeds; color_attr 0.42 -> 0.57). A last `refine` stage trains the decoder 1,500
+    steps more (lr 2e-4, ~23 min) with half of its conditions the DiT's own renditions of the image's target
+    (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's score of the drawn
+    images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder trained on real targets
+    only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage
+    trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real
+    tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
+    the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
+    with refine, 0.324-0.333 against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage
+    only fit real targets more closely. That puts the recipe at an estimated ~190 min, over the 120 minutes
+    `shapes` fits in.
+    Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired
+    with the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
+    batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52
+    of the 118 prompts the tokens passed were lost in pixels), and with reading pairs the same 240 DiT samples
+    score 0.530 / 0.478 against 0.364 / 0.377 (seeds 0 / 1, bench/decoder_arms.py; same 1,500 steps, ~25 min)."""
     config = _shapes(quick=False, model=shapes_object_model_config(), name="shapes-object")
     refine = StageConfig("refine", "decoder", steps=1500, batch_size=16, lr=2e-4, warmup_steps=50, log_every=50,
                          ckpt_every=500, generated_share=0.5, generated_max_sigma=1.0,
@@ -498,7 +500,7 @@ def _shapes_object() -> RunConfig:
             "stages.generation.batch_size=32",
             "stages.generation.lr=1e-3",
             "stages.generation.slot_label_weight=1.0",
-            "stages.instruct.steps=8000",
+            "stages.instruct.steps=16000",
             "stages.instruct.warmup_steps=30",
             "stages.instruct.slot_label_weight=1.0",
         ],
