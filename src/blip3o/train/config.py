@@ -469,13 +469,13 @@ def _shapes_object() -> RunConfig:
     batch 64, lr 2e-3: bench/ideal_target.py). Both generation stages add the slot-label loss that teaches the
     DiT's condition resampler one object per slot (train/slot_supervision.py). Instruct: with the slots,
     bench/label_judge.py read 0.371 / 0.469 / 0.523 after 300 / 1,500 / 4,000 instruct steps (session 22; without
-    them 0.337 / 0.365 / 0.349, session 21), 0.599 after 8,000 (session 23) and 0.625 after 16,000 (session 26),
-    which the recipe now runs (~46 min): on the full pipeline 16,000 steps lifted ShapesGenEval from 0.484 ±
-    0.012 to 0.517 ± 0.005 (3 seeds; color_attr 0.42 -> 0.57). A last `refine` stage trains the decoder 1,500
-    steps more (lr 2e-4, ~23 min) with half of its conditions the DiT's own renditions of the image's target
-    (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's score of the drawn
-    images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder trained on real targets
-    only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage
+    them 0.337 / 0.365 / 0.349, session 21), 0.599 after 8,000 (session 23) and 0.625 after 16,000 (session 26; 3
+    seeds: 0.600 and 0.598), which the recipe now runs (~46 min): on the full pipeline 16,000 steps lifted
+    ShapesGenEval from 0.484 ± 0.012 to 0.517 ± 0.005 (3 seeds; color_attr 0.42 -> 0.57). A last `refine` stage
+    trains the decoder 1,500 steps more (lr 2e-4, ~23 min) with half of its conditions the DiT's own renditions
+    of the image's target (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's
+    score of the drawn images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder
+    trained on real targets only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage
     trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real
     tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
     the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
