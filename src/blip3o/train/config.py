@@ -476,12 +476,12 @@ def _shapes_object() -> RunConfig:
     of the image's target (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's
     score of the drawn images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder
     trained on real targets only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The
-    first decoder stage trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real
-    tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
-    the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
-    with refine, 0.324-0.333 against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage
-    only fit real targets more closely. That puts the recipe at an estimated ~190 min, over the 120 minutes
-    `shapes` fits in.
+    first decoder stage trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its
+    round trip of real tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the
+    3,000-step decoder draws the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two
+    seeds: 0.371 against 0.343 with refine, 0.324-0.333 against 0.256 without; session 24,
+    docs/bench/object_target.txt): the longer stage only fit real targets more closely. That puts the recipe at
+    an estimated ~190 min, over the 120 minutes `shapes` fits in.
     Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired
     with the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
     batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52
