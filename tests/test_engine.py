@@ -104,6 +104,9 @@ def test_presets_overrides_and_errors() -> None:
         "model.clip.target_components=19",
         "model.dit.in_channels=19",
         "model.dit.condition_slots=9",
+        "model.dit.dim=256",
+        "model.dit.n_heads=8",
+        "model.dit.n_kv_heads=8",
     ]
     built = apply_overrides(shapes, together).model
     assert built.clip == preset("shapes-object").model.clip and built.dit == preset("shapes-object").model.dit

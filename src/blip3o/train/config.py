@@ -365,7 +365,12 @@ def shapes_object_model_config() -> Blip3oConfig:
     # The DiT reads 9 slot tokens of a condition resampler instead of the 64 query states (session 22): taught by
     # the generation stages' slot-label loss to name one object each, they lifted bench/label_judge.py's score
     # after stage 2 from 0.113 to 0.280 (models/condition_resampler.py).
-    dit = replace(base.dit, in_channels=clip.target_components, condition_slots=9)
+    # Twice the `shapes` DiT's width (dim 256, 8 heads; session 27): after the same 8,000 instruct steps
+    # bench/label_judge.py read 0.648 against 0.599 (seed 0) and ShapesGenEval rose from 0.517 ± 0.005 to
+    # 0.587 ± 0.003 (3 seeds), for ~1.4x the generation stages' step cost and ~1.9x refine's (it samples the DiT).
+    dit = replace(
+        base.dit, in_channels=clip.target_components, condition_slots=9, dim=256, n_heads=8, n_kv_heads=8
+    )
     return replace(base, clip=clip, dit=dit, decoder=decoder)
 
 
@@ -469,19 +474,20 @@ def _shapes_object() -> RunConfig:
     batch 64, lr 2e-3: bench/ideal_target.py). Both generation stages add the slot-label loss that teaches the
     DiT's condition resampler one object per slot (train/slot_supervision.py). Instruct: with the slots,
     bench/label_judge.py read 0.371 / 0.469 / 0.523 after 300 / 1,500 / 4,000 instruct steps (session 22; without
-    them 0.337 / 0.365 / 0.349, session 21), 0.599 after 8,000 (session 23) and 0.625 after 16,000 (session 26; 3
-    seeds: 0.600 and 0.598), which the recipe now runs (~46 min): on the full pipeline 16,000 steps lifted
-    ShapesGenEval from 0.484 ± 0.012 to 0.517 ± 0.005 (3 seeds; color_attr 0.42 -> 0.57). A last `refine` stage
-    trains the decoder 1,500 steps more (lr 2e-4, ~23 min) with half of its conditions the DiT's own renditions
-    of the image's target (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's
-    score of the drawn images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder
-    trained on real targets only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The
-    first decoder stage trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its
-    round trip of real tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the
-    3,000-step decoder draws the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two
-    seeds: 0.371 against 0.343 with refine, 0.324-0.333 against 0.256 without; session 24,
-    docs/bench/object_target.txt): the longer stage only fit real targets more closely. That puts the recipe at
-    an estimated ~190 min, over the 120 minutes `shapes` fits in.
+    them 0.337 / 0.365 / 0.349, session 21), 0.599 after 8,000 (session 23) and 0.625 after 16,000 (session 26;
+    3-seed means 0.600 and 0.598, so no gain; yet on the full pipeline 0.484 ± 0.012 -> 0.517 ± 0.005). The wider
+    DiT (session 27) read 0.648 after 8,000 steps (41 min), the recipe's length now: on the full pipeline
+    ShapesGenEval 0.587 ± 0.003 (3 seeds). A last `refine` stage trains the decoder 1,500 steps more (lr 2e-4, 52
+    min with the wide DiT) with half of its conditions the DiT's own renditions of the image's target
+    (`generated_share`, start levels up to 0.6): on the same 240 DiT samples the judge's score of the drawn
+    images went from 0.256 to 0.347 (bench/decoder_arms.py, session 23), where a decoder trained on real targets
+    only had lost much of what the DiT's tokens hold (0.599 by bench/label_judge.py). The first decoder stage
+    trains 3,000 steps (24.5 min): sessions 17-19 had lengthened it to 8,000 (~75 min) by its round trip of real
+    tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
+    the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
+    with refine, 0.324-0.333 against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage
+    only fit real targets more closely. That puts the recipe at an estimated ~210 min of training, over the 120
+    minutes `shapes` fits in.
     Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired
     with the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
     batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52
@@ -500,7 +506,7 @@ def _shapes_object() -> RunConfig:
             "stages.generation.batch_size=32",
             "stages.generation.lr=1e-3",
             "stages.generation.slot_label_weight=1.0",
-            "stages.instruct.steps=16000",
+            "stages.instruct.steps=8000",
             "stages.instruct.warmup_steps=30",
             "stages.instruct.slot_label_weight=1.0",
         ],
