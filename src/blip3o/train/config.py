@@ -367,7 +367,8 @@ def shapes_object_model_config() -> Blip3oConfig:
     # after stage 2 from 0.113 to 0.280 (models/condition_resampler.py).
     # Twice the `shapes` DiT's width (dim 256, 8 heads; session 27): after the same 8,000 instruct steps
     # bench/label_judge.py read 0.626 against 0.600 (3 seeds) and ShapesGenEval rose from 0.517 ± 0.005 to
-    # 0.587 ± 0.003 (3 seeds), for ~1.4x the generation stages' step cost and ~1.9x refine's (it samples the DiT).
+    # 0.587 ± 0.003 (3 seeds), for ~1.4x generation's step cost, ~1.8x instruct's and ~1.9x refine's (it samples
+    # the DiT).
     dit = replace(
         base.dit, in_channels=clip.target_components, condition_slots=9, dim=256, n_heads=8, n_kv_heads=8
     )
