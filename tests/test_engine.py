@@ -287,12 +287,12 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
 def test_a_finished_stage_of_another_model_is_refused(tmp_path: Path) -> None:
     """A stage folder copied in from a run of another model would be resumed from silently (every later stage
     would train that model): the run stops before training, naming the differing field."""
-    from blip3o.train.loop import _check_stage_model, run
+    from blip3o.train.loop import check_stage_model, run
 
     config = preset("tiny-gen")
     first = config.stages[0].name
     Blip3o.from_config(config.model, config.seed).save_pretrained(tmp_path / "same" / first / "model")
-    _check_stage_model(tmp_path / "same" / first / "model", config.model)  # its own model passes
+    check_stage_model(tmp_path / "same" / first / "model", config.model)  # its own model passes
     deeper = replace(
         config.model, backbone=replace(config.model.backbone, num_layers=config.model.backbone.num_layers + 1)
     )

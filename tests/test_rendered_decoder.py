@@ -120,9 +120,15 @@ def test_rendered_features_replace_only_the_drawn_samples(tmp_path: Path, model:
     real = model.decoder_features(images)  # (4, N, D)
     draws = generated_target_draws((4, *model.config.target_shape), [0, 1, 2, 3], 0.5, 0.6)
     draws = draws._replace(use=torch.tensor([True, False, True, False]))
-    rendered = rendered_features(model, images, captions, draws)  # (4, N, D)
-    assert torch.allclose(rendered[1::2], real[1::2], atol=1e-5)
+    rendered = rendered_features(model, images, captions, draws, real)  # (4, N, D)
+    assert torch.equal(rendered[1::2], real[1::2])
     assert (rendered[0::2] - real[0::2]).abs().mean() > 1e-3
+    # each drawn row is its own image's rendition, whatever else the batch holds
+    alone = rendered_features(model, images[2:3], captions[2:3], draws._replace(
+        use=draws.use[2:3], sigma=draws.sigma[2:3], noise=draws.noise[2:3]), real[2:3])  # fmt: skip
+    assert torch.allclose(alone, rendered[2:3], atol=1e-5)
+    none = draws._replace(use=torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(rendered_features(model, images, captions, none, real), real)
 
 
 def test_a_later_decoder_stage_trains_on_renditions_from_the_decoder_it_receives(tmp_path: Path) -> None:

@@ -163,8 +163,8 @@ def score_detection_lists(
     3 places. `verdicts` (from `detection_verdicts`) saves scoring the lists again when the caller has them."""
     detections = [list(d) for d in detections]
     if verdicts is None:
-        verdicts = detection_verdicts(records, detections)
-    if not len(verdicts) == len(detections) == len(records):
+        verdicts = detection_verdicts(records, detections)  # checks the lengths itself
+    elif not len(verdicts) == len(detections) == len(records):
         raise ValueError(
             f"got {len(verdicts)} verdicts and {len(detections)} detection lists for {len(records)} prompt records"
         )

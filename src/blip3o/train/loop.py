@@ -131,7 +131,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
+def check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
     """A finished stage's model must be the run's model. A stage folder copied in from another run would
     otherwise be resumed from silently, and every later stage would train that run's model, whatever this
     run's config says. Fields the run leaves to be resolved at build time (None) are not compared."""
@@ -146,7 +146,8 @@ def _check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
             f"{model_dir} holds a model of a different configuration than this run's: "
             + ", ".join(differing[:6])
             + ". It was not trained by this run: remove the stage folder, or fill it with tools/reuse_backbone.py "
-            "or tools/reuse_target.py, which rebuild the model from the run's config"
+            "or tools/reuse_target.py, which rebuild the model from the run's config, or tools/reuse_model.py, which "
+            "checks its source against it"
         )
 
 
@@ -456,7 +457,7 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
         for index, stage in enumerate(config.stages):
             model_dir = out / stage.name / "model"
             if (model_dir / "config.json").exists():
-                _check_stage_model(model_dir, config.model)
+                check_stage_model(model_dir, config.model)
                 log.info("[%s] already trained: %s", stage.name, model_dir)
                 previous = model_dir
                 continue

@@ -144,17 +144,24 @@ def generated_target_draws(
 
 
 def rendered_features(
-    model: Blip3o, images: list, captions: list[str], draws: GeneratedTargetDraws
+    model: Blip3o, images: list, captions: list[str], draws: GeneratedTargetDraws, features: torch.Tensor
 ) -> torch.Tensor:
-    """Decoder conditions (B, N, D): the DiT's renditions (`Blip3o.regenerate_target`, the model's sampling
-    steps and guidance) where `draws.use`, else the real targets; one DiT call per start level."""
-    target = model.encode_target(images)  # (B, C, g, g)
-    for level in draws.sigma[draws.use].unique().tolist():
-        rows = torch.nonzero(draws.use & (draws.sigma == level)).flatten().tolist()
+    """The decoder's conditions `features` (B, N, D) with each row where `draws.use` replaced by the DiT's
+    rendition of that image's target (`Blip3o.regenerate_target`, the model's sampling steps and guidance; one DiT
+    call per start level). Only those rows' targets are encoded: the others keep the conditions they were given."""
+    used = torch.nonzero(draws.use).flatten().tolist()
+    conditions = features.clone()
+    if not used:
+        return conditions
+    target = model.encode_target([images[i] for i in used])  # (u, C, g, g)
+    sigma, noise = draws.sigma[used], draws.noise[used]  # (u,), (u, C, g, g)
+    for level in sigma.unique().tolist():
+        rows = torch.nonzero(sigma == level).flatten().tolist()
         target[rows] = model.regenerate_target(
-            target[rows], [captions[i] for i in rows], level, draws.noise[rows]
-        )  # (b, C, g, g)
-    return model.clip.target_to_features(grid_to_tokens(target))  # (B, N, D)
+            target[rows], [captions[used[i]] for i in rows], level, noise[rows]
+        )  # (r, C, g, g)
+    conditions[used] = model.clip.target_to_features(grid_to_tokens(target)).to(conditions.dtype)  # (u, N, D)
+    return conditions
 
 
 @torch.no_grad()
@@ -257,12 +264,11 @@ class StageModule(nn.Module):
                     shape, batch["seeds"], self.generated_share, self.generated_max_sigma
                 )
                 if renditions.use.any():
-                    rendered = rendered_features(
-                        m, batch["images"], batch["captions"], renditions
+                    features = rendered_features(
+                        m, batch["images"], batch["captions"], renditions, features
                     )  # (B, N, D)
-                    features = torch.where(renditions.use.to(m.device).view(-1, 1, 1), rendered, features)
                     if self.generated_pairs == "reading":
-                        images = reading_images(m, rendered, batch["images"], batch["seeds"], renditions.use)
+                        images = reading_images(m, features, batch["images"], batch["seeds"], renditions.use)
             pixels = images_to_tensor(images).to(m.device)  # (B, 3, H, W) in [-1, 1]
             fm = m.decoder.flow_matching
             draws = per_sample_draws(pixels, features, batch["seeds"], fm)

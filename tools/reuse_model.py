@@ -1,0 +1,92 @@
+"""Continue a trained model's recipe at a later stage: the whole model fills a run's earlier stages.
+
+    python tools/reuse_model.py SOURCE_MODEL RUN_DIR --stages clip decoder ... generation
+        [--source-note TEXT] [--curves SOURCE_CURVES.csv] [--samples CARD_SAMPLES_DIR]
+
+Why: a run folder is the only place a stage's optimizer state and curves live, and run folders do not travel
+with the code (runs/ is git-ignored; a new checkout has none). The bundled model does. So a trial of a later
+stage (another instruct stage, a refine stage) starts from the bundle: this exports SOURCE_MODEL, every weight,
+as each of RUN_DIR/<stage>/model, and `blip3o train` resumes at the first stage not filled. Each later stage
+starts, as in any run, with a fresh optimizer and fresh stage heads (e.g. the slot-label head).
+
+It reads RUN_DIR/config.json (write it with `blip3o train ... --print-config > RUN_DIR/config.json`) and refuses a
+source whose model config differs from the run's. A float16 source (the bundle) is cast to float32, the dtype
+runs train in.
+
+Provenance, as tools/reuse_backbone.py writes it: each filled stage gets a `reused.json` (the source, with
+`--source-note`, and this tool), which `blip3o card` reports in place of a training time. `--curves` copies each
+filled stage's rows of the source's curves (a CSV written by `blip3o curves` or `blip3o card`, e.g. the previous
+model card's curves.csv) as its log.jsonl; `--samples` copies a card's sample grids (`<stage>_step_*.png`) back to
+`<stage>/samples/step_*.png`, so a card of the run still shows how the reused stages trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from blip3o.eval.curves import read_csv
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.config import ConfigError, RunConfig
+from blip3o.train.loop import check_stage_model, export_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="trained model folder, e.g. src/blip3o/bundled/model")
+    parser.add_argument("run", type=Path, help="the run folder (its config.json is read)")
+    parser.add_argument("--stages", nargs="+", required=True, help="stages to fill, in the run's order")
+    parser.add_argument("--source-note", default="", help="where the source came from, for reused.json")
+    parser.add_argument("--curves", type=Path, help="the source's training curves (CSV), copied per stage")
+    parser.add_argument("--samples", type=Path, help="a model card's samples folder, copied per stage")
+    args = parser.parse_args(argv)
+
+    config_path = args.run / "config.json"
+    if not config_path.is_file():
+        print(f"{config_path} is missing: write the run's config first (--print-config)", file=sys.stderr)
+        return 1
+    run_config = RunConfig.from_dict(json.loads(config_path.read_text()))
+    names = [stage.name for stage in run_config.stages]
+    if unknown := [s for s in args.stages if s not in names]:
+        print(
+            f"the run has no stage(s) {', '.join(unknown)}; its stages: {', '.join(names)}", file=sys.stderr
+        )
+        return 1
+    if args.stages != names[: len(args.stages)]:
+        print(
+            f"fill the run's first stages in order ({', '.join(names)}), not {args.stages}", file=sys.stderr
+        )
+        return 1
+    curves = read_csv(args.curves) if args.curves else {}
+    if args.curves and (missing := [s for s in args.stages if s not in curves]):
+        print(f"{args.curves} has no curves for stage(s) {', '.join(missing)}", file=sys.stderr)
+        return 1
+
+    try:
+        check_stage_model(args.source, run_config.model)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    model = Blip3o.from_pretrained(args.source).float()
+    source = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
+    for stage in args.stages:
+        export_model(model, args.run / stage / "model")
+        reused = {"source": source, "tool": "tools/reuse_model.py", "weights": "all"}
+        if args.curves:
+            lines = [json.dumps(record) for record in curves[stage]]
+            (args.run / stage / "log.jsonl").write_text("\n".join(lines) + "\n")
+            reused["log"] = f"copied from {args.curves}"
+        if args.samples:
+            for grid in sorted(args.samples.glob(f"{stage}_step_*.png")):
+                (args.run / stage / "samples").mkdir(exist_ok=True)
+                shutil.copyfile(grid, args.run / stage / "samples" / grid.name.removeprefix(f"{stage}_"))
+        (args.run / stage / "reused.json").write_text(json.dumps(reused, indent=2) + "\n")
+        print(f"wrote {args.run / stage / 'model'} (all of {args.source})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
