@@ -23,15 +23,13 @@ log.jsonl, so the card still shows how the reused backbone was trained; reused.j
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+from stage_fill import fill_stage, read_stage_curves  # tools/ is on sys.path when this script runs
 
-from blip3o.eval.curves import read_csv
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.loop import export_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=["vision", "understanding"], help="stages to fill")
     parser.add_argument("--curves", type=Path, help="the source's training curves (CSV), copied per stage")
     args = parser.parse_args(argv)
-    curves = read_csv(args.curves) if args.curves else {}
-    if args.curves and (missing := [s for s in args.stages if s not in curves]):
-        print(f"{args.curves} has no curves for stage(s) {', '.join(missing)}", file=sys.stderr)
+    curves = read_stage_curves(args.curves, args.stages)
+    if curves is None:
         return 1
 
     model = Blip3o.from_pretrained(args.run / args.after / "model")
@@ -62,14 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"state dicts do not match: missing {missing}, unexpected {unexpected}", file=sys.stderr)
         return 1
     assert torch.equal(model.backbone.latent_queries, queries)
+    reused = {"source": str(args.source), "tool": "tools/reuse_backbone.py", "weights": "backbone"}
     for stage in args.stages:
-        export_model(model, args.run / stage / "model")
-        reused = {"source": str(args.source), "tool": "tools/reuse_backbone.py", "weights": "backbone"}
-        if args.curves:
-            lines = [json.dumps(record) for record in curves[stage]]
-            (args.run / stage / "log.jsonl").write_text("\n".join(lines) + "\n")
-            reused["log"] = f"copied from {args.curves}"
-        (args.run / stage / "reused.json").write_text(json.dumps(reused, indent=2) + "\n")
+        fill_stage(model, args.run, stage, reused, args.curves, curves)
         print(f"wrote {args.run / stage / 'model'} (backbone of {args.source})")
     return 0
 

@@ -23,15 +23,15 @@ model card's curves.csv) as its log.jsonl; `--samples` copies a card's sample gr
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from blip3o.eval.curves import read_csv
+from stage_fill import fill_stage, read_run_config, read_stage_curves  # tools/ is on sys.path when run
+
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import ConfigError, RunConfig
-from blip3o.train.loop import check_stage_model, export_model
+from blip3o.train.config import ConfigError
+from blip3o.train.loop import check_stage_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=Path, help="a model card's samples folder, copied per stage")
     args = parser.parse_args(argv)
 
-    config_path = args.run / "config.json"
-    if not config_path.is_file():
-        print(f"{config_path} is missing: write the run's config first (--print-config)", file=sys.stderr)
+    run_config = read_run_config(args.run, "write the run's config first (--print-config)")
+    if run_config is None:
         return 1
-    run_config = RunConfig.from_dict(json.loads(config_path.read_text()))
     names = [stage.name for stage in run_config.stages]
     if unknown := [s for s in args.stages if s not in names]:
         print(
@@ -60,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             f"fill the run's first stages in order ({', '.join(names)}), not {args.stages}", file=sys.stderr
         )
         return 1
-    curves = read_csv(args.curves) if args.curves else {}
-    if args.curves and (missing := [s for s in args.stages if s not in curves]):
-        print(f"{args.curves} has no curves for stage(s) {', '.join(missing)}", file=sys.stderr)
+    curves = read_stage_curves(args.curves, args.stages)
+    if curves is None:
         return 1
 
     try:
@@ -72,18 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = Blip3o.from_pretrained(args.source).float()
     source = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
+    reused = {"source": source, "tool": "tools/reuse_model.py", "weights": "all"}
     for stage in args.stages:
-        export_model(model, args.run / stage / "model")
-        reused = {"source": source, "tool": "tools/reuse_model.py", "weights": "all"}
-        if args.curves:
-            lines = [json.dumps(record) for record in curves[stage]]
-            (args.run / stage / "log.jsonl").write_text("\n".join(lines) + "\n")
-            reused["log"] = f"copied from {args.curves}"
+        fill_stage(model, args.run, stage, reused, args.curves, curves)
         if args.samples:
             for grid in sorted(args.samples.glob(f"{stage}_step_*.png")):
                 (args.run / stage / "samples").mkdir(exist_ok=True)
                 shutil.copyfile(grid, args.run / stage / "samples" / grid.name.removeprefix(f"{stage}_"))
-        (args.run / stage / "reused.json").write_text(json.dumps(reused, indent=2) + "\n")
         print(f"wrote {args.run / stage / 'model'} (all of {args.source})")
     return 0
 

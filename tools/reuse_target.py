@@ -17,12 +17,12 @@ tokenizer differ from the run's. A float16 source (the bundle) gives float16-rou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from stage_fill import read_run_config  # tools/ is on sys.path when this script runs
+
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import RunConfig
 from blip3o.train.loop import export_model
 
 
@@ -33,11 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=["clip", "decoder"], help="stages to fill")
     args = parser.parse_args(argv)
 
-    config_path = args.run / "config.json"
-    if not config_path.is_file():
-        print(f"{config_path} is missing: start the run once (or write its config) first", file=sys.stderr)
+    run_config = read_run_config(args.run, "start the run once (or write its config) first")
+    if run_config is None:
         return 1
-    run_config = RunConfig.from_dict(json.loads(config_path.read_text()))
     model = Blip3o.from_config(run_config.model, run_config.seed)
     source = Blip3o.from_pretrained(args.source)
     if source.tokenizer.get_vocab() != model.tokenizer.get_vocab():
