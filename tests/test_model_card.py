@@ -3,7 +3,7 @@ provenance says which stages the run did not train itself."""
 
 from __future__ import annotations
 
-from blip3o.eval.model_card import _model_section, provenance_sentences
+from blip3o.eval.model_card import _model_section, _stage_row, provenance_sentences, reuse_source_numbers
 from blip3o.train.config import preset
 
 
@@ -44,10 +44,23 @@ def test_provenance_names_each_source_of_reused_stages_and_the_resumed_ones() ->
              _fact("understanding", "older/model"), _fact("generation")]  # fmt: skip
     sentences = provenance_sentences(facts)
     assert sentences == [
-        "Stage(s) clip were not trained by this run: their weights were copied from `old/model` by "
+        "(1) Stage(s) clip were not trained by this run: their weights were copied from `old/model` by "
         "`tools/reuse_backbone.py`; their curves are that model's training logs (copied from c.csv).",
-        "Stage(s) vision, understanding were not trained by this run: their weights were copied from "
+        "(2) Stage(s) vision, understanding were not trained by this run: their weights were copied from "
         "`older/model` by `tools/reuse_backbone.py`; their curves are that model's training logs (copied from c.csv).",
         "Resumed stages report the wall time of their last session only: decoder from step 5000.",
     ]
     assert provenance_sentences([_fact("generation")]) == []
+
+
+def test_the_stage_table_cites_each_reused_source_by_its_sentence_number() -> None:
+    facts = [_fact("clip", "old/model"), _fact("vision", "older/model"), _fact("decoder", "old/model")]
+    numbers = reuse_source_numbers(facts)
+    assert numbers == {
+        ("old/model", "tools/reuse_backbone.py"): 1,
+        ("older/model", "tools/reuse_backbone.py"): 2,
+    }
+    row = {"kind": "clip", "steps": 1, "batch_size": 1, "lr": 1e-3, "first_loss": 1.0, "last_loss": 0.5,
+           "samples_per_s": None, "wall_s": None}  # fmt: skip
+    cells = [_stage_row({**f, **row}, numbers).split(" | ")[-1] for f in facts]
+    assert cells == ["reused, see (1) below |", "reused, see (2) below |", "reused, see (1) below |"]

@@ -104,11 +104,12 @@ def _examples(
     return out
 
 
-def _stage_row(f: dict) -> str:
+def _stage_row(f: dict, source_numbers: dict[tuple[str, str], int]) -> str:
     rate = "" if f["samples_per_s"] is None else f"{f['samples_per_s']:.0f}"
     wall = "" if f["wall_s"] is None else f"{f['wall_s'] / 60:.1f} min"
     if f["reused"]:
-        wall = f"reused from `{f['reused']['source']}`"
+        # The source's name can be a long note; the table cites it by number, the sentence below names it once.
+        wall = f"reused, see ({source_numbers[_reuse_key(f)]}) below"
     elif f["resumed_at"]:
         wall += f" (steps {f['resumed_at']}+ only)"
     return (
@@ -231,18 +232,34 @@ def _scores_section(run: Path) -> list[str]:
     return lines
 
 
-def provenance_sentences(facts: list[dict]) -> list[str]:
-    """What the card says about stages this run did not train itself: one sentence per (source model, tool) that
-    filled stages, so stages reused from different models each name theirs; and one for resumed stages."""
-    by_source: dict[tuple[str, str], list[dict]] = {}
+def _reuse_key(f: dict) -> tuple[str, str]:
+    return f["reused"]["source"], f["reused"]["tool"]
+
+
+def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
+    """(source model, tool) of the reused stages -> 1, 2, ... in stage order: how the table cites each source."""
+    numbers: dict[tuple[str, str], int] = {}
     for f in facts:
         if f["reused"]:
-            by_source.setdefault((f["reused"]["source"], f["reused"]["tool"]), []).append(f)
+            numbers.setdefault(_reuse_key(f), len(numbers) + 1)
+    return numbers
+
+
+def provenance_sentences(facts: list[dict]) -> list[str]:
+    """What the card says about stages this run did not train itself: one numbered sentence per (source model,
+    tool) that filled stages, so stages reused from different models each name theirs; and one for resumed
+    stages."""
+    numbers = reuse_source_numbers(facts)
+    by_source: dict[tuple[str, str], list[dict]] = {key: [] for key in numbers}
+    for f in facts:
+        if f["reused"]:
+            by_source[_reuse_key(f)].append(f)
     sentences = []
     for (source, tool), group in by_source.items():
         logs = sorted({f["reused"].get("log", "") for f in group} - {""})
         sentences.append(
-            f"Stage(s) {', '.join(f['name'] for f in group)} were not trained by this run: their weights "
+            f"({numbers[source, tool]}) Stage(s) {', '.join(f['name'] for f in group)} were not trained by this "
+            "run: their weights "
             f"were copied from `{source}` by `{tool}`"
             + (f"; their curves are that model's training logs ({'; '.join(logs)})." if logs else ".")
         )
@@ -300,7 +317,7 @@ def build_model_card(
         "",
         "| stage | kind | steps | batch | lr | first loss | last loss | samples/s (median) | wall |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[_stage_row(f) for f in facts],
+        *[_stage_row(f, reuse_source_numbers(facts)) for f in facts],
         "",
         f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
         "before the first stage not included).",
