@@ -149,6 +149,38 @@ def test_condition_shape_depends_on_caption_and_is_pad_invariant(backbone):
     assert (both[0, 0] - both[0, 1]).abs().max() > 1e-3  # and each query position is its own output
 
 
+def test_condition_word_tokens_are_the_last_prompt_embeddings_before_the_query_states(backbone, tmp_path):
+    short = "a star"
+    batch = backbone.generation_inputs([short, CAPTIONS[1]])
+    ids, mask = batch["input_ids"][:, :-64], batch["attention_mask"][:, :-64]  # (2, T), row 0 left-padded
+    real = int(mask[0].sum())  # the short prompt's own tokens
+    words = real + 3  # more than the short prompt has, fewer than the long one
+    assert words < ids.shape[1]
+    config = dataclasses.replace(backbone.config, condition_word_tokens=words)
+    worded = Backbone(config, backbone.processor, backbone.vlm).eval()
+    worded.latent_queries.data.copy_(backbone.latent_queries)
+    embed = backbone.vlm.model.language_model.embed_tokens
+    with torch.no_grad():
+        condition = worded.condition(**batch)  # (2, words + 64, H)
+        plain = backbone.condition(**batch)  # (2, 64, H)
+        alone = worded.condition(**worded.generation_inputs([short]))[0]
+        torch.testing.assert_close(condition[1, :words], embed(ids[1, -words:]), rtol=0, atol=0)  # unpadded
+        torch.testing.assert_close(condition[0, 3:words], embed(ids[0, -real:]), rtol=0, atol=0)
+    assert condition.shape == (2, words + 64, 128)
+    torch.testing.assert_close(condition[:, words:], plain, rtol=0, atol=0)  # the query states are unchanged
+    assert condition[0, :3].abs().max() == 0  # positions the short prompt lacks are zero word tokens
+    torch.testing.assert_close(alone, condition[0], rtol=0, atol=1e-5)  # the same prompt alone: same tokens
+    # Unlike the query states, the words are not computed from each other: "left" vs "right" changes one.
+    with torch.no_grad():
+        left, right = (worded.condition(**worded.generation_inputs([f"a circle {w} of a star"]))[0, :words]
+                       for w in ("left", "right"))  # fmt: skip
+    assert int((left - right).abs().amax(-1).gt(0).sum()) == 1
+    worded.save_pretrained(tmp_path)
+    assert Backbone.from_pretrained(tmp_path).config.condition_word_tokens == words
+    with pytest.raises(ValueError, match="condition_word_tokens"):
+        dataclasses.replace(backbone.config, condition_word_tokens=-1)
+
+
 def test_frozen_language_model_passes_gradients_to_queries_only(backbone):
     model = copy.deepcopy(backbone)
     model.freeze_language_model()

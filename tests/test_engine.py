@@ -357,6 +357,33 @@ def test_principal_component_target_trains_and_generates(tmp_path: Path) -> None
     assert torch.equal(loaded.clip.component_std, model.clip.component_std)
 
 
+def test_condition_word_tokens_train_generate_and_reload(tmp_path: Path) -> None:
+    base = tiny_config(tokenizer_corpus_scenes=100)
+    config = replace(base, backbone=replace(base.backbone, condition_word_tokens=6),
+                     dit=replace(base.dit, condition_slots=3))  # fmt: skip
+    model = Blip3o.from_config(config, seed=0)
+    batch = _world_batch(2)
+    fit_feature_statistics(model, batch["images"])
+    assert model.condition(batch["captions"]).shape == (
+        2,
+        6 + config.backbone.n_queries,
+        config.backbone.hidden_size,
+    )
+    set_trainable(model, "generation")
+    loss, _ = StageModule(model, "generation")(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The words are the frozen embedding table's rows: generation training leaves the table alone.
+    assert model.backbone.vlm.model.language_model.embed_tokens.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    images = model.generate(["a red circle left of a star"], steps=2, seed=3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Blip3o.from_pretrained(tmp_path / "m")
+    assert loaded.config.backbone.condition_word_tokens == 6
+    again = loaded.generate(["a red circle left of a star"], steps=2, seed=3)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+
+
 def test_decoder_conditioning_augmentation_is_seeded_noise_in_target_units() -> None:
     base = tiny_config(tokenizer_corpus_scenes=100)
     config = replace(base, clip=replace(base.clip, target_components=8), dit=replace(base.dit, in_channels=8))

@@ -22,7 +22,7 @@ from blip3o.world.render import render
 class PromptTargets(NamedTuple):
     records: list[dict]  # ShapesGenEval prompt records (tag, prompt, ...)
     x0: torch.Tensor  # (B, C, h, w) the renders' DiT targets
-    condition: torch.Tensor  # (B, Q, H) float32, the prompts' conditions
+    condition: torch.Tensor  # (B, L, H) float32, the prompts' conditions
 
 
 def parse_sigmas(text: str) -> list[float]:
@@ -40,7 +40,7 @@ def prompt_targets(model: Blip3o, n_prompts: int, seed: int = 0) -> PromptTarget
     rng = np.random.default_rng(seed)
     renders = [render(scene_for_prompt(r, rng)) for r in records]
     x0 = model.encode_target(renders)  # (B, C, h, w)
-    condition = model.condition([r["prompt"] for r in records]).float()  # (B, Q, H)
+    condition = model.condition([r["prompt"] for r in records]).float()  # (B, L, H)
     return PromptTargets(records, x0, condition)
 
 

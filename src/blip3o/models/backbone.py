@@ -93,6 +93,13 @@ class BackboneConfig:
     # values, so an attended token's position must be in its content. The tower's own content hardly holds it:
     # the cell explains 1.4% of the bundled model's token variance (see vision_position_code).
     vision_position_scale: float = 0.0
+    # The generation condition's word tokens: the input embeddings of the last N positions before the queries
+    # (the caption's end and the template's last tokens; zeros where a short prompt leaves none), put before
+    # the query states (0: none, as BLIP3-o). Why: the miniature backbone's stage 1 never tells " left" from
+    # " right" (input embeddings at cosine 0.99); the query states carry left-vs-right in no form a resampler
+    # learns to read on held-out prompts (chance after 1,500 steps, while above / below is read at 1.000), but
+    # the words' own embeddings do, at 1.000 by step 600 (docs/bench/object_target.txt, session 29).
+    condition_word_tokens: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -105,6 +112,8 @@ class BackboneConfig:
             raise ValueError(
                 f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}"
             )
+        if self.condition_word_tokens < 0:
+            raise ValueError(f"condition_word_tokens must be >= 0, got {self.condition_word_tokens}")
         if any(i >= self.vision_depth for i in self.fullatt_block_indexes):
             raise ValueError(f"fullatt_block_indexes {self.fullatt_block_indexes} exceed vision_depth")
 
@@ -373,11 +382,26 @@ class Backbone(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The generation condition: last-layer (post-norm) hidden states at the query positions, (B, n_queries, H).
+        """The generation condition: last-layer (post-norm) hidden states at the query positions, (B, n_queries, H),
+        after `config.condition_word_tokens` word tokens when that is set: (B, words + n_queries, H).
 
         The placeholders' embeddings are replaced by `latent_queries`, so gradients reach the queries even
         with the VLM frozen."""
-        return self.generation_hidden_states(input_ids, attention_mask)[:, -self.config.n_queries :]
+        queries = self.generation_hidden_states(input_ids, attention_mask)[:, -self.config.n_queries :]
+        if not self.config.condition_word_tokens:
+            return queries  # (B, Q, H)
+        return torch.cat([self.condition_words(input_ids, attention_mask).to(queries.dtype), queries], dim=1)
+
+    def condition_words(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of the last `config.condition_word_tokens` positions before the queries, padding and
+        missing positions zero: (B, words, H). No language-model layer runs on them."""
+        words, n_queries = self.config.condition_word_tokens, self.config.n_queries
+        ids, mask = (
+            input_ids[:, :-n_queries][:, -words:],
+            attention_mask[:, :-n_queries][:, -words:],
+        )  # (B, <=N)
+        embeds = self.vlm.model.language_model.embed_tokens(ids) * mask.unsqueeze(-1)  # (B, <=N, H)
+        return F.pad(embeds, (0, 0, words - embeds.shape[1], 0))  # (B, N, H), zeros on the left
 
     def generation_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer (post-norm) hidden states of a text-to-image sequence at every position, (B, T, H): the

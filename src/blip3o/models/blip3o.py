@@ -329,7 +329,8 @@ class Blip3o(nn.Module):
         return self.clip.target_to_features(target)  # (B, N, D)
 
     def condition(self, prompts: list[str]) -> torch.Tensor:
-        """The backbone's hidden states at the query positions for text-to-image prompts: (B, Q, H)."""
+        """The generation condition for text-to-image prompts: the backbone's hidden states at the query positions,
+        after its word tokens when `backbone.condition_word_tokens` is set: (B, L, H), L = words + queries."""
         inputs = self.backbone.generation_inputs(prompts)
         return self.backbone.condition(
             inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
@@ -355,7 +356,7 @@ class Blip3o(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample DiT outputs (CLIP feature grids or VAE latents) for prompts: (B, C, h, w)."""
-        cond = self.condition(prompts).float()  # (B, Q, H)
+        cond = self.condition(prompts).float()  # (B, L, H)
         noise = initial_noise((len(prompts), *self.config.target_shape), generator, device=self.device)
         return self.objective.sample(self.dit, noise, cond, steps=steps, cfg_scale=cfg_scale)
 
@@ -378,7 +379,7 @@ class Blip3o(nn.Module):
             raise ValueError(
                 f"regenerate_target needs the flow-matching objective, not {self.config.objective!r}"
             )
-        cond = self.condition(prompts).float()  # (B, Q, H)
+        cond = self.condition(prompts).float()  # (B, L, H)
         state = interpolate(target.float(), noise.to(target.device, torch.float32), torch.tensor(start_sigma))
         return sample_euler(
             self.dit, state, cond, self.config.flow, steps, cfg_scale, start_sigma=start_sigma

@@ -287,7 +287,7 @@ class StageModule(nn.Module):
             return loss, {}
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
-        cond = m.condition(batch["captions"])  # (B, Q, H)
+        cond = m.condition(batch["captions"])  # (B, L, H): word tokens (if any), then query states
         if m.config.objective == "flow_matching":
             draws = per_sample_draws(x0, cond, batch["seeds"], m.config.flow)
             gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
