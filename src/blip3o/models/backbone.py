@@ -98,7 +98,8 @@ class BackboneConfig:
     # the query states (0: none, as BLIP3-o). Why: the miniature backbone's stage 1 never tells " left" from
     # " right" (input embeddings at cosine 0.99); the query states carry left-vs-right in no form a resampler
     # learns to read on held-out prompts (chance after 1,500 steps, while above / below is read at 1.000), but
-    # the words' own embeddings do, at 1.000 by step 600 (docs/bench/object_target.txt, session 29).
+    # with the words' own embeddings it reads it at 1.000 by step 1,000 (bench/relation_reading.py readout;
+    # docs/bench/object_target.txt, session 29).
     condition_word_tokens: int = 0
 
     @property
