@@ -1,13 +1,15 @@
 """Left/right against above/below: where the generation side loses the horizontal relation.
 
     .venv/bin/python bench/relation_reading.py outcomes EVAL_DIR
+    .venv/bin/python bench/relation_reading.py tokens MODEL [--seeds 0 1 2] [--threads 2]
     .venv/bin/python bench/relation_reading.py readout MODEL [--memory queries|prompt-states|prompt-words]
         [--steps 1500] [--lr 2e-4] [--threads 1]
 
 `outcomes`: a ShapesGenEval run's position prompts (EVAL_DIR/seed_*/geneval_results.jsonl, every seed), split
 by the relation asked: right, the two objects found but in another relation (same axis and wrong side, or the
 other axis), or an object missing. Session 29 found the bundle's vertical relations mostly right and its
-horizontal ones at chance (docs/bench/object_target.txt).
+horizontal ones at chance (docs/bench/object_target.txt). `tokens`: the same outcomes for the DiT's own tokens,
+read by CLIP's object label head as bench/label_judge.py does (no decoder), the 80 position prompts once per seed.
 
 `readout`: can the DiT's condition resampler learn each relation word from what it reads? A copy of MODEL's
 resampler and a fresh linear head are trained on the relation loss alone (train/slot_supervision.py's labels:
@@ -31,39 +33,70 @@ import numpy as np
 import torch
 from torch import nn
 
+from blip3o.eval.geneval import score_detections
 from blip3o.models.blip3o import Blip3o
+from blip3o.train.scene_supervision import object_label_detections
 from blip3o.train.slot_supervision import UNNAMED, caption_slot_relations
 from blip3o.world.prompts import load_eval_prompts, load_train_prompts
 from blip3o.world.scene import RELATIONS
+from label_judge import read_targets  # bench/ is on sys.path when a bench script runs
 
 MEMORIES = ("queries", "prompt-states", "prompt-words")
 REPORT_STEPS = (100, 300, 600, 1000, 1500, 3000)
 
 
+def classify(prompt: str, correct: bool, reason: str) -> tuple[str, str]:
+    """A position prompt's verdict as (relation asked, outcome): right, the two objects found in another relation
+    ('same axis, wrong side' or 'other axis'), or 'missing' (an object not found)."""
+    asked = next(r for r in RELATIONS if f" {r} " in f" {prompt} ")
+    found = re.search(r"found (left of|right of|above|below)$", reason or "")
+    if correct:
+        return asked, "right"
+    if found is None:
+        return asked, "missing"
+    vertical = {"above", "below"}
+    same_axis = (found.group(1) in vertical) == (asked in vertical)
+    return asked, "same axis, wrong side" if same_axis else "other axis"
+
+
 def relation_outcomes(eval_dir: Path) -> dict[str, Counter]:
-    """Per relation asked: how many images were right, 'same axis, wrong side', 'other axis', or 'missing'."""
+    """Per relation asked, a count of each outcome (`classify`) over every seed of a ShapesGenEval run."""
     files = sorted(eval_dir.glob("seed_*/geneval_results.jsonl"))
     if not files:
         raise FileNotFoundError(f"no seed_*/geneval_results.jsonl under {eval_dir}")
     outcomes = {relation: Counter() for relation in RELATIONS}
-    vertical = {"above", "below"}
     for path in files:
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if record["tag"] != "position":
-                continue
-            asked = next(r for r in RELATIONS if f" {r} " in f" {record['prompt']} ")
-            found = re.search(r"found (left of|right of|above|below)$", record["reason"] or "")
-            if record["correct"]:
-                outcome = "right"
-            elif found is None:
-                outcome = "missing"
-            elif (found.group(1) in vertical) == (asked in vertical):
-                outcome = "same axis, wrong side"
-            else:
-                outcome = "other axis"
+            if record["tag"] == "position":
+                asked, outcome = classify(record["prompt"], record["correct"], record["reason"])
+                outcomes[asked][outcome] += 1
+    return outcomes
+
+
+@torch.no_grad()
+def token_outcomes(model: Blip3o, seeds: list[int], cfg_scale: float = 3.0) -> dict[str, Counter]:
+    """The same, for the DiT's own tokens read by CLIP's object label head (bench/label_judge.py's judge), one
+    sample per evaluation position prompt and seed."""
+    records = [r for r in load_eval_prompts() if r["tag"] == "position"]
+    outcomes = {relation: Counter() for relation in RELATIONS}
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        target = model.generate_target(
+            [r["prompt"] for r in records], cfg_scale=cfg_scale, generator=generator
+        )
+        for record, reading in zip(records, read_targets(model, target), strict=True):
+            correct, reason = score_detections(record, object_label_detections(reading))
+            asked, outcome = classify(record["prompt"], correct, reason)
             outcomes[asked][outcome] += 1
     return outcomes
+
+
+def print_outcomes(outcomes: dict[str, Counter]) -> dict:
+    for relation, counts in outcomes.items():
+        total = sum(counts.values())
+        print(f"{relation:9s} {total:4d} images: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return {r: dict(c) for r, c in outcomes.items()}
 
 
 @torch.no_grad()
@@ -154,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     sub = parser.add_subparsers(dest="command", required=True)
     out = sub.add_parser("outcomes", help="a ShapesGenEval run's position prompts, by relation")
     out.add_argument("eval_dir", type=Path)
+    tokens = sub.add_parser("tokens", help="the same outcomes for the DiT's tokens (CFG 3), no decoder")
+    tokens.add_argument("model", type=Path)
+    tokens.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tokens.add_argument("--threads", type=int, default=2)
     read = sub.add_parser("readout", help="train a resampler copy on the relation loss alone")
     read.add_argument("model", type=Path)
     read.add_argument("--memory", choices=MEMORIES, default="queries")

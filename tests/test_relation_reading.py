@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,10 @@ def test_outcomes_sort_each_position_image_by_what_went_wrong(bench, tmp_path: P
     assert sum(outcomes["right of"].values()) == sum(outcomes["above"].values()) == 0
     with pytest.raises(FileNotFoundError):
         bench.relation_outcomes(tmp_path / "seed_0")
+    assert bench.classify("a photo of a star above a circle", False, "expected 1 star, found 0") == (
+        "above",
+        "missing",
+    )
 
 
 def test_resample_with_nothing_masked_is_the_resampler_itself(bench, model) -> None:
@@ -95,3 +100,20 @@ def test_readout_reports_each_relation_on_held_out_and_eval_prompts(bench, model
     assert [r["step"] for r in rows] == [2]
     accuracies = {k: v for k, v in rows[0].items() if k.startswith(("held", "eval"))}
     assert len(accuracies) == 8 and all(0.0 <= v <= 1.0 for v in accuracies.values())
+
+
+def test_token_outcomes_judge_every_eval_position_prompt_once_per_seed(bench) -> None:
+    from blip3o.models.blip3o import Blip3o, tiny_config
+    from blip3o.train.stages import fit_feature_statistics
+    from blip3o.world.render import render
+    from blip3o.world.sampler import sample_scene
+    from conftest import object_label_model_config
+
+    model = Blip3o.from_config(
+        object_label_model_config(tiny_config(tokenizer_corpus_scenes=200)), seed=0
+    ).eval()
+    rng = np.random.default_rng(0)
+    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
+    outcomes = bench.token_outcomes(model, [0, 1], cfg_scale=1.0)
+    assert {r: sum(c.values()) for r, c in outcomes.items()} == dict.fromkeys(outcomes, 40)
+    assert set().union(*outcomes.values()) <= {"right", "same axis, wrong side", "other axis", "missing"}
