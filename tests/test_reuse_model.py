@@ -97,6 +97,25 @@ def test_refuses_a_source_of_another_config(tmp_path: Path, source: Path) -> Non
     assert not (run / "clip").exists()
 
 
+def test_condition_word_tokens_are_given_to_the_source_without_touching_a_weight(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = preset("tiny-test")
+    worded = replace(base.model, backbone=replace(base.model.backbone, condition_word_tokens=5))
+    run = _run_folder(tmp_path, replace(base, model=worded))
+    tool = load_script(TOOL)
+    assert tool.main([str(source), str(run), "--stages", "clip"]) == 1  # as saved, it has none
+    assert "condition_word_tokens 0 (run: 5)" in capsys.readouterr().err
+    assert tool.main([str(source), str(run), "--stages", "clip", "--condition-word-tokens", "5"]) == 0
+    check_stage_model(run / "clip" / "model", worded)
+    filled = Blip3o.from_pretrained(run / "clip" / "model")
+    assert filled.config.backbone.condition_word_tokens == 5
+    expected = Blip3o.from_pretrained(source).float().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in filled.state_dict().items())
+    assert json.loads((run / "clip" / "reused.json").read_text())["condition_word_tokens"] == 5
+    assert filled.condition(["a circle left of a star"]).shape[1] == 5 + worded.backbone.n_queries
+
+
 @pytest.mark.parametrize(
     "stages", [["decoder"], ["clip", "vision"], ["clip", "nonsense"]], ids=["skips", "gap", "unknown"]
 )

@@ -1,7 +1,7 @@
 """Continue a trained model's recipe at a later stage: the whole model fills a run's earlier stages.
 
     python tools/reuse_model.py SOURCE_MODEL RUN_DIR --stages clip decoder ... generation
-        [--source-note TEXT] [--curves SOURCE_CURVES.csv] [--samples CARD_SAMPLES_DIR]
+        [--source-note TEXT] [--curves SOURCE_CURVES.csv] [--samples CARD_SAMPLES_DIR] [--condition-word-tokens N]
 
 Why: a run folder is the only place a stage's optimizer state and curves live, and run folders do not travel
 with the code (runs/ is git-ignored; a new checkout has none). The bundled model does. So a trial of a later
@@ -11,7 +11,8 @@ starts, as in any run, with a fresh optimizer and fresh stage heads (e.g. the sl
 
 It reads RUN_DIR/config.json (write it with `blip3o train ... --print-config > RUN_DIR/config.json`) and refuses a
 source whose model config differs from the run's. A float16 source (the bundle) is cast to float32, the dtype
-runs train in.
+runs train in. `--condition-word-tokens N` first gives the source N word tokens in its condition
+(`Blip3o.set_condition_word_tokens`: no weight added), for a run whose later stages train with them.
 
 Provenance, as tools/reuse_backbone.py writes it: each filled stage gets a `reused.json` (the source, with
 `--source-note`, and this tool), which `blip3o card` reports in place of a training time. `--curves` copies each
@@ -31,7 +32,7 @@ from stage_fill import fill_stage, read_run_config, read_stage_curves  # tools/ 
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError
-from blip3o.train.loop import check_stage_model
+from blip3o.train.loop import check_model_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-note", default="", help="where the source came from, for reused.json")
     parser.add_argument("--curves", type=Path, help="the source's training curves (CSV), copied per stage")
     parser.add_argument("--samples", type=Path, help="a model card's samples folder, copied per stage")
+    parser.add_argument(
+        "--condition-word-tokens", type=int, help="give the source this many condition word tokens first"
+    )
     args = parser.parse_args(argv)
 
     run_config = read_run_config(args.run, "write the run's config first (--print-config)")
@@ -62,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     if curves is None:
         return 1
 
+    model = Blip3o.from_pretrained(args.source).float()
+    if args.condition_word_tokens is not None:
+        model.set_condition_word_tokens(args.condition_word_tokens)
     try:
-        check_stage_model(args.source, run_config.model)
+        check_model_config(model.config, run_config.model, str(args.source))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
-    model = Blip3o.from_pretrained(args.source).float()
     source = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
     reused = {"source": source, "tool": "tools/reuse_model.py", "weights": "all"}
+    if args.condition_word_tokens is not None:
+        reused["condition_word_tokens"] = args.condition_word_tokens
     for stage in args.stages:
         fill_stage(model, args.run, stage, reused, args.curves, curves)
         if args.samples:

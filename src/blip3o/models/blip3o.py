@@ -328,6 +328,14 @@ class Blip3o(nn.Module):
             return features
         return self.clip.target_to_features(target)  # (B, N, D)
 
+    def set_condition_word_tokens(self, words: int) -> Blip3o:
+        """Give the generation condition `words` word tokens (`BackboneConfig.condition_word_tokens`) in place and
+        return the model. No weight is added or changed (the words are the backbone's own embedding rows), so a
+        trained model can go on training with them; what it generates changes once they are read."""
+        self.backbone.config = replace(self.backbone.config, condition_word_tokens=words)
+        self.config = replace(self.config, backbone=self.backbone.config)
+        return self
+
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """The generation condition for text-to-image prompts: the backbone's hidden states at the query positions,
         after its word tokens when `backbone.condition_word_tokens` is set: (B, L, H), L = words + queries."""

@@ -135,15 +135,21 @@ def check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
     """A finished stage's model must be the run's model. A stage folder copied in from another run would
     otherwise be resumed from silently, and every later stage would train that run's model, whatever this
     run's config says. Fields the run leaves to be resolved at build time (None) are not compared."""
-    saved = _flat(asdict(Blip3oConfig.from_dict(json.loads((model_dir / "config.json").read_text()))))
+    saved = Blip3oConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+    check_model_config(saved, wanted, str(model_dir))
+
+
+def check_model_config(saved: Blip3oConfig, wanted: Blip3oConfig, where: str) -> None:
+    """`check_stage_model` for a config in memory; `where` names the model in the error."""
+    flat = _flat(asdict(saved))
     differing = [
-        f"{key} {saved.get(key)!r} (run: {value!r})"
+        f"{key} {flat.get(key)!r} (run: {value!r})"
         for key, value in _flat(asdict(wanted)).items()
-        if value is not None and saved.get(key) != value
+        if value is not None and flat.get(key) != value
     ]
     if differing:
         raise ConfigError(
-            f"{model_dir} holds a model of a different configuration than this run's: "
+            f"{where} holds a model of a different configuration than this run's: "
             + ", ".join(differing[:6])
             + ". It was not trained by this run: remove the stage folder, or fill it with tools/reuse_backbone.py "
             "or tools/reuse_target.py, which rebuild the model from the run's config, or tools/reuse_model.py, which "
