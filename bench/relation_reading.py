@@ -199,15 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     read.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "outcomes":
-        outcomes = relation_outcomes(args.eval_dir)
-        for relation, counts in outcomes.items():
-            total = sum(counts.values())
-            print(
-                f"{relation:9s} {total:4d} images: " + ", ".join(f"{k} {v}" for k, v in counts.most_common())
-            )
-        return {r: dict(c) for r, c in outcomes.items()}
+        return print_outcomes(relation_outcomes(args.eval_dir))
     torch.set_num_threads(args.threads)
     model = Blip3o.from_pretrained(args.model).eval()
+    if args.command == "tokens":
+        return print_outcomes(token_outcomes(model, args.seeds))
     rows = readout(model, args.memory, args.steps, args.lr)
     for row in rows:
         print(json.dumps(row))
