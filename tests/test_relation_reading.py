@@ -53,6 +53,7 @@ def test_outcomes_sort_each_position_image_by_what_went_wrong(bench, tmp_path: P
     assert sum(outcomes["right of"].values()) == sum(outcomes["above"].values()) == 0
     with pytest.raises(FileNotFoundError):
         bench.relation_outcomes(tmp_path / "seed_0")
+    assert bench.main(["outcomes", str(tmp_path)]) == {r: dict(c) for r, c in outcomes.items()}
     assert bench.classify("a photo of a star above a circle", False, "expected 1 star, found 0") == (
         "above",
         "missing",
@@ -102,7 +103,7 @@ def test_readout_reports_each_relation_on_held_out_and_eval_prompts(bench, model
     assert len(accuracies) == 8 and all(0.0 <= v <= 1.0 for v in accuracies.values())
 
 
-def test_token_outcomes_judge_every_eval_position_prompt_once_per_seed(bench) -> None:
+def test_token_outcomes_judge_every_eval_position_prompt_once_per_seed(bench, tmp_path: Path) -> None:
     from blip3o.models.blip3o import Blip3o, tiny_config
     from blip3o.train.stages import fit_feature_statistics
     from blip3o.world.render import render
@@ -117,3 +118,6 @@ def test_token_outcomes_judge_every_eval_position_prompt_once_per_seed(bench) ->
     outcomes = bench.token_outcomes(model, [0, 1], cfg_scale=1.0)
     assert {r: sum(c.values()) for r, c in outcomes.items()} == dict.fromkeys(outcomes, 40)
     assert set().union(*outcomes.values()) <= {"right", "same axis, wrong side", "other axis", "missing"}
+    model.save_pretrained(tmp_path / "model")  # the command line reaches the same judge
+    printed = bench.main(["tokens", str(tmp_path / "model"), "--seeds", "0", "--threads", "1"])
+    assert {r: sum(c.values()) for r, c in printed.items()} == dict.fromkeys(outcomes, 20)
