@@ -175,6 +175,7 @@ def test_condition_word_tokens_are_the_last_prompt_embeddings_before_the_query_s
         left, right = (worded.condition(**worded.generation_inputs([f"a circle {w} of a star"]))[0, :words]
                        for w in ("left", "right"))  # fmt: skip
     assert int((left - right).abs().amax(-1).gt(0).sum()) == 1
+    assert backbone.condition_words(**batch).shape == (2, 0, 128)  # none configured: none given
     worded.save_pretrained(tmp_path)
     assert Backbone.from_pretrained(tmp_path).config.condition_word_tokens == words
     with pytest.raises(ValueError, match="condition_word_tokens"):

@@ -302,6 +302,7 @@ def build_model_card(
     sources = sorted({f["wall_source"] for f in facts} - {"reused"})
     reused = [f for f in facts if f["reused"]]
     provenance = provenance_sentences(facts)
+    source_numbers = reuse_source_numbers(facts)
     lines = [
         f"# {title}",
         "",
@@ -317,7 +318,7 @@ def build_model_card(
         "",
         "| stage | kind | steps | batch | lr | first loss | last loss | samples/s (median) | wall |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[_stage_row(f, reuse_source_numbers(facts)) for f in facts],
+        *[_stage_row(f, source_numbers) for f in facts],
         "",
         f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
         "before the first stage not included).",
