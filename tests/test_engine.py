@@ -621,8 +621,12 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     (tmp_path / "run" / "generation" / "reused.json").write_text(json.dumps(reused))
     assert card_main([str(tmp_path / "run"), "--out", str(tmp_path / "card")]) == 0
     card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
-    assert "| reused from `elsewhere/model` |" in card
-    assert "generation were not trained by this run" in card and "(copied from c.csv)" in card
+    assert "| reused, see (1) below |" in card
+    assert (
+        "(1) Stage(s) generation were not trained by this run: their weights were copied from `elsewhere/model`"
+        in card
+    )
+    assert "(copied from c.csv)" in card
     (tmp_path / "run" / "generation" / "reused.json").unlink()
     summary_file = tmp_path / "run" / "generation" / "stage_summary.json"
     summary_file.write_text(json.dumps({**stage, "resumed_at": 7}))
