@@ -126,15 +126,6 @@ def memories(
     return torch.cat(states), torch.cat(masks)
 
 
-def resample(resampler: nn.Module, memory: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
-    """The resampler's forward with a key padding mask: (B, M, H) -> (B, S, H)."""
-    keys = resampler.norm_in(memory)  # (B, M, H)
-    x = resampler.slots.expand(len(memory), -1, -1)  # (B, S, H)
-    for layer in resampler.layers:
-        x = layer(x, keys, memory_key_padding_mask=ignore)  # (B, S, H)
-    return resampler.norm_out(x)  # (B, S, H)
-
-
 def split_prompts(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
     """Training prompts less a fifth of their position prompts (held out), those held out, the eval's."""
     train = [r["prompt"] for r in load_train_prompts()]
@@ -163,7 +154,7 @@ def readout(model: Blip3o, memory: str, steps: int, lr: float, seed: int = 0) ->
     rows = []
     for step in range(1, steps + 1):
         pick = torch.randint(len(labels), (64,))
-        logits = head(resample(resampler, states[pick], ignore[pick]))  # (64, S, R + 1)
+        logits = head(resampler(states[pick], ignore[pick]))  # (64, S, R + 1)
         named = labels[pick] != UNNAMED
         loss = nn.functional.cross_entropy(logits[named], labels[pick][named])
         optimizer.zero_grad()
@@ -174,7 +165,7 @@ def readout(model: Blip3o, memory: str, steps: int, lr: float, seed: int = 0) ->
             with torch.no_grad():
                 for name in ("held", "eval"):
                     s, i, y = sets[name]
-                    predicted = head(resample(resampler, s, i)).argmax(-1)[:, :2]  # (P, 2)
+                    predicted = head(resampler(s, i)).argmax(-1)[:, :2]  # (P, 2)
                     for k, relation in enumerate(RELATIONS):
                         asked = y[:, :2] == k
                         row[f"{name} {relation}"] = round(float((predicted[asked] == k).float().mean()), 3)

@@ -60,18 +60,6 @@ def test_outcomes_sort_each_position_image_by_what_went_wrong(bench, tmp_path: P
     )
 
 
-def test_resample_with_nothing_masked_is_the_resampler_itself(bench, model) -> None:
-    memory = torch.randn(2, 7, model.config.dit.latent_embedding_size)
-    ignore = torch.zeros(2, 7, dtype=torch.bool)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            bench.resample(model.dit.resampler, memory, ignore),
-            model.dit.resampler(memory),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-
-
 def test_memories_hold_the_queries_or_the_prompt_too(bench, model) -> None:
     prompts = ["a photo of a star left of a circle", "a photo of a big red circle above a small blue star"]
     n_queries = model.backbone.config.n_queries

@@ -140,6 +140,24 @@ def test_resampler_gives_fixed_slots_whatever_the_condition_length() -> None:
     torch.testing.assert_close(null[0], null[1])
 
 
+def test_resampler_slots_do_not_read_masked_condition_tokens() -> None:
+    torch.manual_seed(0)
+    resampler = ConditionResampler(width=32, slots=5, layers=2, heads=4)
+    condition = torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, :3] = True  # row 0's first three tokens are padding
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resampler(condition, padding * False), resampler(condition), rtol=0, atol=0
+        )
+        masked = resampler(condition, padding)
+        changed = condition.clone()
+        changed[0, :3] = torch.randn(3, 32)  # what the padding holds does not matter
+        torch.testing.assert_close(resampler(changed, padding), masked, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(masked[0], resampler(condition[:1, 3:])[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(masked[1], resampler(condition)[1], rtol=1e-5, atol=1e-6)
+
+
 def test_dit_with_resampler_reads_slots_and_round_trips(tmp_path: Path) -> None:
     config = DiTConfig.tiny(condition_slots=4)
     dit = DiT(config)

@@ -46,9 +46,11 @@ class ConditionResampler(nn.Module):
                 nn.init.xavier_uniform_(module.in_proj_weight)
                 nn.init.zeros_(module.in_proj_bias)
 
-    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+    def forward(self, condition: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, W) condition -> (B, S, W) slots; `key_padding_mask` (B, L), True where a condition token is
+        padding the slots must not read (None: every token is read, as the recipe's fixed-length condition)."""
         memory = self.norm_in(condition)  # (B, L, W)
         x = self.slots.to(memory.dtype).expand(len(condition), -1, -1)  # (B, S, W)
         for layer in self.layers:
-            x = layer(x, memory)  # (B, S, W)
+            x = layer(x, memory, memory_key_padding_mask=key_padding_mask)  # (B, S, W)
         return self.norm_out(x)  # (B, S, W)
