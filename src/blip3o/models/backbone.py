@@ -398,7 +398,9 @@ class Backbone(nn.Module):
         missing positions zero: (B, words, H). No language-model layer runs on them."""
         words, n_queries = self.config.condition_word_tokens, self.config.n_queries
         if not words:  # a [-0:] slice would take every position
-            return input_ids.new_zeros((len(input_ids), 0, self.config.hidden_size), dtype=torch.float32)
+            return self.latent_queries.new_zeros(
+                (len(input_ids), 0, self.config.hidden_size)
+            )  # the model's dtype
         ids, mask = (
             input_ids[:, :-n_queries][:, -words:],
             attention_mask[:, :-n_queries][:, -words:],

@@ -501,9 +501,9 @@ def _shapes_object() -> RunConfig:
     # A last instruct stage with the slot relation loss at weight 0.3 (session 28), after refine: from the bundle
     # of 46459a9 (tools/reuse_model.py) bench/label_judge.py CFG 3 read 0.698 / 0.688 / 0.646 (seeds 0/1/2)
     # against 0.648 / 0.642 / 0.589, position 0.216 against 0.14 (3-seed means), and ShapesGenEval rose (README,
-    # "Where it fails"). Not measured: how much of it is the loss and how much the 4,000 more instruct steps (a
-    # control without the loss was stopped for time); at weight 1.0 in place of plain instruct (session 24, width
-    # 128) the loss lifted position but lost more elsewhere.
+    # "Where it fails"). The control, the same 4,000 steps without the loss (session 29), read 0.633 (3-seed mean;
+    # position 0.163): the loss, not the extra steps, made the gain. At weight 1.0 in place of plain instruct
+    # (session 24, width 128) the loss lifted position but lost more elsewhere.
     relation = StageConfig("relation", "instruct", steps=4000, batch_size=16, lr=2e-4, warmup_steps=30,
                            log_every=50, ckpt_every=500, sample_every=500, ema_decay=0.999,
                            slot_label_weight=1.0, slot_relation_weight=0.3)  # fmt: skip
