@@ -18,7 +18,7 @@ from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
-from blip3o.train.data import instruct_examples, load_shards, make_batch
+from blip3o.train.data import instruct_examples, is_colourless_pair, load_shards, make_batch
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
 from blip3o.train.slot_supervision import (
@@ -33,6 +33,7 @@ from blip3o.train.slot_supervision import (
 )
 from blip3o.train.stages import StageModule, fit_feature_statistics, parameters_of, set_trainable
 from blip3o.world.language import annotate, caption_objects, caption_words
+from blip3o.world.prompts import load_train_prompts
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLOR_NAMES, RELATIONS, SHAPES
 
@@ -341,3 +342,27 @@ def test_instruct_step_with_the_relation_loss_trains_the_resampler_and_the_class
     loss.backward()
     assert module.slot_head.relation.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.resampler.parameters())
+
+
+def test_instruct_examples_render_colourless_pairs_more_often(monkeypatch) -> None:
+    prompts = load_train_prompts()
+    picked = [
+        next(r for r in prompts if r["tag"] == "color_attr"),  # two kinds, coloured
+        next(r for r in prompts if r["tag"] == "counting" and "color" not in r["include"][0]),  # one kind
+        next(r for r in prompts if r["tag"] == "position" and "color" not in r["include"][0]),
+        next(r for r in prompts if r["tag"] == "two_object"),
+    ]
+    assert [is_colourless_pair(r) for r in picked] == [False, False, True, True]
+    monkeypatch.setattr("blip3o.train.data.load_train_prompts", lambda: picked)
+    plain = instruct_examples(0, 2)
+    weighted = instruct_examples(0, 2, colourless_pair_renders=5)
+    assert Counter(e.long_caption for e in plain) == Counter({r["prompt"]: 2 for r in picked})
+    assert Counter(e.long_caption for e in weighted) == Counter(
+        {r["prompt"]: 5 if is_colourless_pair(r) else 2 for r in picked}
+    )
+    # A prompt's renders are consecutive and its first two are the plain data's: the option only adds scenes.
+    starts = np.cumsum([0] + [5 if is_colourless_pair(r) else 2 for r in picked])[:-1]
+    first_two = [weighted[start + k] for start in starts for k in range(2)]
+    assert [e.image.tobytes() for e in first_two] == [e.image.tobytes() for e in plain]
+    with pytest.raises(ConfigError, match="instruct_colourless_pair_renders"):
+        DataConfig(instruct_colourless_pair_renders=-1)

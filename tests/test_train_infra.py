@@ -31,6 +31,8 @@ from blip3o.train.checkpoint import (
     load_training_state,
     save_training_state,
 )
+from blip3o.train.config import ConfigError, apply_overrides, preset
+from blip3o.train.loop import _check_run_config
 from blip3o.train.optim import EMA, build_optimizer, uses_weight_decay, warmup_cosine
 from blip3o.train.parallelize import (
     DistInfo,
@@ -577,3 +579,19 @@ def test_two_processes_match_one_and_checkpoints_cross_world_sizes(
     if strategy == "fsdp":  # bf16 compute with fp32 master weights and reductions: same curve, looser
         assert _close(result["bf16"]["losses"], reference["losses"], tol=2e-2)
         assert result["bf16"]["all_params_sharded"]
+
+
+def test_a_run_saved_before_a_field_existed_resumes_while_the_field_keeps_its_default(tmp_path):
+    config, dist = preset("tiny-test"), DistInfo()
+    _check_run_config(tmp_path, config, dist)  # a new run records its configuration
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["data"]["instruct_colourless_pair_renders"]  # as written before the field was added
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_run_config(tmp_path, config, dist)
+    changed = apply_overrides(config, ["data.instruct_colourless_pair_renders=3"])
+    with pytest.raises(ConfigError, match="different configuration"):
+        _check_run_config(tmp_path, changed, dist)
+    saved["data"]["renders_of_a_field_since_removed"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="different configuration"):
+        _check_run_config(tmp_path, config, dist)

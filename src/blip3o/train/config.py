@@ -181,6 +181,21 @@ class DataConfig:
     seed: int = 0  # world seed of the shards
     instruct_renders: int = 4  # renders per GenEval-style training prompt (stage 3)
     instruct_max_prompts: int = 0  # use only the first N training prompts (0: all of them)
+    # Renders of each training prompt that names two kinds of object and no colour ("an image of a circle left of a
+    # square"); 0: instruct_renders, like every other prompt. Without colours the DiT often draws the first
+    # shape twice (docs/bench/object_target.txt, session 30), and these prompts are 300 of the 1,720.
+    instruct_colourless_pair_renders: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            self.instruct_renders < 1
+            or self.instruct_colourless_pair_renders < 0
+            or self.instruct_max_prompts < 0
+        ):
+            raise ConfigError(
+                "data.instruct_renders must be >= 1, data.instruct_colourless_pair_renders and "
+                "data.instruct_max_prompts >= 0"
+            )
 
 
 @dataclass(frozen=True)

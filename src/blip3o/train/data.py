@@ -70,16 +70,28 @@ def ensure_shards(
     barrier()
 
 
-def instruct_examples(seed: int, renders_per_prompt: int, max_prompts: int | None = None) -> list[Example]:
+def instruct_examples(
+    seed: int, renders_per_prompt: int, max_prompts: int | None = None, colourless_pair_renders: int = 0
+) -> list[Example]:
     """Stage-3 data: every GenEval-style training prompt rendered `renders_per_prompt` times, with scenes that
-    hold exactly what the prompt asks for (no distractors). Disjoint from the evaluation prompts."""
+    hold exactly what the prompt asks for (no distractors). Disjoint from the evaluation prompts. A prompt naming
+    two kinds of object and no colour is rendered `colourless_pair_renders` times instead, when that is > 0."""
     records = load_train_prompts()[:max_prompts]
     out = []
     for i, record in enumerate(records):
-        for k in range(renders_per_prompt):
+        renders = renders_per_prompt
+        if colourless_pair_renders and is_colourless_pair(record):
+            renders = colourless_pair_renders
+        for k in range(renders):
             scene = scene_for_prompt(record, np.random.default_rng([seed, i, k]), distractors=0)
             out.append(Example(render(scene), record["prompt"], record["prompt"], [], scene))
     return out
+
+
+def is_colourless_pair(record: dict) -> bool:
+    """A prompt record that names two kinds of object and no colour ("an image of a circle and a square")."""
+    include = record["include"]
+    return len(include) == 2 and all("color" not in q for q in include)
 
 
 @functools.lru_cache(maxsize=4)

@@ -106,10 +106,14 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def _check_run_config(out: Path, config: RunConfig, dist: DistInfo) -> None:
-    """A resumed run must use the same configuration; a new run records it."""
+    """A resumed run must use the same configuration; a new run records it. The saved configuration is read with
+    defaults filled in, so a run saved before a field existed resumes while that field keeps its default."""
     path = out / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(RunConfig.from_dict(json.loads(path.read_text())).to_json())
+        except (TypeError, KeyError, ValueError):  # a field this version no longer has, or an invalid value
+            saved = None
         if saved != json.loads(config.to_json()):
             raise ConfigError(
                 f"{out} holds a run with a different configuration ({path}); use a new --out folder "
@@ -248,7 +252,10 @@ def train_stage(
         fit_vae_scaling(model, [e.image for e in examples[:STATS_IMAGES]])
     if kind == "instruct":
         examples = instruct_examples(
-            config.data.seed, config.data.instruct_renders, config.data.instruct_max_prompts or None
+            config.data.seed,
+            config.data.instruct_renders,
+            config.data.instruct_max_prompts or None,
+            config.data.instruct_colourless_pair_renders,
         )
     set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
