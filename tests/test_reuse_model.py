@@ -105,7 +105,9 @@ def test_condition_word_tokens_are_given_to_the_source_without_touching_a_weight
     run = _run_folder(tmp_path, replace(base, model=worded))
     tool = load_script(TOOL)
     assert tool.main([str(source), str(run), "--stages", "clip"]) == 1  # as saved, it has none
-    assert "condition_word_tokens 0 (run: 5)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "condition_word_tokens 0 (run: 5)" in err
+    assert "It cannot fill this run" in err and "stage folder" not in err  # advice for a source, not a stage
     assert tool.main([str(source), str(run), "--stages", "clip", "--condition-word-tokens", "5"]) == 0
     check_stage_model(run / "clip" / "model", worded)
     filled = Blip3o.from_pretrained(run / "clip" / "model")

@@ -140,11 +140,18 @@ def check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
     otherwise be resumed from silently, and every later stage would train that run's model, whatever this
     run's config says. Fields the run leaves to be resolved at build time (None) are not compared."""
     saved = Blip3oConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
-    check_model_config(saved, wanted, str(model_dir))
+    check_model_config(saved, wanted, str(model_dir), STAGE_FOLDER_ADVICE)
 
 
-def check_model_config(saved: Blip3oConfig, wanted: Blip3oConfig, where: str) -> None:
-    """`check_stage_model` for a config in memory; `where` names the model in the error."""
+STAGE_FOLDER_ADVICE = (
+    "It was not trained by this run: remove the stage folder, or fill it with tools/reuse_backbone.py or "
+    "tools/reuse_target.py, which rebuild the model from the run's config, or tools/reuse_model.py, which checks "
+    "its source against it"
+)
+
+
+def check_model_config(saved: Blip3oConfig, wanted: Blip3oConfig, where: str, advice: str) -> None:
+    """`check_stage_model` for a config in memory; `where` names the model in the error, `advice` says what to do."""
     flat = _flat(asdict(saved))
     differing = [
         f"{key} {flat.get(key)!r} (run: {value!r})"
@@ -155,9 +162,7 @@ def check_model_config(saved: Blip3oConfig, wanted: Blip3oConfig, where: str) ->
         raise ConfigError(
             f"{where} holds a model of a different configuration than this run's: "
             + ", ".join(differing[:6])
-            + ". It was not trained by this run: remove the stage folder, or fill it with tools/reuse_backbone.py "
-            "or tools/reuse_target.py, which rebuild the model from the run's config, or tools/reuse_model.py, which "
-            "checks its source against it"
+            + f". {advice}"
         )
 
 
