@@ -28,8 +28,15 @@ def test_model_section_says_when_the_dit_reads_resampler_slots() -> None:
     def dit_line(name: str) -> str:
         return next(line for line in _model_section(preset(name).model.to_dict()) if line.startswith("- DiT"))
 
-    assert "9 slot tokens of a condition resampler (2 layers)" in dit_line("shapes-object")
-    assert "resampler" not in dit_line("shapes")
+    assert (
+        "9 slot tokens of a condition resampler (2 layers) over the prompt's last 24 word embeddings and the query states"
+        in dit_line("shapes-object")
+    )
+    assert "resampler" not in dit_line("shapes") and "word" not in dit_line("shapes")
+    worded = preset("shapes").model.to_dict()
+    worded["backbone"]["condition_word_tokens"] = 8
+    line = next(line for line in _model_section(worded) if line.startswith("- DiT"))
+    assert "Its condition is the prompt's last 8 word embeddings and the query states." in line
 
 
 def _fact(name: str, source: str | None = None, resumed_at: int = 0) -> dict:

@@ -167,11 +167,15 @@ def _model_section(model: dict) -> list[str]:
     objective = model.get("objective", "flow_matching").replace("_", " ")
     unet_channels = ", ".join(map(str, dec["block_out_channels"]))
     slots = dit.get("condition_slots", 0)  # absent in configs saved before the resampler existed
+    words = bb.get("condition_word_tokens", 0)  # absent in configs saved before session 29
+    read = (
+        "the query states" if not words else f"the prompt's last {words} word embeddings and the query states"
+    )
     resampler = (
         f" It reads {slots} slot tokens of a condition resampler ({dit['condition_resampler_layers']} layers) over "
-        "the query states, not the query states themselves."
+        f"{read}, not those tokens themselves."
         if slots
-        else ""
+        else (f" Its condition is {read}." if words else "")
     )
     return [
         "## Model",
