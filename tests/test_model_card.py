@@ -3,7 +3,13 @@ provenance says which stages the run did not train itself."""
 
 from __future__ import annotations
 
-from blip3o.eval.model_card import _model_section, _stage_row, provenance_sentences, reuse_source_numbers
+from blip3o.eval.model_card import (
+    _model_section,
+    _stage_row,
+    provenance_sentences,
+    reuse_source_numbers,
+    wall_time_sentence,
+)
 from blip3o.train.config import preset
 
 
@@ -71,3 +77,11 @@ def test_the_stage_table_cites_each_reused_source_by_its_sentence_number() -> No
            "samples_per_s": None, "wall_s": None}  # fmt: skip
     cells = [_stage_row({**f, **row}, numbers).split(" | ")[-1] for f in facts]
     assert cells == ["reused, see (1) below |", "reused, see (2) below |", "reused, see (1) below |"]
+
+
+def test_wall_time_sentence_says_when_no_stage_was_trained_by_the_run() -> None:
+    assert wall_time_sentence(1500.0, ["stage_summary.json"]) == (
+        "Training wall time: 25.0 min in all (from stage_summary.json; shard writing before the first stage not "
+        "included)."
+    )
+    assert "none; every stage was filled from another model" in wall_time_sentence(0.0, [])

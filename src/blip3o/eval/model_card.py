@@ -249,6 +249,16 @@ def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
     return numbers
 
 
+def wall_time_sentence(trained_s: float, sources: list[str]) -> str:
+    """The card's total: seconds of the stages this run trained, and where those times come from."""
+    if not sources:
+        return "Training wall time: none; every stage was filled from another model (see below)."
+    return (
+        f"Training wall time: {trained_s / 60:.1f} min in all (from {', '.join(sources)}; shard writing before the "
+        "first stage not included)."
+    )
+
+
 def provenance_sentences(facts: list[dict]) -> list[str]:
     """What the card says about stages this run did not train itself: one numbered sentence per (source model,
     tool) that filled stages, so stages reused from different models each name theirs; and one for resumed
@@ -324,8 +334,7 @@ def build_model_card(
         "|---|---|---|---|---|---|---|---|---|",
         *[_stage_row(f, source_numbers) for f in facts],
         "",
-        f"Training wall time: {trained / 60:.1f} min in all (from {', '.join(sources)}; shard writing "
-        "before the first stage not included).",
+        wall_time_sentence(trained, sources),
         "",
         *[line for p in provenance for line in (p, "")],
         *_model_section(config["model"]),
