@@ -6,6 +6,7 @@ from __future__ import annotations
 from blip3o.eval.model_card import (
     _model_section,
     _stage_row,
+    instruct_renders_phrase,
     provenance_sentences,
     reuse_source_numbers,
     wall_time_sentence,
@@ -85,3 +86,15 @@ def test_wall_time_sentence_says_when_no_stage_was_trained_by_the_run() -> None:
         "included)."
     )
     assert "none; every stage was filled from another model" in wall_time_sentence(0.0, [])
+
+
+def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
+    data = preset("shapes-object").to_dict()["data"]
+    assert instruct_renders_phrase(data) == "4 renders each"
+    data["instruct_colourless_pair_renders"] = 12
+    assert (
+        instruct_renders_phrase(data)
+        == "4 renders each; 12 for those naming two kinds of object and no colour"
+    )
+    del data["instruct_colourless_pair_renders"]  # a config saved before the field existed
+    assert instruct_renders_phrase(data) == "4 renders each"

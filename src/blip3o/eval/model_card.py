@@ -249,6 +249,14 @@ def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
     return numbers
 
 
+def instruct_renders_phrase(data: dict) -> str:
+    """How often stage 3 renders each training prompt (DataConfig's instruct_renders and its colourless-pair
+    count; the latter is absent in configs saved before session 30)."""
+    phrase = f"{data['instruct_renders']} renders each"
+    pairs = data.get("instruct_colourless_pair_renders", 0)
+    return phrase + (f"; {pairs} for those naming two kinds of object and no colour" if pairs else "")
+
+
 def wall_time_sentence(trained_s: float, sources: list[str]) -> str:
     """The card's total: seconds of the stages this run trained, and where those times come from."""
     if not sources:
@@ -327,8 +335,8 @@ def build_model_card(
         f"`blip3o train --preset {config['preset']} --out {run}`: "
         f"{'stages' if reused else 'every stage'} from scratch on ShapesWorld{' (see below)' if reused else ''}, "
         f"{config['data']['num_samples']:,} samples (world seed {config['data']['seed']}); stage 3 uses the "
-        f"GenEval-style training prompts ({config['data']['instruct_renders']} renders each), disjoint from "
-        "the evaluation prompts.",
+        f"GenEval-style training prompts ({instruct_renders_phrase(config['data'])}), disjoint from the evaluation "
+        "prompts.",
         "",
         "| stage | kind | steps | batch | lr | first loss | last loss | samples/s (median) | wall |",
         "|---|---|---|---|---|---|---|---|---|",
