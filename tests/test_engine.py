@@ -21,7 +21,7 @@ import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.clip import grid_to_tokens
-from blip3o.train.config import ConfigError, apply_overrides, preset
+from blip3o.train.config import ConfigError, apply_overrides, overrides_from_preset, preset
 from blip3o.train.optim import build_optimizer
 from blip3o.train.stages import (
     StageModule,
@@ -126,6 +126,28 @@ def test_presets_overrides_and_errors() -> None:
     assert big.model.target_shape == (1792, 8, 8)
     # The resolved config round-trips through JSON (it is saved with every run and checkpoint).
     assert type(cfg).from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_overrides_from_preset_give_back_the_run_config() -> None:
+    assert overrides_from_preset(preset("shapes-object")) == []
+    given = [
+        "data.seed=5",
+        "eval.geneval_seeds=0,1",
+        "precision=bf16",
+        "model.backbone.query_init_std=0.5",  # None in the preset
+        "stages.generation.steps=7",
+        "stages.generation.warmup_steps=0",
+        "stages.instruct.slot_relation_weight=0.3",
+    ]
+    config = apply_overrides(preset("shapes-object"), given)
+    found = overrides_from_preset(config)
+    assert sorted(found) == sorted(given)
+    assert apply_overrides(preset("shapes-object"), found) == config
+    # An empty tuple is written as an empty value, which the parser reads back as empty (GenEval off).
+    no_seeds = apply_overrides(preset("shapes-quick"), ["eval.geneval_seeds="])
+    assert no_seeds.eval.geneval_seeds == () and overrides_from_preset(no_seeds) == ["eval.geneval_seeds="]
+    # What overrides cannot say is reported as such, not as a wrong command: other stages.
+    assert overrides_from_preset(dataclasses.replace(config, stages=config.stages[:2])) is None
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
@@ -616,6 +638,11 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     assert (tmp_path / "card" / "failures.png").exists() or (tmp_path / "card" / "passes.png").exists()
     assert card_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "card2")]) == 2
     assert "reused" not in card and "+ only" not in card
+    # The recipe command is the one that made this run: the preset plus the overrides it was given.
+    command = " ".join(
+        ["blip3o train --preset tiny-gen --out", str(tmp_path / "run"), args[4], *args[6:], args[5]]
+    )
+    assert f"`{command}`" in card
     # Provenance: a stage filled from another model (tools/reuse_backbone.py), or resumed, says so.
     reused = {"source": "elsewhere/model", "tool": "tools/reuse_backbone.py", "log": "copied from c.csv"}
     (tmp_path / "run" / "generation" / "reused.json").write_text(json.dumps(reused))

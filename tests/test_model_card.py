@@ -3,15 +3,18 @@ provenance says which stages the run did not train itself."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from blip3o.eval.model_card import (
     _model_section,
     _stage_row,
     instruct_renders_phrase,
     provenance_sentences,
+    recipe_command,
     reuse_source_numbers,
     wall_time_sentence,
 )
-from blip3o.train.config import preset
+from blip3o.train.config import apply_overrides, preset
 
 
 def _target_and_clip_lines(name: str) -> tuple[str, str]:
@@ -98,3 +101,20 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     )
     del data["instruct_colourless_pair_renders"]  # a config saved before the field existed
     assert instruct_renders_phrase(data) == "4 renders each"
+
+
+def test_the_recipe_command_is_the_preset_with_the_runs_overrides() -> None:
+    config = apply_overrides(preset("shapes-object"), ["data.instruct_colourless_pair_renders=12"]).to_dict()
+    assert recipe_command(config, Path("runs/x")) == (
+        "`blip3o train --preset shapes-object --out runs/x data.instruct_colourless_pair_renders=12`"
+    )
+    assert (
+        recipe_command(preset("shapes-object").to_dict(), Path("r"))
+        == "`blip3o train --preset shapes-object --out r`"
+    )
+    config["stages"] = config["stages"][
+        :2
+    ]  # no override makes these stages: say so, do not print a wrong command
+    assert recipe_command(config, Path("r")).endswith(
+        "(with the differences in the run's config.json, which overrides cannot express)"
+    )

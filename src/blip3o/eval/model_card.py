@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 from blip3o.eval.curves import plot, read_run, write_csv
 from blip3o.models.vae import VaeConfig
+from blip3o.train.config import ConfigError, RunConfig, overrides_from_preset
 from blip3o.viz import image_grid
 from blip3o.world.prompts import CATEGORIES
 
@@ -257,6 +259,18 @@ def instruct_renders_phrase(data: dict) -> str:
     return phrase + (f"; {pairs} for those naming two kinds of object and no colour" if pairs else "")
 
 
+def recipe_command(config: dict, run: Path) -> str:
+    """The command that trains this run's config with this code: its preset plus the overrides that differ."""
+    command = f"blip3o train --preset {config['preset']} --out {run}"
+    try:
+        overrides = overrides_from_preset(RunConfig.from_dict(config))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        overrides = None  # a config this code cannot read back: say so rather than guess
+    if overrides is None:
+        return f"`{command}` (with the differences in the run's config.json, which overrides cannot express)"
+    return f"`{' '.join([command, *map(shlex.quote, overrides)])}`"
+
+
 def wall_time_sentence(trained_s: float, sources: list[str]) -> str:
     """The card's total: seconds of the stages this run trained, and where those times come from."""
     if not sources:
@@ -332,7 +346,7 @@ def build_model_card(
         "",
         "## Recipe",
         "",
-        f"`blip3o train --preset {config['preset']} --out {run}`: "
+        f"{recipe_command(config, run)}: "
         f"{'stages' if reused else 'every stage'} from scratch on ShapesWorld{' (see below)' if reused else ''}, "
         f"{config['data']['num_samples']:,} samples (world seed {config['data']['seed']}); stage 3 uses the "
         f"GenEval-style training prompts ({instruct_renders_phrase(config['data'])}), disjoint from the evaluation "

@@ -575,8 +575,10 @@ def _parse_value(text: str, current: Any, where: str, element: type = str) -> An
             return int(text)
         if isinstance(current, float):
             return float(text)
-        if isinstance(current, tuple):
-            return tuple(element(v) for v in text.split(","))
+        if isinstance(
+            current, tuple
+        ):  # an empty value is the empty tuple (`eval.geneval_seeds=`: no GenEval)
+            return tuple(element(v) for v in text.split(",")) if text else ()
         if current is None:
             return json.loads(text)
         return text
@@ -676,3 +678,46 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
                 f"override stages.{stage.name}.warmup_steps too"
             )
     return config
+
+
+def _format_value(value: Any) -> str:
+    """The override text `_parse_value` reads back as `value`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if value is None or isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _differences(base: Any, other: Any, prefix: str) -> list[str]:
+    if dataclasses.is_dataclass(base) and dataclasses.is_dataclass(other) and type(base) is type(other):
+        return [
+            item
+            for f in dataclasses.fields(base)
+            for item in _differences(getattr(base, f.name), getattr(other, f.name), f"{prefix}{f.name}.")
+        ]
+    return [] if base == other else [f"{prefix[:-1]}={_format_value(other)}"]
+
+
+def overrides_from_preset(config: RunConfig) -> list[str] | None:
+    """The `key=value` overrides that turn `config.preset` (as this code defines it) into `config`, so a model
+    card can print the command that reproduces a run. None when overrides cannot say it: an unknown preset,
+    other stages, or a value the override syntax cannot write (checked by applying the overrides back)."""
+    if config.preset not in PRESETS:
+        return None
+    base = preset(config.preset)
+    if [s.name for s in base.stages] != [s.name for s in config.stages]:
+        return None
+    items: list[str] = []
+    for f in dataclasses.fields(base):
+        if f.name != "stages":
+            items += _differences(getattr(base, f.name), getattr(config, f.name), f"{f.name}.")
+    for mine, theirs in zip(base.stages, config.stages, strict=True):
+        items += _differences(mine, theirs, f"stages.{mine.name}.")
+    try:
+        rebuilt = apply_overrides(base, items)
+    except ConfigError:
+        return None
+    return items if rebuilt == config else None
