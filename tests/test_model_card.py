@@ -92,21 +92,27 @@ def test_wall_time_sentence_says_when_no_stage_was_trained_by_the_run() -> None:
 
 
 def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
-    data = preset("shapes-object").to_dict()["data"]
-    assert instruct_renders_phrase(data) == "4 renders each"
-    data["instruct_colourless_pair_renders"] = 12
-    assert (
-        instruct_renders_phrase(data)
-        == "4 renders each; 12 for those naming two kinds of object and no colour"
+    config = preset("shapes-object").to_dict()
+    assert instruct_renders_phrase(config) == (
+        "4 renders each; 12 in stage `relation` for those naming two kinds of object and no colour"
     )
-    del data["instruct_colourless_pair_renders"]  # a config saved before the field existed
-    assert instruct_renders_phrase(data) == "4 renders each"
+    for stage in config["stages"]:
+        del stage["colourless_pair_renders"]  # a config saved before the field existed
+    assert instruct_renders_phrase(config) == "4 renders each"
+    config["data"]["instruct_colourless_pair_renders"] = (
+        12  # sessions 30-31: a data field, read by every instruct
+    )
+    assert instruct_renders_phrase(config) == (
+        "4 renders each; 12 in stages `instruct`, `relation` for those naming two kinds of object and no colour"
+    )
 
 
 def test_the_recipe_command_is_the_preset_with_the_runs_overrides() -> None:
-    config = apply_overrides(preset("shapes-object"), ["data.instruct_colourless_pair_renders=12"]).to_dict()
+    config = apply_overrides(
+        preset("shapes-object"), ["stages.instruct.colourless_pair_renders=12"]
+    ).to_dict()
     assert recipe_command(config, Path("runs/x")) == (
-        "`blip3o train --preset shapes-object --out runs/x data.instruct_colourless_pair_renders=12`"
+        "`blip3o train --preset shapes-object --out runs/x stages.instruct.colourless_pair_renders=12`"
     )
     assert (
         recipe_command(preset("shapes-object").to_dict(), Path("r"))

@@ -364,5 +364,13 @@ def test_instruct_examples_render_colourless_pairs_more_often(monkeypatch) -> No
     starts = np.cumsum([0] + [5 if is_colourless_pair(r) else 2 for r in picked])[:-1]
     first_two = [weighted[start + k] for start in starts for k in range(2)]
     assert [e.image.tobytes() for e in first_two] == [e.image.tobytes() for e in plain]
-    with pytest.raises(ConfigError, match="instruct_colourless_pair_renders"):
-        DataConfig(instruct_colourless_pair_renders=-1)
+    with pytest.raises(ConfigError, match="colourless_pair_renders must be >= 0"):
+        StageConfig("relation", "instruct", 10, 4, colourless_pair_renders=-1)
+    with pytest.raises(ConfigError, match="applies to instruct stages only"):
+        StageConfig("generation", "generation", 10, 4, colourless_pair_renders=12)
+    # The bundled model's recipe gives them to its last stage only, the one they were measured in.
+    object_stages = preset("shapes-object").stages
+    assert {s.name: s.colourless_pair_renders for s in object_stages if s.kind == "instruct"} == {
+        "instruct": 0,
+        "relation": 12,
+    }

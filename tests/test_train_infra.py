@@ -585,12 +585,21 @@ def test_a_run_saved_before_a_field_existed_resumes_while_the_field_keeps_its_de
     config, dist = preset("tiny-test"), DistInfo()
     _check_run_config(tmp_path, config, dist)  # a new run records its configuration
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["data"]["instruct_colourless_pair_renders"]  # as written before the field was added
+    for stage in saved["stages"]:
+        del stage["colourless_pair_renders"]  # as written before the field was added
     (tmp_path / "config.json").write_text(json.dumps(saved))
     _check_run_config(tmp_path, config, dist)
-    changed = apply_overrides(config, ["data.instruct_colourless_pair_renders=3"])
+    changed = apply_overrides(config, ["stages.instruct.colourless_pair_renders=3"])
     with pytest.raises(ConfigError, match="different configuration"):
         _check_run_config(tmp_path, changed, dist)
+    # Sessions 30-31 saved the colourless-pair renders as a data field read by every instruct stage: it loads as
+    # that stage field, with the same meaning.
+    saved["data"]["instruct_colourless_pair_renders"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_run_config(tmp_path, changed, dist)
+    with pytest.raises(ConfigError, match="different configuration"):
+        _check_run_config(tmp_path, config, dist)
+    del saved["data"]["instruct_colourless_pair_renders"]
     saved["data"]["renders_of_a_field_since_removed"] = 1
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match="different configuration"):

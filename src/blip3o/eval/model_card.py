@@ -251,12 +251,20 @@ def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
     return numbers
 
 
-def instruct_renders_phrase(data: dict) -> str:
-    """How often stage 3 renders each training prompt (DataConfig's instruct_renders and its colourless-pair
-    count; the latter is absent in configs saved before session 30)."""
-    phrase = f"{data['instruct_renders']} renders each"
-    pairs = data.get("instruct_colourless_pair_renders", 0)
-    return phrase + (f"; {pairs} for those naming two kinds of object and no colour" if pairs else "")
+def instruct_renders_phrase(config: dict) -> str:
+    """How often stage 3 renders each training prompt: data.instruct_renders, and each instruct stage's
+    colourless-pair count (absent before session 30; a data field read by every instruct stage in 30-31)."""
+    phrase = f"{config['data']['instruct_renders']} renders each"
+    legacy = config["data"].get("instruct_colourless_pair_renders", 0)
+    counts: dict[int, list[str]] = {}
+    for stage in config["stages"]:
+        count = stage.get("colourless_pair_renders") or (legacy if stage["kind"] == "instruct" else 0)
+        if count:
+            counts.setdefault(count, []).append(f"`{stage['name']}`")
+    for count, names in counts.items():
+        where = f"stage{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        phrase += f"; {count} in {where} for those naming two kinds of object and no colour"
+    return phrase
 
 
 def recipe_command(config: dict, run: Path) -> str:
@@ -349,7 +357,7 @@ def build_model_card(
         f"{recipe_command(config, run)}: "
         f"{'stages' if reused else 'every stage'} from scratch on ShapesWorld{' (see below)' if reused else ''}, "
         f"{config['data']['num_samples']:,} samples (world seed {config['data']['seed']}); stage 3 uses the "
-        f"GenEval-style training prompts ({instruct_renders_phrase(config['data'])}), disjoint from the evaluation "
+        f"GenEval-style training prompts ({instruct_renders_phrase(config)}), disjoint from the evaluation "
         "prompts.",
         "",
         "| stage | kind | steps | batch | lr | first loss | last loss | samples/s (median) | wall |",

@@ -107,6 +107,10 @@ class StageConfig:
     # CLIP's object label head reads in the rendition (`scene_supervision.object_label_scene`), a valid pair at
     # any start level up to 1 (the DiT's own samples): the decoder learns to draw each token's object cleanly.
     generated_pairs: str = "image"
+    # instruct: renders of each training prompt that names two kinds of object and no colour ("an image of a
+    # circle left of a square"); 0: data.instruct_renders, like every other prompt. Without colours the DiT often
+    # draws the first shape twice (docs/bench/object_target.txt, session 30); these prompts are 300 of the 1,720.
+    colourless_pair_renders: int = 0
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -170,6 +174,10 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: generated_max_sigma must be in (0, 1], got {self.generated_max_sigma}"
             )
+        if self.colourless_pair_renders < 0:
+            raise ConfigError(f"stage {self.name!r}: colourless_pair_renders must be >= 0")
+        if self.colourless_pair_renders and self.kind != "instruct":
+            raise ConfigError(f"stage {self.name!r}: colourless_pair_renders applies to instruct stages only")
         if self.hard_negatives and self.kind != "clip":
             raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
 
@@ -181,21 +189,10 @@ class DataConfig:
     seed: int = 0  # world seed of the shards
     instruct_renders: int = 4  # renders per GenEval-style training prompt (stage 3)
     instruct_max_prompts: int = 0  # use only the first N training prompts (0: all of them)
-    # Renders of each training prompt that names two kinds of object and no colour ("an image of a circle left of a
-    # square"); 0: instruct_renders, like every other prompt. Without colours the DiT often draws the first
-    # shape twice (docs/bench/object_target.txt, session 30), and these prompts are 300 of the 1,720.
-    instruct_colourless_pair_renders: int = 0
 
     def __post_init__(self) -> None:
-        if (
-            self.instruct_renders < 1
-            or self.instruct_colourless_pair_renders < 0
-            or self.instruct_max_prompts < 0
-        ):
-            raise ConfigError(
-                "data.instruct_renders must be >= 1, data.instruct_colourless_pair_renders and "
-                "data.instruct_max_prompts >= 0"
-            )
+        if self.instruct_renders < 1 or self.instruct_max_prompts < 0:
+            raise ConfigError("data.instruct_renders must be >= 1 and data.instruct_max_prompts >= 0")
 
 
 @dataclass(frozen=True)
@@ -287,11 +284,18 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        data = dict(d.get("data", {}))
+        # Sessions 30-31 saved this as a data field that every instruct stage read; it is a stage field now.
+        legacy_renders = data.pop("instruct_colourless_pair_renders", 0)
+        stages = [dict(s) for s in d["stages"]]
+        for s in stages:
+            if legacy_renders and s["kind"] == "instruct" and not s.get("colourless_pair_renders"):
+                s["colourless_pair_renders"] = legacy_renders
         return cls(
             preset=d["preset"],
             model=Blip3oConfig.from_dict(d["model"]),
-            stages=tuple(StageConfig(**s) for s in d["stages"]),
-            data=DataConfig(**d.get("data", {})),
+            stages=tuple(StageConfig(**s) for s in stages),
+            data=DataConfig(**data),
             eval=EvalConfig(**d.get("eval", {})),
             **{k: d[k] for k in ("distributed", "precision", "seed", "keep_last", "deterministic") if k in d},
         )
@@ -527,7 +531,8 @@ def _shapes_object() -> RunConfig:
     # (session 24, width 128) the loss lifted position but lost more elsewhere.
     relation = StageConfig("relation", "instruct", steps=4000, batch_size=16, lr=2e-4, warmup_steps=30,
                            log_every=50, ckpt_every=500, sample_every=500, ema_decay=0.999,
-                           slot_label_weight=1.0, slot_relation_weight=0.3)  # fmt: skip
+                           slot_label_weight=1.0, slot_relation_weight=0.3,
+                           colourless_pair_renders=12)  # fmt: skip
     config = dataclasses.replace(config, stages=(*config.stages, refine, relation))
     return apply_overrides(
         config,

@@ -260,7 +260,7 @@ def train_stage(
             config.data.seed,
             config.data.instruct_renders,
             config.data.instruct_max_prompts or None,
-            config.data.instruct_colourless_pair_renders,
+            stage.colourless_pair_renders,
         )
     set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
