@@ -584,9 +584,8 @@ def _parse_value(text: str, current: Any, where: str, element: type = str) -> An
             return int(text)
         if isinstance(current, float):
             return float(text)
-        if isinstance(
-            current, tuple
-        ):  # an empty value is the empty tuple (`eval.geneval_seeds=`: no GenEval)
+        if isinstance(current, tuple):
+            # An empty value is the empty tuple (`eval.geneval_seeds=`: no GenEval).
             return tuple(element(v) for v in text.split(",")) if text else ()
         if current is None:
             return json.loads(text)
