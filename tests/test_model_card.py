@@ -99,9 +99,8 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     for stage in config["stages"]:
         del stage["colourless_pair_renders"]  # a config saved before the field existed
     assert instruct_renders_phrase(config) == "4 renders each"
-    config["data"]["instruct_colourless_pair_renders"] = (
-        12  # sessions 30-31: a data field, read by every instruct
-    )
+    # Sessions 30-31 saved it as a data field, read by every instruct stage.
+    config["data"]["instruct_colourless_pair_renders"] = 12
     assert instruct_renders_phrase(config) == (
         "4 renders each; 12 in stages `instruct`, `relation` for those naming two kinds of object and no colour"
     )
@@ -118,9 +117,8 @@ def test_the_recipe_command_is_the_preset_with_the_runs_overrides() -> None:
         recipe_command(preset("shapes-object").to_dict(), Path("r"))
         == "`blip3o train --preset shapes-object --out r`"
     )
-    config["stages"] = config["stages"][
-        :2
-    ]  # no override makes these stages: say so, do not print a wrong command
+    # No override makes these stages: say so, do not print a wrong command.
+    config["stages"] = config["stages"][:2]
     assert recipe_command(config, Path("r")).endswith(
         "(with the differences in the run's config.json, which overrides cannot express)"
     )

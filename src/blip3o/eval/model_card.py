@@ -21,7 +21,7 @@ from PIL import Image
 
 from blip3o.eval.curves import plot, read_run, write_csv
 from blip3o.models.vae import VaeConfig
-from blip3o.train.config import ConfigError, RunConfig, overrides_from_preset
+from blip3o.train.config import ConfigError, RunConfig, migrate_saved_config, overrides_from_preset
 from blip3o.viz import image_grid
 from blip3o.world.prompts import CATEGORIES
 
@@ -253,12 +253,12 @@ def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
 
 def instruct_renders_phrase(config: dict) -> str:
     """How often stage 3 renders each training prompt: data.instruct_renders, and each instruct stage's
-    colourless-pair count (absent before session 30; a data field read by every instruct stage in 30-31)."""
+    colourless-pair count (absent before session 30)."""
+    config = migrate_saved_config(config)
     phrase = f"{config['data']['instruct_renders']} renders each"
-    legacy = config["data"].get("instruct_colourless_pair_renders", 0)
     counts: dict[int, list[str]] = {}
     for stage in config["stages"]:
-        count = stage.get("colourless_pair_renders") or (legacy if stage["kind"] == "instruct" else 0)
+        count = stage.get("colourless_pair_renders", 0)
         if count:
             counts.setdefault(count, []).append(f"`{stage['name']}`")
     for count, names in counts.items():

@@ -217,6 +217,19 @@ class EvalConfig:
         return bool(self.geneval_seeds) or self.vqa_questions >= 0
 
 
+def migrate_saved_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config (a `RunConfig.to_dict()`) in this code's field layout; `d` itself is left unchanged.
+    Sessions 30-31 saved `data.instruct_colourless_pair_renders`, read by every instruct stage: it is each
+    instruct stage's `colourless_pair_renders` now."""
+    data = dict(d.get("data", {}))
+    legacy_renders = data.pop("instruct_colourless_pair_renders", 0)
+    stages = [dict(s) for s in d["stages"]]
+    for s in stages:
+        if legacy_renders and s["kind"] == "instruct" and not s.get("colourless_pair_renders"):
+            s["colourless_pair_renders"] = legacy_renders
+    return {**d, "data": data, "stages": stages}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     preset: str
@@ -284,18 +297,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        data = dict(d.get("data", {}))
-        # Sessions 30-31 saved this as a data field that every instruct stage read; it is a stage field now.
-        legacy_renders = data.pop("instruct_colourless_pair_renders", 0)
-        stages = [dict(s) for s in d["stages"]]
-        for s in stages:
-            if legacy_renders and s["kind"] == "instruct" and not s.get("colourless_pair_renders"):
-                s["colourless_pair_renders"] = legacy_renders
+        d = migrate_saved_config(d)
         return cls(
             preset=d["preset"],
             model=Blip3oConfig.from_dict(d["model"]),
-            stages=tuple(StageConfig(**s) for s in stages),
-            data=DataConfig(**data),
+            stages=tuple(StageConfig(**s) for s in d["stages"]),
+            data=DataConfig(**d.get("data", {})),
             eval=EvalConfig(**d.get("eval", {})),
             **{k: d[k] for k in ("distributed", "precision", "seed", "keep_last", "deterministic") if k in d},
         )
