@@ -204,7 +204,13 @@ class NextDiT(nn.Module):
         self.norm_out = FinalLayer(config.dim, config.temb_dim, config.patch_size**2 * config.in_channels)
         self.rope = Rope2D(config.head_dim, config.grid_size, ROPE_THETA)  # not in the state dict
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        cross_attention: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         b, c, height, width = x.shape
         p = self.config.patch_size
         grid_h, grid_w = height // p, width // p
@@ -215,11 +221,15 @@ class NextDiT(nn.Module):
         rope = self.rope(grid_h, grid_w)  # (N, E/2) complex
 
         h = tokens
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointed and cross_attention is not None:
+            # The recomputation in the backward pass would record every block a second time.
+            raise ValueError("recording cross-attention weights does not work with gradient checkpointing")
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if checkpointed:
                 h = checkpoint(layer, h, cond, temb, rope, use_reentrant=False)  # (B, N, D)
             else:
-                h = layer(h, cond, temb, rope)  # (B, N, D)
+                h = layer(h, cond, temb, rope, cross_attention)  # (B, N, D)
 
         out = self.norm_out(h, temb)  # (B, N, p*p*C), each token ordered (row, col, c)
         out = out.view(b, grid_h, grid_w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
@@ -258,9 +268,17 @@ class DiT(nn.Module):
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.model.gradient_checkpointing = bool(enabled)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: torch.Tensor,
+        cross_attention: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`cross_attention`, when given a list, receives each block's cross-attention weights over what the
+        transformer reads (the resampler's slots when there is one), (B, H, N, L) fp32, in layer order."""
         self._check_inputs(x, timestep, condition)
-        return self.model(x, timestep, self.resample_condition(condition))
+        return self.model(x, timestep, self.resample_condition(condition), cross_attention)
 
     def resample_condition(self, condition: torch.Tensor) -> torch.Tensor:
         """What the transformer reads: the resampler's (B, S, latent) slots, or the (B, L, latent) condition

@@ -202,7 +202,7 @@ class Attention(nn.Module):
     def attention_weights(
         self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor, rotate_keys: bool
     ) -> torch.Tensor:
-        """The softmax weights `forward` applies, (B, H, N, M) in fp32, for inspection (not used in training)."""
+        """The softmax weights `forward` applies, (B, H, N, M) in fp32 (for inspection and attention losses)."""
         q, k, _ = self._heads(x, context, rope, rotate_keys)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, M, E)
         return (q.float() @ k.float().transpose(-1, -2) * self.head_dim**-0.5).softmax(dim=-1)  # (B, H, N, M)
@@ -261,13 +261,18 @@ class DiTBlock(nn.Module):
         condition: torch.Tensor,
         temb: torch.Tensor,
         rope: torch.Tensor,
+        cross_attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """h: (B, N, D) image tokens; condition: (B, L, D) projected condition; temb: (B, T);
-        rope: (N, E/2) complex RoPE factors of the image tokens."""
+        rope: (N, E/2) complex RoPE factors of the image tokens. A `cross_attention` list receives this
+        block's cross-attention weights, (B, H, N, L) fp32 with their gradients (for a loss on them)."""
         x, gate_attn, scale_ffn, gate_ffn = self.norm1(h, temb)  # (B, N, D), 3 x (B, 1, D)
         self_heads = self.attn1(x, x, rope, rotate_keys=True)  # (B, N, H, E)
         context = self.norm1_context(condition)  # (B, L, D)
         cross_heads = self.attn2(x, context, rope, rotate_keys=False)  # (B, N, H, E)
+        if cross_attention is not None:
+            # Recomputed beside the fused kernel (it returns no weights): at M = a few slots this costs little.
+            cross_attention.append(self.attn2.attention_weights(x, context, rope, rotate_keys=False))
         cross_heads = cross_heads * self.gate.tanh()[:, None]  # (B, N, H, E)
         attn_out = self.attn2.to_out[0]((self_heads + cross_heads).flatten(2))  # (B, N, D)
         h = h + gate_attn.tanh() * self.norm2(attn_out)  # (B, N, D)

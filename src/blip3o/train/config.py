@@ -95,6 +95,12 @@ class StageConfig:
     # (bench/condition_probe.py --split prompts on the session-23 bundle: read at 1.000 from the query states,
     # 0.995 from all slots, 0.839 from slots 1-2). 0: off.
     slot_relation_weight: float = 0.0
+    # generation / instruct: weight of a loss on the DiT's cross-attention (slot_supervision.slot_binding_loss):
+    # at the token holding the k-th named object of a scene with two or more, each layer's head-mean attention
+    # over the objects' slots is trained to pick slot k (TokenCompose-style grounding). Without it, prompts with
+    # no colours route an object's token to its own slot weakly (runs/s32/binding_probe.py, session 32) and the
+    # DiT often draws the first shape twice. Needs the scenes (shards, stage 3) and the resampler. 0: off.
+    slot_binding_weight: float = 0.0
     # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
     # to a start level, sampled back with the caption: `Blip3o.regenerate_target`) instead of the real target,
     # so the decoder learns to draw what the DiT makes. Needs a trained DiT: an earlier generation stage.
@@ -152,7 +158,12 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
-        for key in ("slot_label_weight", "slot_position_weight", "slot_relation_weight"):  # slot head losses
+        for key in (
+            "slot_label_weight",
+            "slot_position_weight",
+            "slot_relation_weight",
+            "slot_binding_weight",
+        ):
             weight = getattr(self, key)
             if weight < 0:
                 raise ConfigError(f"stage {self.name!r}: {key} must be >= 0, got {weight}")

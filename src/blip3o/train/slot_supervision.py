@@ -17,6 +17,7 @@ it lives in the stage, not in the model, and is not exported.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -55,15 +56,36 @@ def caption_slot_positions(caption: str, slots: int, scene: Scene) -> tuple[torc
     the caption's objects, and objects the scene does not hold, have no position."""
     centres = torch.zeros(slots, 2)
     known = torch.zeros(slots, dtype=torch.bool)
-    free = list(scene.objects)
-    for k, (name, color) in enumerate(caption_objects(caption)[: min(slots, len(scene.objects))]):
-        match = next((o for o in free if o.shape == name and color in (None, o.color)), None)
-        if match is None:
-            continue
-        free.remove(match)
+    for k, match in _slot_objects(caption, slots, scene).items():
         centres[k] = torch.tensor(match.center) / scene.size
         known[k] = True
     return centres, known
+
+
+def caption_slot_cells(caption: str, slots: int, scene: Scene, grid: int) -> torch.Tensor:
+    """Which token of a grid x grid target holds slot k's object, (slots,) int64, or UNNAMED.
+
+    The token is the patch holding the object's box centre: where `scene_object_labels` writes the object (the
+    shapes-object target names each object in that one token). Matched as `caption_slot_positions` does."""
+    cells = torch.full((slots,), UNNAMED)
+    cell = scene.size / grid
+    for k, match in _slot_objects(caption, slots, scene).items():
+        x0, y0, x1, y1 = match.box
+        col, row = min(int((x0 + x1) / 2 // cell), grid - 1), min(int((y0 + y1) / 2 // cell), grid - 1)
+        cells[k] = row * grid + col
+    return cells
+
+
+def _slot_objects(caption: str, slots: int, scene: Scene) -> dict:
+    """{slot k: the scene object the caption's k-th object is}, by first free match of shape and colour."""
+    matched = {}
+    free = list(scene.objects)
+    for k, (name, color) in enumerate(caption_objects(caption)[: min(slots, len(scene.objects))]):
+        match = next((o for o in free if o.shape == name and color in (None, o.color)), None)
+        if match is not None:
+            free.remove(match)
+            matched[k] = match
+    return matched
 
 
 def caption_slot_relations(caption: str, slots: int) -> torch.Tensor:
@@ -169,3 +191,42 @@ class SlotLabelHead(nn.Module):
                 / coloured.sum().clamp(min=1),
             }
         return loss, metrics
+
+
+def slot_binding_loss(
+    cross_attention: list[torch.Tensor], captions: list[str], scenes: list[Scene | None], keep: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy that the DiT's token holding the caption's k-th object reads slot k among the objects' slots.
+
+    cross_attention: each layer's (B, H, N, S) weights over the resampler's slots (`DiT(..., cross_attention=[])`);
+    keep (B,) bool: the rows whose condition was not dropped for guidance. Scored, per layer, on the head-mean
+    weights of every object token in scenes where two or more of the caption's objects are matched
+    (`caption_slot_cells`), the weights renormalised over those objects' slots only: the loss asks which object
+    a token reads, not how much it reads the condition at all. Returns the loss and the share of such tokens
+    whose largest weight is their own slot, in every layer (`slot_binding_acc`)."""
+    if not cross_attention:
+        raise ValueError("no cross-attention weights were recorded")
+    batch, _, tokens, slots = cross_attention[0].shape
+    _check_captions(captions, batch)
+    if any(scene is None for scene in scenes):
+        raise ValueError("the slot binding loss needs every sample's scene (shards and stage 3 hold them)")
+    grid = math.isqrt(tokens)
+    attention = torch.stack(cross_attention, dim=1).mean(dim=2)  # (B, layers, N, S)
+    cells = torch.stack(
+        [caption_slot_cells(c, slots, s, grid) for c, s in zip(captions, scenes, strict=True)]
+    )
+    cells = cells.to(attention.device)  # (B, S)
+    objects = cells != UNNAMED  # (B, S)
+    objects &= (keep.to(attention.device) & (objects.sum(dim=1) >= 2))[:, None]
+    rows, slot = objects.nonzero(as_tuple=True)  # (P,) each: one scored token per matched object
+    if rows.numel() == 0:  # a zero that still reaches the DiT's parameters (DDP expects their gradients)
+        return attention.sum() * 0.0, {"slot_binding_acc": attention.new_zeros(())}
+    read = attention[rows, :, cells[rows, slot], :]  # (P, layers, S)
+    logits = (
+        read.clamp_min(1e-12).log().masked_fill(~objects[rows][:, None, :], float("-inf"))
+    )  # (P, layers, S)
+    layers = logits.shape[1]
+    loss = F.cross_entropy(logits.flatten(0, 1), slot.repeat_interleave(layers))
+    with torch.no_grad():
+        accuracy = (logits.argmax(dim=-1) == slot[:, None]).float().mean()
+    return loss, {"slot_binding_acc": accuracy}

@@ -22,7 +22,7 @@ from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
-from blip3o.train.slot_supervision import SlotLabelHead
+from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 from blip3o.world.render import render
 
@@ -199,6 +199,7 @@ class StageModule(nn.Module):
         slot_position_weight: float = 0.0,
         slot_relation_weight: float = 0.0,
         generated_pairs: str = "image",
+        slot_binding_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -212,13 +213,13 @@ class StageModule(nn.Module):
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.generated_pairs = generated_pairs
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
-        self.slot_relation_weight = slot_relation_weight
+        self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
+        if (self.uses_slot_head or slot_binding_weight > 0) and model.dit.resampler is None:
+            raise ValueError(
+                "slot_label_weight, slot_position_weight, slot_relation_weight and slot_binding_weight need "
+                "the DiT's condition resampler (model.dit.condition_slots > 0)"
+            )
         if self.uses_slot_head:
-            if model.dit.resampler is None:
-                raise ValueError(
-                    "slot_label_weight, slot_position_weight and slot_relation_weight need the DiT's "
-                    "condition resampler (model.dit.condition_slots > 0)"
-                )
             width = model.config.dit.latent_embedding_size
             self.slot_head = SlotLabelHead(
                 width, position=slot_position_weight > 0, relation=slot_relation_weight > 0
@@ -288,38 +289,52 @@ class StageModule(nn.Module):
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, L, H): word tokens (if any), then query states
+        cross_attention = [] if self.slot_binding_weight > 0 else None  # filled by the DiT, layer by layer
         if m.config.objective == "flow_matching":
             draws = per_sample_draws(x0, cond, batch["seeds"], m.config.flow)
-            gen_loss, _ = flow_matching_loss(m.dit, x0, cond.float(), cfg=m.config.flow, draws=draws)
+            gen_loss, _ = flow_matching_loss(
+                lambda x, t, c: m.dit(x, t, c, cross_attention),
+                x0,
+                cond.float(),
+                cfg=m.config.flow,
+                draws=draws,
+            )
         else:
+            if cross_attention is not None:
+                raise ValueError("slot_binding_weight needs the flow-matching objective")
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
-        if self.uses_slot_head:
-            slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
-            loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
-            if self.slot_label_weight > 0:
-                slot_loss, label_metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
-                loss, metrics = loss + self.slot_label_weight * slot_loss, {**metrics, **label_metrics}
-            if self.slot_position_weight > 0:
-                scenes = batch.get("scenes") or [None] * len(batch["captions"])
-                position_loss, position_metrics = self.slot_head.position_loss(
-                    slots, batch["captions"], scenes
-                )
-                loss, metrics = (
-                    loss + self.slot_position_weight * position_loss,
-                    {**metrics, **position_metrics},
-                )
-            if self.slot_relation_weight > 0:
-                relation_loss, relation_metrics = self.slot_head.relation_loss(slots, batch["captions"])
-                loss = loss + self.slot_relation_weight * relation_loss
-                metrics = {**metrics, **relation_metrics}
-            return loss, metrics
-        if kind != "joint":
+        if kind == "joint":
+            und_loss = m.backbone.understanding_loss(
+                batch["images"], batch["prompts"], batch["answers"], self.understanding_average
+            )
+            loss = gen_loss + self.understanding_weight * und_loss
+            return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
+        if not self.uses_slot_head and cross_attention is None:
             return gen_loss, {}
-        und_loss = m.backbone.understanding_loss(
-            batch["images"], batch["prompts"], batch["answers"], self.understanding_average
-        )
-        loss = gen_loss + self.understanding_weight * und_loss
-        return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
+        # The scaffolding losses of generation and instruct stages (StageConfig forbids them elsewhere).
+        loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
+        scenes = batch.get("scenes") or [None] * len(batch["captions"])
+        if cross_attention is not None:
+            keep = torch.ones(len(batch["captions"]), dtype=torch.bool)
+            if draws.drop_mask is not None:
+                keep = ~draws.drop_mask.bool()  # dropped rows read the null condition: nothing to bind
+            binding_loss, binding_metrics = slot_binding_loss(
+                cross_attention, batch["captions"], scenes, keep
+            )
+            loss, metrics = loss + self.slot_binding_weight * binding_loss, {**metrics, **binding_metrics}
+        if not self.uses_slot_head:
+            return loss, metrics
+        slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
+        if self.slot_label_weight > 0:
+            slot_loss, label_metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
+            loss, metrics = loss + self.slot_label_weight * slot_loss, {**metrics, **label_metrics}
+        if self.slot_position_weight > 0:
+            position_loss, position_metrics = self.slot_head.position_loss(slots, batch["captions"], scenes)
+            loss, metrics = loss + self.slot_position_weight * position_loss, {**metrics, **position_metrics}
+        if self.slot_relation_weight > 0:
+            relation_loss, relation_metrics = self.slot_head.relation_loss(slots, batch["captions"])
+            loss, metrics = loss + self.slot_relation_weight * relation_loss, {**metrics, **relation_metrics}
+        return loss, metrics
 
 
 def fit_feature_statistics(model: Blip3o, images: list, batch_size: int = 256) -> None:
