@@ -98,7 +98,7 @@ class StageConfig:
     # generation / instruct: weight of a loss on the DiT's cross-attention (slot_supervision.slot_binding_loss):
     # at the token holding the k-th named object of a scene with two or more, each layer's head-mean attention
     # over the objects' slots is trained to pick slot k (TokenCompose-style grounding). Without it, prompts with
-    # no colours route an object's token to its own slot weakly (runs/s32/binding_probe.py, session 32) and the
+    # no colours route an object's token to its own slot weakly (bench/slot_binding.py, session 32) and the
     # DiT often draws the first shape twice. Needs the scenes (shards, stage 3) and the resampler. 0: off.
     slot_binding_weight: float = 0.0
     # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
