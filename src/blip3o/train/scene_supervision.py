@@ -43,6 +43,7 @@ from blip3o.world.scene import (
     MIN_BOX,
     SHAPES,
     Scene,
+    SceneObject,
 )
 
 NO_OBJECT_SHAPE = len(SHAPES)  # the "none" class of the shape head
@@ -108,6 +109,14 @@ def scene_patch_labels(scene: Scene, grid: int) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.float32))  # (N, 19)
 
 
+def box_centre_cell(obj: SceneObject, size: int, grid: int) -> tuple[int, int]:
+    """(row, col) of the grid x grid patch holding the object's box centre: the one token the object-centric
+    target (`scene_object_labels`) writes the object to."""
+    x0, y0, x1, y1 = obj.box
+    cell = size / grid
+    return min(int((y0 + y1) / 2 // cell), grid - 1), min(int((x0 + x1) / 2 // cell), grid - 1)
+
+
 def scene_object_labels(scene: Scene, grid: int) -> torch.Tensor:
     """(grid * grid, 19) object-centric label vector per patch of a grid x grid raster, raster order, float32.
 
@@ -128,7 +137,7 @@ def scene_object_labels(scene: Scene, grid: int) -> torch.Tensor:
     for obj in scene.objects:
         x0, y0, x1, y1 = obj.box
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        col, row = min(int(cx // cell), grid - 1), min(int(cy // cell), grid - 1)
+        row, col = box_centre_cell(obj, scene.size, grid)
         label = labels[row * grid + col]
         if label[n_shapes - 1] == 0:
             raise ValueError(f"two object centres in patch ({row}, {col}) of a {grid}x{grid} grid")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE
+from blip3o.train.scene_supervision import NO_OBJECT_COLOR, NO_OBJECT_SHAPE, box_centre_cell
 from blip3o.world.language import caption_objects, caption_words
 from blip3o.world.scene import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPES, Scene
 
@@ -68,10 +68,8 @@ def caption_slot_cells(caption: str, slots: int, scene: Scene, grid: int) -> tor
     The token is the patch holding the object's box centre: where `scene_object_labels` writes the object (the
     shapes-object target names each object in that one token). Matched as `caption_slot_positions` does."""
     cells = torch.full((slots,), UNNAMED)
-    cell = scene.size / grid
     for k, match in _slot_objects(caption, slots, scene).items():
-        x0, y0, x1, y1 = match.box
-        col, row = min(int((x0 + x1) / 2 // cell), grid - 1), min(int((y0 + y1) / 2 // cell), grid - 1)
+        row, col = box_centre_cell(match, scene.size, grid)
         cells[k] = row * grid + col
     return cells
 

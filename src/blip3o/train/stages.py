@@ -326,7 +326,7 @@ class StageModule(nn.Module):
             return loss, metrics
         slots = m.dit.resample_condition(cond.float())  # (B, S, H), the conditional branch's slots
         if self.slot_label_weight > 0:
-            slot_loss, label_metrics = self.slot_head.loss(slots, batch["captions"], batch.get("scenes"))
+            slot_loss, label_metrics = self.slot_head.loss(slots, batch["captions"], scenes)
             loss, metrics = loss + self.slot_label_weight * slot_loss, {**metrics, **label_metrics}
         if self.slot_position_weight > 0:
             position_loss, position_metrics = self.slot_head.position_loss(slots, batch["captions"], scenes)
