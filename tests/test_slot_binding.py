@@ -33,6 +33,25 @@ def test_slot_cells_follow_the_caption_order_not_the_scene_order() -> None:
     assert caption_slot_cells("a photo of a star and a square", 3, SCENE, 4).tolist() == [3, UNNAMED, UNNAMED]
 
 
+def test_left_to_right_order_gives_alike_objects_slots_by_x_and_changes_nothing_else() -> None:
+    # Three red stars listed right, left, middle; a blue circle first in the scene. Grid 4: cells 16 px wide.
+    stars = [_object("star", "red", x, 40.0) for x in (56.0, 8.0, 40.0)]
+    scene = Scene((255, 255, 255), (_object("circle", "blue", 24.0, 8.0), *stars))
+    caption = "a photo of three red stars"
+    by_scene = caption_slot_cells(caption, 4, scene, grid=4)
+    by_x = caption_slot_cells(caption, 4, scene, grid=4, order="left_to_right")
+    assert by_scene.tolist() == [2 * 4 + 3, 2 * 4 + 0, 2 * 4 + 2, UNNAMED]
+    assert by_x.tolist() == [2 * 4 + 0, 2 * 4 + 2, 2 * 4 + 3, UNNAMED]
+    # Objects named apart match the same scene objects in either order.
+    other = "a photo of a red star above a blue circle"
+    assert (
+        caption_slot_cells(other, 3, SCENE, 4, "left_to_right").tolist()
+        == caption_slot_cells(other, 3, SCENE, 4).tolist()
+    )
+    with pytest.raises(ValueError, match="order"):
+        caption_slot_cells(caption, 4, scene, 4, order="raster")
+
+
 def _attention(
     own: float, batch: int = 1, layers: int = 2, heads: int = 2, slots: int = 4
 ) -> list[torch.Tensor]:
@@ -93,6 +112,12 @@ def test_binding_weight_checks() -> None:
         StageConfig("dec", "decoder", steps=1, batch_size=1, slot_binding_weight=1.0)
     with pytest.raises(ConfigError, match="slot_binding_weight"):
         StageConfig("gen", "generation", steps=1, batch_size=1, slot_binding_weight=-1.0)
+    with pytest.raises(ConfigError, match="slot_binding_order must be one of"):
+        StageConfig(
+            "gen", "generation", steps=1, batch_size=1, slot_binding_weight=1.0, slot_binding_order="x"
+        )
+    with pytest.raises(ConfigError, match="only with slot_binding_weight"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, slot_binding_order="left_to_right")
     model = Blip3o.from_config(preset("tiny-test").model, seed=0)  # no resampler
     with pytest.raises(ValueError, match="resampler"):
         StageModule(model, "instruct", slot_binding_weight=1.0)

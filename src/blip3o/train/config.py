@@ -28,6 +28,7 @@ from blip3o.models.clip import clip_config
 from blip3o.models.decoder import PixelDecoderConfig, decoder_config
 from blip3o.models.dit import DiTConfig
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
+from blip3o.train.slot_supervision import SLOT_ORDERS
 
 StageKind = Literal["clip", "decoder", "vae", "vision", "understanding", "generation", "instruct", "joint"]
 STAGE_KINDS: tuple[str, ...] = (
@@ -101,6 +102,10 @@ class StageConfig:
     # no colours route an object's token to its own slot weakly (bench/slot_binding.py, session 32) and the
     # DiT often draws the first shape twice. Needs the scenes (shards, stage 3) and the resampler. 0: off.
     slot_binding_weight: float = 0.0
+    # Which of several identical named objects ("three stars") is slot k's for the binding loss: "scene", the
+    # scene's own (random) order, so the loss cannot tell them apart; "left_to_right", slot k is the k-th from
+    # the left, so each slot can claim one object of a count (slot_supervision.SLOT_ORDERS).
+    slot_binding_order: str = "scene"
     # decoder: share of samples whose condition is the DiT's own rendition of the image's CLIP target (noised
     # to a start level, sampled back with the caption: `Blip3o.regenerate_target`) instead of the real target,
     # so the decoder learns to draw what the DiT makes. Needs a trained DiT: an earlier generation stage.
@@ -171,6 +176,15 @@ class StageConfig:
                 raise ConfigError(
                     f"stage {self.name!r}: {key} applies to generation and instruct stages only"
                 )
+        if self.slot_binding_order != "scene" and not self.slot_binding_weight:
+            raise ConfigError(
+                f"stage {self.name!r}: slot_binding_order applies only with slot_binding_weight > 0"
+            )
+        if self.slot_binding_order not in SLOT_ORDERS:
+            raise ConfigError(
+                f"stage {self.name!r}: slot_binding_order must be one of {', '.join(SLOT_ORDERS)}, "
+                f"got {self.slot_binding_order!r}"
+            )
         if not 0.0 <= self.generated_share <= 1.0:
             raise ConfigError(
                 f"stage {self.name!r}: generated_share must be in [0, 1], got {self.generated_share}"

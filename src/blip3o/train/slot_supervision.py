@@ -31,6 +31,8 @@ from blip3o.world.scene import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPES
 UNNAMED = -100  # cross_entropy's ignore_index: the caption names no colour for this object
 NO_RELATION = len(RELATIONS)  # the relation class of an object in a caption that states no relation
 _RELATION_PATTERN = re.compile(r"\b(" + "|".join(RELATIONS) + r")\b")
+# How the binding loss orders a scene's objects when matching them to the caption's (see _slot_objects).
+SLOT_ORDERS = ("scene", "left_to_right")
 
 
 def caption_slot_labels(
@@ -62,22 +64,31 @@ def caption_slot_positions(caption: str, slots: int, scene: Scene) -> tuple[torc
     return centres, known
 
 
-def caption_slot_cells(caption: str, slots: int, scene: Scene, grid: int) -> torch.Tensor:
+def caption_slot_cells(
+    caption: str, slots: int, scene: Scene, grid: int, order: str = "scene"
+) -> torch.Tensor:
     """Which token of a grid x grid target holds slot k's object, (slots,) int64, or UNNAMED.
 
     The token is the patch holding the object's box centre: where `scene_object_labels` writes the object (the
-    shapes-object target names each object in that one token). Matched as `caption_slot_positions` does."""
+    shapes-object target names each object in that one token). Matched as `caption_slot_positions` does, the
+    scene's objects taken in `order` (SLOT_ORDERS)."""
     cells = torch.full((slots,), UNNAMED)
-    for k, match in _slot_objects(caption, slots, scene).items():
+    for k, match in _slot_objects(caption, slots, scene, order).items():
         row, col = box_centre_cell(match, scene.size, grid)
         cells[k] = row * grid + col
     return cells
 
 
-def _slot_objects(caption: str, slots: int, scene: Scene) -> dict:
-    """{slot k: the scene object the caption's k-th object is}, by first free match of shape and colour."""
+def _slot_objects(caption: str, slots: int, scene: Scene, order: str = "scene") -> dict:
+    """{slot k: the scene object the caption's k-th object is}, by first free match of shape and colour, the
+    scene's objects taken in `order` (SLOT_ORDERS): it decides which of several objects the caption names alike
+    each one is."""
+    if order not in SLOT_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(SLOT_ORDERS)}, got {order!r}")
     matched = {}
     free = list(scene.objects)
+    if order == "left_to_right":
+        free.sort(key=lambda o: o.center)  # (x, y): leftmost first, ties broken top to bottom
     for k, (name, color) in enumerate(caption_objects(caption)[: min(slots, len(scene.objects))]):
         match = next((o for o in free if o.shape == name and color in (None, o.color)), None)
         if match is not None:
@@ -192,7 +203,11 @@ class SlotLabelHead(nn.Module):
 
 
 def slot_binding_loss(
-    cross_attention: list[torch.Tensor], captions: list[str], scenes: list[Scene | None], keep: torch.Tensor
+    cross_attention: list[torch.Tensor],
+    captions: list[str],
+    scenes: list[Scene | None],
+    keep: torch.Tensor,
+    order: str = "scene",
 ) -> tuple[torch.Tensor, dict]:
     """Cross-entropy that the DiT's token holding the caption's k-th object reads slot k among the objects' slots.
 
@@ -200,7 +215,8 @@ def slot_binding_loss(
     keep (B,) bool: the rows whose condition was not dropped for guidance. Scored, per layer, on the head-mean
     weights of every object token in scenes where two or more of the caption's objects are matched
     (`caption_slot_cells`), the weights renormalised over those objects' slots only: the loss asks which object
-    a token reads, not how much it reads the condition at all. Returns the loss and the share of such tokens
+    a token reads, not how much it reads the condition at all. `order` (SLOT_ORDERS) says which of several
+    objects named alike is slot k's. Returns the loss and the share of such tokens
     whose largest weight is their own slot, in every layer (`slot_binding_acc`)."""
     if not cross_attention:
         raise ValueError("no cross-attention weights were recorded")
@@ -211,7 +227,7 @@ def slot_binding_loss(
     grid = math.isqrt(tokens)
     attention = torch.stack(cross_attention, dim=1).mean(dim=2)  # (B, layers, N, S)
     cells = torch.stack(
-        [caption_slot_cells(c, slots, s, grid) for c, s in zip(captions, scenes, strict=True)]
+        [caption_slot_cells(c, slots, s, grid, order) for c, s in zip(captions, scenes, strict=True)]
     )
     cells = cells.to(attention.device)  # (B, S)
     objects = cells != UNNAMED  # (B, S)

@@ -200,6 +200,7 @@ class StageModule(nn.Module):
         slot_relation_weight: float = 0.0,
         generated_pairs: str = "image",
         slot_binding_weight: float = 0.0,
+        slot_binding_order: str = "scene",
     ):
         super().__init__()
         self.model = model
@@ -214,6 +215,7 @@ class StageModule(nn.Module):
         self.generated_pairs = generated_pairs
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
         self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
+        self.slot_binding_order = slot_binding_order
         if (self.uses_slot_head or slot_binding_weight > 0) and model.dit.resampler is None:
             raise ValueError(
                 "slot_label_weight, slot_position_weight, slot_relation_weight and slot_binding_weight need "
@@ -319,7 +321,7 @@ class StageModule(nn.Module):
             if draws.drop_mask is not None:
                 keep = ~draws.drop_mask.bool()  # dropped rows read the null condition: nothing to bind
             binding_loss, binding_metrics = slot_binding_loss(
-                cross_attention, batch["captions"], scenes, keep
+                cross_attention, batch["captions"], scenes, keep, self.slot_binding_order
             )
             loss, metrics = loss + self.slot_binding_weight * binding_loss, {**metrics, **binding_metrics}
         if not self.uses_slot_head:
