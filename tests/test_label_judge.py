@@ -109,3 +109,23 @@ def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Pat
     save_untrained_tiny_model(tmp_path / "plain")
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "plain"), "--prompts", "6"])
+
+
+def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> None:
+    category = load_script(BENCH.with_name("token_category.py"))
+    record = next(r for r in load_eval_prompts() if r["tag"] == "counting" and r["include"][0]["count"] == 3)
+    scene = scene_for_prompt(record, np.random.default_rng(0), distractors=0)
+    exact = list(detect(render(scene)))
+    assert category.count_outcome(record, exact) == "pass"
+    assert category.count_outcome(record, exact[:2]) == "few"
+    assert category.count_outcome(record, exact + exact[:1]) == "many"
+    model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
+    fit_feature_statistics(model, [render(sample_scene(np.random.default_rng(0))) for _ in range(8)])
+    model.save_pretrained(tmp_path / "object")
+    result = category.main([str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1"])
+    counting = sum(r["tag"] == "counting" for r in load_eval_prompts())
+    assert result["samples"] == 2 * counting
+    assert sum(n for k, n in result["outcomes"].items() if k.startswith("want")) == result["samples"]
+    assert result["outcomes"].get("pass", 0) + result["outcomes"].get("fail", 0) == result["samples"]
+    with pytest.raises(SystemExit):
+        category.main([str(tmp_path / "object"), "--category", "nonsense"])

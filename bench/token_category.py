@@ -1,0 +1,92 @@
+"""One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
+
+    .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
+
+`bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
+category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
+over 300 samples reads 0.480 and 0.537). This samples every evaluation prompt of one category with seeds 0 ..
+N-1 (the DiT only, no pixel decoder: ~7 s per seed for counting's 15 prompts on 2 cores), reads the tokens with
+CLIP's label head as label_judge does and prints the pass rate; for counting, also how many of each wanted count
+hold too few or too many objects of the named shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+
+from blip3o.eval.geneval import score_detections
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.scene_supervision import object_label_detections
+from blip3o.world.prompts import load_eval_prompts
+from label_judge import read_targets  # bench/ is on sys.path when a bench script runs
+
+
+def count_outcome(record: dict, detections: list) -> str:
+    """A counting prompt's verdict: "pass", or why not: "few" / "many" objects of the named shape, or "other"
+    (the right count of it, failing another check)."""
+    if score_detections(record, detections)[0]:
+        return "pass"
+    want = record["include"][0]
+    found = sum(d.shape == want["class"] for d in detections)
+    return "few" if found < want["count"] else "many" if found > want["count"] else "other"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a saved model folder whose CLIP has an object label head")
+    parser.add_argument("--category", default="counting", help="a ShapesGenEval tag, e.g. counting, position")
+    parser.add_argument("--seeds", type=int, default=20, help="sampling seeds 0 .. N-1")
+    parser.add_argument("--cfg", type=float, default=3.0, help="DiT guidance scale")
+    parser.add_argument("--steps", type=int, help="DiT sampling steps (default: the model's)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    records = [r for r in load_eval_prompts() if r["tag"] == args.category]
+    if not records:
+        tags = sorted({r["tag"] for r in load_eval_prompts()})
+        parser.error(f"no evaluation prompt has category {args.category!r}; categories: {', '.join(tags)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    torch.set_num_threads(args.threads)
+    model = Blip3o.from_pretrained(args.model).eval()
+    clip = model.clip.config
+    if not clip.patch_label_weight or clip.patch_label_kind != "object":
+        parser.error(
+            f"{args.model}: its CLIP has no object label head (ClipConfig.patch_label_kind='object')"
+        )
+    outcomes: Counter = Counter()
+    prompts = [r["prompt"] for r in records]
+    with torch.no_grad():
+        for seed in range(args.seeds):
+            generator = torch.Generator().manual_seed(seed)
+            target = model.generate_target(prompts, steps=args.steps, cfg_scale=args.cfg, generator=generator)
+            for record, reading in zip(records, read_targets(model, target), strict=True):
+                detections = object_label_detections(reading)
+                if args.category == "counting":
+                    outcomes[
+                        f"want {record['include'][0]['count']}: {count_outcome(record, detections)}"
+                    ] += 1
+                outcomes["pass" if score_detections(record, detections)[0] else "fail"] += 1
+    samples = len(records) * args.seeds
+    result = {
+        "model": args.model,
+        "category": args.category,
+        "samples": samples,
+        "pass_rate": outcomes["pass"] / samples,
+        "outcomes": dict(sorted(outcomes.items())),
+    }
+    print(
+        f"{args.category}: {outcomes['pass']} of {samples} pass ({result['pass_rate']:.3f}), cfg {args.cfg:g}"
+    )
+    for key, n in result["outcomes"].items():
+        if key.startswith("want"):
+            print(f"  {key:16s} {n}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
