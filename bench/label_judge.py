@@ -123,6 +123,15 @@ def read_targets(model: Blip3o, target: torch.Tensor) -> torch.Tensor:
     return clip.patch_labels_from_tokens(raw)
 
 
+def load_label_model(path: str, parser: argparse.ArgumentParser) -> Blip3o:
+    """The saved model at `path`, in eval mode; a usage error when its CLIP has no object label head."""
+    model = Blip3o.from_pretrained(path).eval()
+    clip = model.clip.config
+    if not clip.patch_label_weight or clip.patch_label_kind != "object":
+        parser.error(f"{path}: its CLIP has no object label head (ClipConfig.patch_label_kind='object')")
+    return model
+
+
 @torch.no_grad()
 def read_images(model: Blip3o, images: list) -> torch.Tensor:
     """Real images -> the label head's (B, N, 19) reading of their CLIP tokens."""
@@ -144,12 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.grid and not args.pixels:
         parser.error("--grid needs --pixels")
     torch.set_num_threads(args.threads)
-    model = Blip3o.from_pretrained(args.model).eval()
-    clip = model.clip.config
-    if not clip.patch_label_weight or clip.patch_label_kind != "object":
-        parser.error(
-            f"{args.model}: its CLIP has no object label head (ClipConfig.patch_label_kind='object')"
-        )
+    model = load_label_model(args.model, parser)
     records = [r for _, r in balanced_subset(load_eval_prompts(), args.prompts)]
     rng = np.random.default_rng(args.seed)
     scenes = [scene_for_prompt(r, rng) for r in records]

@@ -19,10 +19,9 @@ from collections import Counter
 import torch
 
 from blip3o.eval.geneval import score_detections
-from blip3o.models.blip3o import Blip3o
 from blip3o.train.scene_supervision import object_label_detections
 from blip3o.world.prompts import load_eval_prompts
-from label_judge import read_targets  # bench/ is on sys.path when a bench script runs
+from label_judge import load_label_model, read_targets  # bench/ is on sys.path when a bench script runs
 
 
 def count_outcome(record: dict, detections: list) -> str:
@@ -51,12 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
-    model = Blip3o.from_pretrained(args.model).eval()
-    clip = model.clip.config
-    if not clip.patch_label_weight or clip.patch_label_kind != "object":
-        parser.error(
-            f"{args.model}: its CLIP has no object label head (ClipConfig.patch_label_kind='object')"
-        )
+    model = load_label_model(args.model, parser)
     outcomes: Counter = Counter()
     prompts = [r["prompt"] for r in records]
     with torch.no_grad():
