@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
             for record, reading in zip(records, read_targets(model, target), strict=True):
                 detections = object_label_detections(reading)
                 if args.category == "counting":
-                    outcomes[
-                        f"want {record['include'][0]['count']}: {count_outcome(record, detections)}"
-                    ] += 1
-                outcomes["pass" if score_detections(record, detections)[0] else "fail"] += 1
+                    outcome = count_outcome(record, detections)  # scores the prompt once, says why it fails
+                    outcomes[f"want {record['include'][0]['count']}: {outcome}"] += 1
+                    passed = outcome == "pass"
+                else:
+                    passed = score_detections(record, detections)[0]
+                outcomes["pass" if passed else "fail"] += 1
     samples = len(records) * args.seeds
     result = {
         "model": args.model,

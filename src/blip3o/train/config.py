@@ -176,14 +176,14 @@ class StageConfig:
                 raise ConfigError(
                     f"stage {self.name!r}: {key} applies to generation and instruct stages only"
                 )
-        if self.slot_binding_order != "scene" and not self.slot_binding_weight:
-            raise ConfigError(
-                f"stage {self.name!r}: slot_binding_order applies only with slot_binding_weight > 0"
-            )
         if self.slot_binding_order not in SLOT_ORDERS:
             raise ConfigError(
                 f"stage {self.name!r}: slot_binding_order must be one of {', '.join(SLOT_ORDERS)}, "
                 f"got {self.slot_binding_order!r}"
+            )
+        if self.slot_binding_order != "scene" and not self.slot_binding_weight:
+            raise ConfigError(
+                f"stage {self.name!r}: slot_binding_order applies only with slot_binding_weight > 0"
             )
         if not 0.0 <= self.generated_share <= 1.0:
             raise ConfigError(
