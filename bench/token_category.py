@@ -1,13 +1,15 @@
 """One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
 
-    .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
+    .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3] [--pixels]
 
 `bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
 category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
 over 300 samples reads 0.480 and 0.537). This samples every evaluation prompt of one category with seeds 0 ..
 N-1 (the DiT only, no pixel decoder: ~7 s per seed for counting's 15 prompts on 2 cores), reads the tokens with
 CLIP's label head as label_judge does and prints the pass rate; for counting, also how many of each wanted count
-hold too few or too many objects of the named shape.
+hold too few or too many objects of the named shape. With `--pixels` the model's decoder also draws the tokens
+(decoder seed = sampling seed) and the pixel judge scores the images the same way: how much of a token-level
+change survives the decoder (session 33: the decoder drops objects, so too many in the tokens can pass in pixels).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from blip3o.eval.geneval import score_detections
 from blip3o.train.scene_supervision import object_label_detections
+from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 from label_judge import load_label_model, read_targets  # bench/ is on sys.path when a bench script runs
 
@@ -34,6 +37,21 @@ def count_outcome(record: dict, detections: list) -> str:
     return "few" if found < want["count"] else "many" if found > want["count"] else "other"
 
 
+def tally(outcomes: Counter, category: str, record: dict, detections: list) -> None:
+    """Count one sample's verdict in `outcomes` ("pass" / "fail"; for counting also "want N: why")."""
+    if category == "counting":
+        outcome = count_outcome(record, detections)  # scores the prompt once, says why it fails
+        outcomes[f"want {record['include'][0]['count']}: {outcome}"] += 1
+        passed = outcome == "pass"
+    else:
+        passed = score_detections(record, detections)[0]
+    outcomes["pass" if passed else "fail"] += 1
+
+
+def summary(outcomes: Counter, samples: int) -> dict:
+    return {"pass_rate": outcomes["pass"] / samples, "outcomes": dict(sorted(outcomes.items()))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder whose CLIP has an object label head")
@@ -42,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cfg", type=float, default=3.0, help="DiT guidance scale")
     parser.add_argument("--steps", type=int, help="DiT sampling steps (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pixels", action="store_true", help="also judge the decoder's images of the tokens")
     args = parser.parse_args(argv)
     records = [r for r in load_eval_prompts() if r["tag"] == args.category]
     if not records:
@@ -52,34 +71,28 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     model = load_label_model(args.model, parser)
     outcomes: Counter = Counter()
+    pixel_outcomes: Counter = Counter()
     prompts = [r["prompt"] for r in records]
     with torch.no_grad():
         for seed in range(args.seeds):
             generator = torch.Generator().manual_seed(seed)
             target = model.generate_target(prompts, steps=args.steps, cfg_scale=args.cfg, generator=generator)
             for record, reading in zip(records, read_targets(model, target), strict=True):
-                detections = object_label_detections(reading)
-                if args.category == "counting":
-                    outcome = count_outcome(record, detections)  # scores the prompt once, says why it fails
-                    outcomes[f"want {record['include'][0]['count']}: {outcome}"] += 1
-                    passed = outcome == "pass"
-                else:
-                    passed = score_detections(record, detections)[0]
-                outcomes["pass" if passed else "fail"] += 1
+                tally(outcomes, args.category, record, object_label_detections(reading))
+            if args.pixels:
+                images = model.decode_target(target, generator=torch.Generator().manual_seed(seed))
+                for record, image in zip(records, images, strict=True):
+                    tally(pixel_outcomes, args.category, record, detect(image))
     samples = len(records) * args.seeds
-    result = {
-        "model": args.model,
-        "category": args.category,
-        "samples": samples,
-        "pass_rate": outcomes["pass"] / samples,
-        "outcomes": dict(sorted(outcomes.items())),
-    }
-    print(
-        f"{args.category}: {outcomes['pass']} of {samples} pass ({result['pass_rate']:.3f}), cfg {args.cfg:g}"
-    )
-    for key, n in result["outcomes"].items():
+    result = {"model": args.model, "category": args.category, "samples": samples, **summary(outcomes, samples)}
+    if args.pixels:
+        result["pixels"] = summary(pixel_outcomes, samples)
+    print(f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end="")
+    print(f", pixels pass {result['pixels']['pass_rate']:.3f}" if args.pixels else "")
+    for key in result["outcomes"]:
         if key.startswith("want"):
-            print(f"  {key:16s} {n}")
+            in_pixels = f"  pixels {pixel_outcomes[key]}" if args.pixels else ""
+            print(f"  {key:16s} tokens {outcomes[key]}{in_pixels}")
     print(json.dumps(result))
     return result
 

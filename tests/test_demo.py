@@ -56,6 +56,7 @@ def test_demo_writes_grid_report_and_summary(
     assert summary["model"] == str(model_dir) and summary["seed"] == 1
     assert summary["settings"]["steps"] == 2 and summary["settings"]["decoder_steps"] == 2
     assert summary["settings"]["cfg_scale"] == 3.0  # not given: the model's own, written as a number
+    assert summary["settings"]["cfg_sigma_range"] == [0.0, 1.0]  # and its guidance interval (all steps)
     gen, vqa = summary["geneval"], summary["vqa"]
     assert list(gen["categories"]) == list(CATEGORIES) and gen["images"] == gen["prompts"] == 16
     assert len(gen["items"]) == 16 and all(isinstance(i["correct"], bool) for i in gen["items"])

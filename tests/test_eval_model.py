@@ -109,6 +109,7 @@ def test_geneval_summary_is_mean_and_std_of_the_seeds(two_seeds: tuple[Path, str
         assert stats["mean"] == pytest.approx(np.mean(accs))
     assert summary["subset"] == {"prompts": 12, "of": len(load_eval_prompts())}
     assert summary["settings"]["batch_size"] == 16 and summary["settings"]["steps"] == 2
+    assert summary["settings"]["cfg_outside"] == 0.0  # the model's guidance interval is reported too
     # The printed table is the one written, and says that a subset was scored.
     table = (out / SUMMARY_TABLE_FILE).read_text()
     assert table.strip() in stdout and "SUBSET: 12 of 560 prompts" in table

@@ -122,10 +122,13 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
     model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
     fit_feature_statistics(model, [render(sample_scene(np.random.default_rng(0))) for _ in range(8)])
     model.save_pretrained(tmp_path / "object")
-    result = category.main([str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1"])
+    argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels"]
+    result = category.main(argv)
     counting = sum(r["tag"] == "counting" for r in load_eval_prompts())
     assert result["samples"] == 2 * counting
-    assert sum(n for k, n in result["outcomes"].items() if k.startswith("want")) == result["samples"]
-    assert result["outcomes"].get("pass", 0) + result["outcomes"].get("fail", 0) == result["samples"]
+    for judged in (result, result["pixels"]):  # the tokens' verdicts, then the decoded images'
+        assert sum(n for k, n in judged["outcomes"].items() if k.startswith("want")) == result["samples"]
+        assert judged["outcomes"].get("pass", 0) + judged["outcomes"].get("fail", 0) == result["samples"]
+        assert judged["pass_rate"] == judged["outcomes"].get("pass", 0) / result["samples"]
     with pytest.raises(SystemExit):
         category.main([str(tmp_path / "object"), "--category", "nonsense"])

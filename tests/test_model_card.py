@@ -49,6 +49,16 @@ def test_model_section_says_when_the_dit_reads_resampler_slots() -> None:
     assert "Its condition is the prompt's last 8 word embeddings and the query states." in line
 
 
+def test_model_section_names_a_guidance_interval_only_when_there_is_one() -> None:
+    def dit_line(model: dict) -> str:
+        return next(line for line in _model_section(model) if line.startswith("- DiT"))
+
+    model = preset("shapes-object").model.to_dict()
+    assert "guidance" not in dit_line(model)  # guided at every step: nothing to say
+    model["flow"].update(cfg_sigma_max=0.7, cfg_outside=0.5)
+    assert "sampled with guidance 3 while the noise level is in [0, 0.7] and 2 elsewhere" in dit_line(model)
+
+
 def _fact(name: str, source: str | None = None, resumed_at: int = 0) -> dict:
     reused = (
         {"source": source, "tool": "tools/reuse_backbone.py", "log": "copied from c.csv"} if source else None

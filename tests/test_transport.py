@@ -26,6 +26,7 @@ from blip3o.transport import (
     build_objective,
     drop_condition,
     flow_matching_loss,
+    guidance_weight,
     initial_noise,
     interpolate,
     noise_level_from_uniform,
@@ -129,7 +130,16 @@ def test_schedule_shape_and_endpoints() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_train_timesteps": 0}, {"shift": 0.0}, {"cfg_dropout": 1.5}, {"sample_steps": 0}],
+    [
+        {"num_train_timesteps": 0},
+        {"shift": 0.0},
+        {"cfg_dropout": 1.5},
+        {"sample_steps": 0},
+        {"cfg_sigma_min": 0.6, "cfg_sigma_max": 0.4},
+        {"cfg_sigma_max": 1.5},
+        {"cfg_sigma_min": -0.1},
+        {"cfg_outside": 1.5},
+    ],
 )
 def test_config_rejects_invalid_values(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -421,6 +431,29 @@ def test_cfg_scale_one_and_missing_condition_skip_the_unconditional_branch() -> 
     no_condition = sample_euler(field, noise, None, steps=1)  # default cfg_scale 3, but nothing to guide
     assert no_condition.tolist() == [[9.0, 19.0]]
     assert field.calls[-1][2] is None and field.calls[-1][0].shape == (1, 2)
+
+
+def test_guidance_weight_inside_and_outside_the_interval() -> None:
+    everywhere = FlowMatchingConfig()
+    assert [guidance_weight(s, 3.0, everywhere) for s in (1.0, 0.5, 0.0)] == [3.0, 3.0, 3.0]
+    interval = FlowMatchingConfig(cfg_sigma_min=0.2, cfg_sigma_max=0.7)
+    # Inside (bounds included) the full weight; outside the conditional velocity alone (weight 1).
+    assert [guidance_weight(s, 3.0, interval) for s in (0.9, 0.7, 0.2, 0.1)] == [1.0, 3.0, 3.0, 1.0]
+    half = FlowMatchingConfig(cfg_sigma_max=0.7, cfg_outside=0.5)
+    assert guidance_weight(0.9, 3.0, half) == 2.0  # 1 + 0.5 (3 - 1)
+    assert guidance_weight(0.9, 1.0, half) == 1.0  # no guidance asked, none anywhere
+
+
+def test_euler_guides_only_inside_the_interval() -> None:
+    # v = 1 + (sum of the sample's condition): unconditional 1, conditional 3; two steps at sigma 1 and 0.5.
+    field = RecordingField(lambda x, t, c: torch.ones_like(x) + c.sum(dim=(1, 2)).view(-1, 1))
+    noise = torch.tensor([[10.0, 20.0]])
+    condition = torch.tensor([[[0.5, 1.5]]])  # (1, 1, 2), sum 2
+    interval = FlowMatchingConfig(cfg_sigma_max=0.6)
+    x0_hat = sample_euler(field, noise, condition, interval, steps=2, cfg_scale=3.0)
+    # Step 1 (sigma 1 -> 0.5, outside): v = v_c = 3, one branch; step 2 (0.5 -> 0, inside): v = 1 + 3 (3 - 1) = 7.
+    assert x0_hat.tolist() == [[10.0 - 0.5 * 3 - 0.5 * 7, 20.0 - 0.5 * 3 - 0.5 * 7]]
+    assert [call[0].shape[0] for call in field.calls] == [1, 2]  # the unconditional branch only when guided
 
 
 def test_sampler_callback_sees_every_step() -> None:

@@ -91,6 +91,7 @@ def sampling_settings(
         "objective": model.config.objective,
         "steps": flow.sample_steps if steps is None else steps,
         "cfg_scale": flow.cfg_scale if cfg_scale is None else cfg_scale,
+        **flow.guidance_interval(),
         "decoder_steps": decoder.sample_steps if decoder_steps is None else decoder_steps,
         "decoder_cfg_scale": decoder.cfg_scale,
     }

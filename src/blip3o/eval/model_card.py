@@ -167,6 +167,14 @@ def _model_section(model: dict) -> list[str]:
         )
     clip_line = "- CLIP: trained here, contrastive" + (f"; auxiliary: {'; '.join(aux)}." if aux else ".")
     objective = model.get("objective", "flow_matching").replace("_", " ")
+    flow = model.get("flow", {})
+    low, high = flow.get("cfg_sigma_min", 0.0), flow.get("cfg_sigma_max", 1.0)  # absent before session 34
+    if model.get("objective", "flow_matching") == "flow_matching" and (low, high) != (0.0, 1.0):
+        outside = 1 + flow.get("cfg_outside", 0.0) * (flow.get("cfg_scale", 3.0) - 1)
+        objective += (
+            f", sampled with guidance {flow.get('cfg_scale', 3.0):g} while the noise level is in [{low:g}, {high:g}]"
+            f" and {outside:g} elsewhere"
+        )
     unet_channels = ", ".join(map(str, dec["block_out_channels"]))
     slots = dit.get("condition_slots", 0)  # absent in configs saved before the resampler existed
     words = bb.get("condition_word_tokens", 0)  # absent in configs saved before session 29

@@ -232,7 +232,12 @@ def geneval_with_model(
         "prompts": len(prompts),
         "images_per_seed": n_images,
         "images_per_prompt_cap": images_per_prompt,
-        "settings": {**sampling, "batch_size": batch_size, "device": str(model.device)},
+        "settings": {
+            **sampling,
+            **model.config.flow.guidance_interval(),
+            "batch_size": batch_size,
+            "device": str(model.device),
+        },
         **aggregate_seeds(per_seed),
         "timing": timing,
     }
