@@ -84,10 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
                 for record, image in zip(records, images, strict=True):
                     tally(pixel_outcomes, args.category, record, detect(image))
     samples = len(records) * args.seeds
-    result = {"model": args.model, "category": args.category, "samples": samples, **summary(outcomes, samples)}
+    result = {
+        "model": args.model,
+        "category": args.category,
+        "samples": samples,
+        **summary(outcomes, samples),
+    }
     if args.pixels:
         result["pixels"] = summary(pixel_outcomes, samples)
-    print(f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end="")
+    print(
+        f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end=""
+    )
     print(f", pixels pass {result['pixels']['pass_rate']:.3f}" if args.pixels else "")
     for key in result["outcomes"]:
         if key.startswith("want"):
