@@ -106,8 +106,13 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     assert instruct_renders_phrase(config) == (
         "4 renders each; 12 in stage `relation` for those naming two kinds of object and no colour"
     )
+    config["stages"][-1]["counting_renders"] = 8
+    assert instruct_renders_phrase(config) == (
+        "4 renders each; 12 in stage `relation` for those naming two kinds of object and no colour"
+        "; 8 in stage `relation` for counting prompts"
+    )
     for stage in config["stages"]:
-        del stage["colourless_pair_renders"]  # a config saved before the field existed
+        del stage["colourless_pair_renders"], stage["counting_renders"]  # a config saved before the fields
     assert instruct_renders_phrase(config) == "4 renders each"
     # Sessions 30-31 saved it as a data field, read by every instruct stage.
     config["data"]["instruct_colourless_pair_renders"] = 12

@@ -374,3 +374,21 @@ def test_instruct_examples_render_colourless_pairs_more_often(monkeypatch) -> No
         "instruct": 0,
         "relation": 12,
     }
+
+
+def test_instruct_examples_render_counting_prompts_more_often(monkeypatch) -> None:
+    prompts = load_train_prompts()
+    picked = [next(r for r in prompts if r["tag"] == tag) for tag in ("counting", "position", "colors")]
+    monkeypatch.setattr("blip3o.train.data.load_train_prompts", lambda: picked)
+    weighted = instruct_examples(0, 2, counting_renders=6)
+    assert Counter(e.long_caption for e in weighted) == Counter(
+        {r["prompt"]: 6 if r["tag"] == "counting" else 2 for r in picked}
+    )
+    want = picked[0]["include"][0]
+    # Every render holds exactly the count asked for (no distractors): more data, not other data.
+    counting = [e for e in weighted if e.long_caption == picked[0]["prompt"]]
+    assert all(sum(o.shape == want["class"] for o in e.scene.objects) == want["count"] for e in counting)
+    with pytest.raises(ConfigError, match="counting_renders must be >= 0"):
+        StageConfig("relation", "instruct", 10, 4, counting_renders=-1)
+    with pytest.raises(ConfigError, match="counting_renders applies to instruct stages only"):
+        StageConfig("generation", "generation", 10, 4, counting_renders=12)

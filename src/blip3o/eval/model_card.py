@@ -261,17 +261,22 @@ def reuse_source_numbers(facts: list[dict]) -> dict[tuple[str, str], int]:
 
 def instruct_renders_phrase(config: dict) -> str:
     """How often stage 3 renders each training prompt: data.instruct_renders, and each instruct stage's
-    colourless-pair count (absent before session 30)."""
+    colourless-pair and counting counts (absent before sessions 30 and 34)."""
     config = migrate_saved_config(config)
     phrase = f"{config['data']['instruct_renders']} renders each"
-    counts: dict[int, list[str]] = {}
-    for stage in config["stages"]:
-        count = stage.get("colourless_pair_renders", 0)
-        if count:
-            counts.setdefault(count, []).append(f"`{stage['name']}`")
-    for count, names in counts.items():
-        where = f"stage{'s' if len(names) > 1 else ''} {', '.join(names)}"
-        phrase += f"; {count} in {where} for those naming two kinds of object and no colour"
+    kinds = {
+        "colourless_pair_renders": "those naming two kinds of object and no colour",
+        "counting_renders": "counting prompts",
+    }
+    for key, which in kinds.items():
+        counts: dict[int, list[str]] = {}
+        for stage in config["stages"]:
+            count = stage.get(key, 0)
+            if count:
+                counts.setdefault(count, []).append(f"`{stage['name']}`")
+        for count, names in counts.items():
+            where = f"stage{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            phrase += f"; {count} in {where} for {which}"
     return phrase
 
 

@@ -71,17 +71,24 @@ def ensure_shards(
 
 
 def instruct_examples(
-    seed: int, renders_per_prompt: int, max_prompts: int | None = None, colourless_pair_renders: int = 0
+    seed: int,
+    renders_per_prompt: int,
+    max_prompts: int | None = None,
+    colourless_pair_renders: int = 0,
+    counting_renders: int = 0,
 ) -> list[Example]:
     """Stage-3 data: every GenEval-style training prompt rendered `renders_per_prompt` times, with scenes that
     hold exactly what the prompt asks for (no distractors). Disjoint from the evaluation prompts. A prompt naming
-    two kinds of object and no colour is rendered `colourless_pair_renders` times instead, when that is > 0."""
+    two kinds of object and no colour is rendered `colourless_pair_renders` times instead, a counting prompt
+    `counting_renders` times, each when that is > 0."""
     records = load_train_prompts()[:max_prompts]
     out = []
     for i, record in enumerate(records):
         renders = renders_per_prompt
         if colourless_pair_renders and is_colourless_pair(record):
             renders = colourless_pair_renders
+        if counting_renders and record["tag"] == "counting":
+            renders = counting_renders
         for k in range(renders):
             scene = scene_for_prompt(record, np.random.default_rng([seed, i, k]), distractors=0)
             out.append(Example(render(scene), record["prompt"], record["prompt"], [], scene))

@@ -261,6 +261,7 @@ def train_stage(
             config.data.instruct_renders,
             config.data.instruct_max_prompts or None,
             stage.colourless_pair_renders,
+            stage.counting_renders,
         )
     set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
