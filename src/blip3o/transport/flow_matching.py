@@ -372,6 +372,8 @@ def sample_euler(
         network_timesteps = (sigmas[:-1] * cfg.timestep_scale).long()  # (k,) as sampling_schedule casts
     x = noise.to(torch.float32)  # (B, ...)
     batch = x.shape[0]
+    # Each step's guidance weight, read off the grid once (no device sync inside the loop).
+    weights = [guidance_weight(sigma, cfg_scale, cfg) for sigma in sigmas[:-1].tolist()]
 
     step_indices = range(len(network_timesteps))
     if progress:
@@ -380,8 +382,7 @@ def sample_euler(
         step_indices = tqdm(step_indices, desc="euler", leave=False)
     for k in step_indices:
         timestep = network_timesteps[k].expand(batch)  # (B,) int64
-        weight = guidance_weight(float(sigmas[k]), cfg_scale, cfg)
-        velocity = guided_velocity(velocity_fn, x, timestep, condition, weight)  # (B, ...)
+        velocity = guided_velocity(velocity_fn, x, timestep, condition, weights[k])  # (B, ...)
         # The step is negative (sigma decreases); the difference is taken in float32 like the scheduler.
         x = x + (sigmas[k + 1] - sigmas[k]) * velocity.to(torch.float32)
         if callback is not None:
