@@ -22,6 +22,7 @@ from PIL import Image
 from blip3o.eval.curves import plot, read_run, write_csv
 from blip3o.models.vae import VaeConfig
 from blip3o.train.config import ConfigError, RunConfig, migrate_saved_config, overrides_from_preset
+from blip3o.transport.flow_matching import FlowMatchingConfig
 from blip3o.viz import image_grid
 from blip3o.world.prompts import CATEGORIES
 
@@ -166,14 +167,14 @@ def _model_section(model: dict) -> list[str]:
             f"finer coverage values (weight {clip['patch_label_weight']})"
         )
     clip_line = "- CLIP: trained here, contrastive" + (f"; auxiliary: {'; '.join(aux)}." if aux else ".")
-    objective = model.get("objective", "flow_matching").replace("_", " ")
-    flow = model.get("flow", {})
-    low, high = flow.get("cfg_sigma_min", 0.0), flow.get("cfg_sigma_max", 1.0)  # absent before session 34
-    if model.get("objective", "flow_matching") == "flow_matching" and (low, high) != (0.0, 1.0):
-        outside = 1 + flow.get("cfg_outside", 0.0) * (flow.get("cfg_scale", 3.0) - 1)
+    objective_name = model.get("objective", "flow_matching")
+    objective = objective_name.replace("_", " ")
+    flow = FlowMatchingConfig(**model.get("flow", {}))  # the interval's fields are absent before session 34
+    interval = (flow.cfg_sigma_min, flow.cfg_sigma_max)
+    if objective_name == "flow_matching" and interval != (0.0, 1.0):
         objective += (
-            f", sampled with guidance {flow.get('cfg_scale', 3.0):g} while the noise level is in [{low:g}, {high:g}]"
-            f" and {outside:g} elsewhere"
+            f", sampled with guidance {flow.cfg_scale:g} while the noise level is in [{interval[0]:g}, "
+            f"{interval[1]:g}] and {flow.outside_weight(flow.cfg_scale):g} elsewhere"
         )
     unet_channels = ", ".join(map(str, dec["block_out_channels"]))
     slots = dit.get("condition_slots", 0)  # absent in configs saved before the resampler existed

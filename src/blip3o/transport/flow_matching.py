@@ -71,6 +71,10 @@ class FlowMatchingConfig:
         if not 0.0 <= self.cfg_outside <= 1.0:
             raise ValueError(f"cfg_outside must be in [0, 1], got {self.cfg_outside}")
 
+    def outside_weight(self, cfg_scale: float) -> float:
+        """The guidance weight outside the interval: ``1 + cfg_outside (cfg_scale - 1)``."""
+        return 1.0 + self.cfg_outside * (cfg_scale - 1.0)
+
     def guidance_interval(self) -> dict:
         """The guidance interval as a report writes it next to the sampler's other settings."""
         return {"cfg_sigma_range": [self.cfg_sigma_min, self.cfg_sigma_max], "cfg_outside": self.cfg_outside}
@@ -332,7 +336,7 @@ def guidance_weight(sigma: float, cfg_scale: float, cfg: FlowMatchingConfig) -> 
     step."""
     if cfg.cfg_sigma_min <= sigma <= cfg.cfg_sigma_max:
         return cfg_scale
-    return 1.0 + cfg.cfg_outside * (cfg_scale - 1.0)
+    return cfg.outside_weight(cfg_scale)
 
 
 @torch.no_grad()
