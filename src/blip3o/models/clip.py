@@ -442,16 +442,18 @@ class ClipEncoder(nn.Module):
         loss = sum(per_patch[side].sum() / side.sum().clamp(min=1) for side in (holds, ~holds))
         return self.config.patch_label_weight * loss
 
-    @torch.no_grad()
     def patch_labels_from_tokens(self, patches: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) patch tokens (B, g*g, D) -> the label head's (B, g*g, L) reading: each class group
         as probabilities, then the regressed values. Reads generated targets too (`target_to_features` and
         `denormalize_features` first)."""
         if self.label_head is None:
             raise ValueError("this encoder has no patch-label head (ClipConfig.patch_label_weight is 0)")
-        read = self.label_head(patches)  # (B, g*g, L)
+        # Differentiable (the count loss, train/count_supervision.py, trains the DiT through it); readers that
+        # only look call it under torch.no_grad.
+        logits = self.label_head(patches)  # (B, g*g, L)
+        read = logits.clone()
         for group in self.config.patch_label_group_slices:
-            read[..., group] = read[..., group].softmax(-1)
+            read[..., group] = logits[..., group].softmax(-1)
         return read  # (B, g*g, L)
 
     def _reconstruction_loss(self, patches: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,9 @@ class StageConfig:
     # These prompts are 165 of the 1,720 (7% of the renders) and counting is the weakest category; the DiT
     # draws too many objects of the named shape (bench/token_category.py, session 33).
     counting_renders: int = 0
+    # instruct stages: weight of the count loss on the guided clean-target estimate (train/count_supervision.py;
+    # needs CLIP's object label head)
+    count_weight: float = 0.0
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -203,6 +206,10 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: generated_max_sigma must be in (0, 1], got {self.generated_max_sigma}"
             )
+        if self.count_weight < 0:
+            raise ConfigError(f"stage {self.name!r}: count_weight must be >= 0, got {self.count_weight}")
+        if self.count_weight and self.kind != "instruct":
+            raise ConfigError(f"stage {self.name!r}: count_weight applies to instruct stages only")
         for name in ("colourless_pair_renders", "counting_renders"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name!r}: {name} must be >= 0")

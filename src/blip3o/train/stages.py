@@ -21,6 +21,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
+from blip3o.train.count_supervision import guided_count_loss
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
@@ -201,6 +202,7 @@ class StageModule(nn.Module):
         generated_pairs: str = "image",
         slot_binding_weight: float = 0.0,
         slot_binding_order: str = "scene",
+        count_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -216,6 +218,12 @@ class StageModule(nn.Module):
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
         self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
         self.slot_binding_order = slot_binding_order
+        self.count_weight = count_weight
+        clip = getattr(model, "clip", None)
+        if count_weight > 0 and (
+            clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
+        ):
+            raise ValueError("count_weight needs a CLIP target with the object label head (patch_label_kind)")
         if (self.uses_slot_head or slot_binding_weight > 0) and model.dit.resampler is None:
             raise ValueError(
                 "slot_label_weight, slot_position_weight, slot_relation_weight and slot_binding_weight need "
@@ -292,18 +300,20 @@ class StageModule(nn.Module):
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, L, H): word tokens (if any), then query states
         cross_attention = [] if self.slot_binding_weight > 0 else None  # filled by the DiT, layer by layer
+        live = {}  # the conditional velocity with its graph, for the count loss (aux holds it detached)
+
+        def velocity(x, t, c):
+            live["v"] = m.dit(x, t, c, cross_attention)  # like x
+            return live["v"]
+
         if m.config.objective == "flow_matching":
             draws = per_sample_draws(x0, cond, batch["seeds"], m.config.flow)
-            gen_loss, _ = flow_matching_loss(
-                lambda x, t, c: m.dit(x, t, c, cross_attention),
-                x0,
-                cond.float(),
-                cfg=m.config.flow,
-                draws=draws,
+            gen_loss, flow_aux = flow_matching_loss(
+                velocity, x0, cond.float(), cfg=m.config.flow, draws=draws
             )
         else:
-            if cross_attention is not None:
-                raise ValueError("slot_binding_weight needs the flow-matching objective")
+            if cross_attention is not None or self.count_weight > 0:
+                raise ValueError("slot_binding_weight and count_weight need the flow-matching objective")
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
         if kind == "joint":
             und_loss = m.backbone.understanding_loss(
@@ -311,11 +321,21 @@ class StageModule(nn.Module):
             )
             loss = gen_loss + self.understanding_weight * und_loss
             return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
-        if not self.uses_slot_head and cross_attention is None:
+        if not self.uses_slot_head and cross_attention is None and not self.count_weight:
             return gen_loss, {}
         # The scaffolding losses of generation and instruct stages (StageConfig forbids them elsewhere).
         loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
         scenes = batch.get("scenes") or [None] * len(batch["captions"])
+        if self.count_weight > 0:
+            keep = torch.tensor([scene is not None for scene in scenes])  # (B,)
+            if draws.drop_mask is not None:
+                keep &= ~draws.drop_mask.bool()  # dropped rows read the null condition: no count asked
+            counts = torch.tensor([len(scene.objects) if scene else 0 for scene in scenes], device=m.device)
+            count_loss, count_metrics = guided_count_loss(
+                m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
+                counts, keep.to(m.device), m.config.flow.cfg_scale,
+            )  # fmt: skip
+            loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
         if cross_attention is not None:
             keep = torch.ones(len(batch["captions"]), dtype=torch.bool)
             if draws.drop_mask is not None:

@@ -1,0 +1,63 @@
+"""Instruct stages' count loss: the guided sample's estimate of the clean target holds as many objects as the
+scene.
+
+Why: on the object-centric target (`ClipConfig.patch_label_kind = "object"`) a sample holds one object per token,
+and the bundled DiT's counting failures are mostly extra objects that guidance adds (bench/token_category.py,
+CFG 2 / 3 / 5: 91 / 137 / 196 too many in 300; docs/bench/object_target.txt, sessions 33-34). The flow loss
+trains only the conditional branch; nothing sees what guidance makes of it. This loss does: at the batch's own
+noise levels it forms the guided velocity ``v_u + w (v_c - v_u)`` at the sampler's scale w (the unconditional
+branch without gradient), the clean-target estimate ``x_t - sigma v`` it implies, and reads that with CLIP's
+frozen label head. The expected number of objects (the sum over tokens of one minus the "none" shape
+probability) is pulled towards the scene's count, as an absolute error. The count is position-free, so it is
+well posed at high noise too, where the layout (and with it the count) is decided.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from blip3o.models.clip import grid_to_tokens
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
+
+
+def expected_object_count(readings: Tensor) -> Tensor:
+    """(B, N, 19) label-head readings (class groups as probabilities) -> (B,) expected number of objects."""
+    no_object = readings[..., PATCH_LABEL_GROUPS[0] - 1]  # (B, N): the "none" shape's probability
+    return (1.0 - no_object).sum(dim=-1)
+
+
+def count_error(readings: Tensor, counts: Tensor, keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean |expected count - count| over the kept rows (0 when none is kept), and its signed mean as a metric.
+
+    readings (B, N, 19); counts (B,) objects in each scene; keep (B,) bool: rows whose condition was not dropped
+    and whose scene is known."""
+    expected = expected_object_count(readings)  # (B,)
+    difference = (expected - counts.to(expected)) * keep.to(expected)  # (B,)
+    kept = keep.sum().clamp(min=1)
+    loss = difference.abs().sum() / kept
+    return loss, {"count_error": loss.detach(), "count_bias": (difference.sum() / kept).detach()}
+
+
+def guided_count_loss(
+    model,
+    x_t: Tensor,
+    sigma: Tensor,
+    timestep: Tensor,
+    v_cond: Tensor,
+    condition: Tensor,
+    counts: Tensor,
+    keep: Tensor,
+    cfg_scale: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The count loss of one flow-matching batch (see the module docstring).
+
+    x_t, v_cond (B, C, g, g): the noised targets and the DiT's conditional velocity (with its graph);
+    sigma, timestep (B,); condition (B, L, H); counts, keep (B,)."""
+    with torch.no_grad():
+        v_uncond = model.dit(x_t, timestep, torch.zeros_like(condition))  # (B, C, g, g)
+    guided = v_uncond + cfg_scale * (v_cond.float() - v_uncond.float())  # (B, C, g, g)
+    estimate = x_t.float() - sigma.view(-1, 1, 1, 1) * guided  # (B, C, g, g): x0 = x_t - sigma v
+    clip = model.clip
+    raw = clip.denormalize_features(clip.target_to_features(grid_to_tokens(estimate)))  # (B, N, D)
+    return count_error(clip.patch_labels_from_tokens(raw), counts, keep)

@@ -1,0 +1,106 @@
+"""The count loss: the guided clean-target estimate, read by CLIP's label head, holds the scene's object count."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.config import ConfigError, StageConfig, preset
+from blip3o.train.count_supervision import count_error, expected_object_count, guided_count_loss
+from blip3o.train.data import instruct_examples, make_batch
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
+from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from conftest import object_label_model_config
+
+NONE = PATCH_LABEL_GROUPS[0] - 1  # the "none" shape's channel
+
+
+def _readings(objectness: list[list[float]]) -> torch.Tensor:
+    """(B, N, 19) readings whose shape group is (objectness on "circle", 1 - objectness on "none")."""
+    p = torch.tensor(objectness)  # (B, N)
+    readings = torch.zeros(*p.shape, 19)
+    readings[..., 0], readings[..., NONE] = p, 1.0 - p
+    return readings
+
+
+def test_expected_count_sums_objectness_over_tokens() -> None:
+    readings = _readings([[1.0, 0.0, 1.0, 0.0], [0.5, 0.25, 0.0, 0.0]])
+    torch.testing.assert_close(expected_object_count(readings), torch.tensor([2.0, 0.75]))
+
+
+def test_count_error_is_the_mean_absolute_error_over_kept_rows() -> None:
+    readings = _readings([[1.0, 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    counts = torch.tensor([2, 1, 0])
+    loss, metrics = count_error(readings, counts, torch.tensor([True, True, False]))
+    torch.testing.assert_close(loss, torch.tensor((1.0 + 0.5) / 2))  # the third row is not kept
+    torch.testing.assert_close(metrics["count_bias"], torch.tensor((1.0 - 0.5) / 2))
+    exact, _ = count_error(readings, torch.tensor([3, 1, 4]), torch.tensor([True, False, True]))
+    assert exact.item() == 0.0
+    nothing, _ = count_error(readings, counts, torch.zeros(3, dtype=torch.bool))
+    assert nothing.item() == 0.0
+
+
+def _object_model() -> Blip3o:
+    base = preset("tiny-test")
+    config = object_label_model_config(base.model)
+    return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
+
+
+def test_guided_estimate_is_read_at_the_samplers_scale_and_only_the_conditional_branch_learns() -> None:
+    torch.manual_seed(0)
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    x0 = torch.randn(4, *model.config.target_shape)  # (B, 19, g, g)
+    noise, sigma = torch.randn_like(x0), torch.tensor([0.2, 0.5, 0.8, 1.0])
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+    timestep = 1000 * sigma
+    condition = model.condition([e.long_caption for e in examples]).float()  # (B, L, H)
+    v_cond = model.dit(x_t, timestep, condition).detach().requires_grad_(True)
+    counts, keep = torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.bool)
+    loss, metrics = guided_count_loss(model, x_t, sigma, timestep, v_cond, condition, counts, keep, 3.0)
+    # By hand: the guided velocity, its clean estimate, CLIP's reading of it.
+    with torch.no_grad():
+        v_uncond = model.dit(x_t, timestep, torch.zeros_like(condition))
+    estimate = x_t - sigma.view(-1, 1, 1, 1) * (v_uncond + 3.0 * (v_cond - v_uncond))
+    tokens = estimate.flatten(2).transpose(1, 2)  # (B, g*g, 19)
+    clip = model.clip
+    readings = clip.patch_labels_from_tokens(clip.denormalize_features(clip.target_to_features(tokens)))
+    expected, _ = count_error(readings, counts, keep)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["count_error"] == loss.detach()
+    loss.backward()
+    assert v_cond.grad is not None and v_cond.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.dit.parameters())  # the null branch runs without a graph
+
+
+def test_instruct_step_with_the_count_loss() -> None:
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    module = StageModule(model, "instruct", count_weight=1.0)
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = module(batch)
+    assert {"gen_loss", "count_error", "count_bias"} <= set(metrics)
+    torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + metrics["count_error"])
+    loss.backward()
+    with_count = [p.grad.clone() for p in model.dit.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    StageModule(model, "instruct")(batch)[0].backward()  # the same draws, the flow loss alone
+    flow_only = [p.grad for p in model.dit.parameters() if p.grad is not None]
+    assert len(with_count) == len(flow_only)
+    assert any(not torch.allclose(a, b) for a, b in zip(with_count, flow_only, strict=True))
+
+
+def test_count_weight_checks() -> None:
+    with pytest.raises(ConfigError, match="count_weight"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, count_weight=1.0)
+    with pytest.raises(ConfigError, match="count_weight"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, count_weight=-1.0)
+    model = Blip3o.from_config(preset("tiny-test").model, seed=0)  # CLIP without the object label head
+    with pytest.raises(ValueError, match="object label head"):
+        StageModule(model, "instruct", count_weight=1.0)
