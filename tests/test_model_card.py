@@ -104,12 +104,12 @@ def test_wall_time_sentence_says_when_no_stage_was_trained_by_the_run() -> None:
 def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     config = preset("shapes-object").to_dict()
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stage `relation` for those naming two kinds of object and no colour"
+        "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
     )
     config["stages"][-1]["counting_renders"] = 8
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stage `relation` for those naming two kinds of object and no colour"
-        "; 8 in stage `relation` for counting prompts"
+        "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
+        "; 8 in stage `count` for counting prompts"
     )
     for stage in config["stages"]:
         del stage["colourless_pair_renders"], stage["counting_renders"]  # a config saved before the fields
@@ -117,7 +117,8 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     # Sessions 30-31 saved it as a data field, read by every instruct stage.
     config["data"]["instruct_colourless_pair_renders"] = 12
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stages `instruct`, `relation` for those naming two kinds of object and no colour"
+        "4 renders each; 12 in stages `instruct`, `relation`, `count` for those naming two kinds of object and "
+        "no colour"
     )
 
 

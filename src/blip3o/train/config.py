@@ -556,8 +556,8 @@ def _shapes_object() -> RunConfig:
     tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
     the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
     with refine, 0.324-0.333 against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage
-    only fit real targets more closely. That puts the recipe at an estimated ~240 min of training with the last
-    `relation` stage (~28 min; below), over the 120 minutes `shapes` fits in.
+    only fit real targets more closely. That puts the recipe at an estimated ~265 min of training with the last
+    `relation` and `count` stages (~36 and ~22 min; below), over the 120 minutes `shapes` fits in.
     Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired
     with the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
     batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52
@@ -584,7 +584,14 @@ def _shapes_object() -> RunConfig:
                            log_every=50, ckpt_every=500, sample_every=500, ema_decay=0.999,
                            slot_label_weight=1.0, slot_relation_weight=0.3,
                            colourless_pair_renders=12, slot_binding_weight=0.3)  # fmt: skip
-    config = dataclasses.replace(config, stages=(*config.stages, refine, relation))
+    # A last `count` stage: the relation stage's settings for 2,000 more steps with the count loss at weight 0.1
+    # (session 35, train/count_supervision.py: the guided clean-target estimate holds the scene's object count;
+    # the bundle's DiT over-counted by about one object there). bench/token_category.py --pixels, CFG 3, tokens /
+    # pixels, against the model before it: counting 0.523 / 0.450 against 0.480 / 0.397 (300 samples), position
+    # 0.685 / 0.640 against 0.632 / 0.573 (400), two_object 0.735 / 0.645 against 0.765 / 0.670 (200); on the
+    # full pipeline ShapesGenEval 0.696 ± 0.002 -> 0.718 ± 0.006, every seed higher (docs/bench/object_target.txt).
+    count = dataclasses.replace(relation, name="count", steps=2000, count_weight=0.1)
+    config = dataclasses.replace(config, stages=(*config.stages, refine, relation, count))
     return apply_overrides(
         config,
         [
