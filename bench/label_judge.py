@@ -118,9 +118,7 @@ def head_accuracy(read: torch.Tensor, truth: torch.Tensor) -> dict:
 @torch.no_grad()
 def read_targets(model: Blip3o, target: torch.Tensor) -> torch.Tensor:
     """(B, C, g, g) DiT targets -> the label head's (B, N, 19) reading of the CLIP features they map back to."""
-    clip = model.clip
-    raw = clip.denormalize_features(clip.target_to_features(grid_to_tokens(target.float())))  # (B, N, D)
-    return clip.patch_labels_from_tokens(raw)
+    return model.clip.patch_labels_from_target(grid_to_tokens(target.float()))
 
 
 def load_label_model(path: str, parser: argparse.ArgumentParser) -> Blip3o:

@@ -456,6 +456,12 @@ class ClipEncoder(nn.Module):
             read[..., group] = logits[..., group].softmax(-1)
         return read  # (B, g*g, L)
 
+    def patch_labels_from_target(self, target_tokens: torch.Tensor) -> torch.Tensor:
+        """What the DiT generates, as tokens (B, g*g, k) -> the label head's (B, g*g, L) reading of the CLIP
+        features they map back to. Differentiable, like `patch_labels_from_tokens`."""
+        raw = self.denormalize_features(self.target_to_features(target_tokens))  # (B, g*g, D)
+        return self.patch_labels_from_tokens(raw)
+
     def _reconstruction_loss(self, patches: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Weighted MSE of the linear head's patch pixels (B, g*g, D) -> (B, g*g, 3*p*p); 0 without a head."""
         if self.pixel_head is None:

@@ -58,6 +58,4 @@ def guided_count_loss(
         v_uncond = model.dit(x_t, timestep, torch.zeros_like(condition))  # (B, C, g, g)
     guided = v_uncond + cfg_scale * (v_cond.float() - v_uncond.float())  # (B, C, g, g)
     estimate = x_t.float() - sigma.view(-1, 1, 1, 1) * guided  # (B, C, g, g): x0 = x_t - sigma v
-    clip = model.clip
-    raw = clip.denormalize_features(clip.target_to_features(grid_to_tokens(estimate)))  # (B, N, D)
-    return count_error(clip.patch_labels_from_tokens(raw), counts, keep)
+    return count_error(model.clip.patch_labels_from_target(grid_to_tokens(estimate)), counts, keep)

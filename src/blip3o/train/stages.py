@@ -306,8 +306,10 @@ class StageModule(nn.Module):
             live["v"] = m.dit(x, t, c, cross_attention)  # like x
             return live["v"]
 
+        drop_mask = None  # (B,) rows trained on the null condition (classifier-free guidance dropout)
         if m.config.objective == "flow_matching":
             draws = per_sample_draws(x0, cond, batch["seeds"], m.config.flow)
+            drop_mask = draws.drop_mask
             gen_loss, flow_aux = flow_matching_loss(
                 velocity, x0, cond.float(), cfg=m.config.flow, draws=draws
             )
@@ -326,10 +328,11 @@ class StageModule(nn.Module):
         # The scaffolding losses of generation and instruct stages (StageConfig forbids them elsewhere).
         loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
         scenes = batch.get("scenes") or [None] * len(batch["captions"])
+        conditioned = torch.ones(len(batch["captions"]), dtype=torch.bool)  # (B,)
+        if drop_mask is not None:
+            conditioned = ~drop_mask.bool()  # dropped rows read the null condition: nothing to count or bind
         if self.count_weight > 0:
-            keep = torch.tensor([scene is not None for scene in scenes])  # (B,)
-            if draws.drop_mask is not None:
-                keep &= ~draws.drop_mask.bool()  # dropped rows read the null condition: no count asked
+            keep = conditioned & torch.tensor([scene is not None for scene in scenes])  # (B,)
             counts = torch.tensor([len(scene.objects) if scene else 0 for scene in scenes], device=m.device)
             count_loss, count_metrics = guided_count_loss(
                 m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
@@ -337,11 +340,8 @@ class StageModule(nn.Module):
             )  # fmt: skip
             loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
         if cross_attention is not None:
-            keep = torch.ones(len(batch["captions"]), dtype=torch.bool)
-            if draws.drop_mask is not None:
-                keep = ~draws.drop_mask.bool()  # dropped rows read the null condition: nothing to bind
             binding_loss, binding_metrics = slot_binding_loss(
-                cross_attention, batch["captions"], scenes, keep, self.slot_binding_order
+                cross_attention, batch["captions"], scenes, conditioned, self.slot_binding_order
             )
             loss, metrics = loss + self.slot_binding_weight * binding_loss, {**metrics, **binding_metrics}
         if not self.uses_slot_head:
