@@ -9,10 +9,16 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError, StageConfig, preset
-from blip3o.train.count_supervision import count_error, expected_object_count, guided_count_loss
+from blip3o.train.count_supervision import (
+    count_error,
+    expected_object_count,
+    guided_count_loss,
+    row_guidance_weights,
+)
 from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
 from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from blip3o.transport import FlowMatchingConfig
 from conftest import object_label_model_config
 
 NONE = PATCH_LABEL_GROUPS[0] - 1  # the "none" shape's channel
@@ -75,6 +81,43 @@ def test_guided_estimate_is_read_at_the_samplers_scale_and_only_the_conditional_
     loss.backward()
     assert v_cond.grad is not None and v_cond.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.dit.parameters())  # the null branch runs without a graph
+
+
+def test_rows_are_guided_as_the_sampler_guides_their_noise_level() -> None:
+    sigma = torch.tensor([0.2, 0.5, 0.8, 1.0])
+    every_step = row_guidance_weights(sigma, 3.0, FlowMatchingConfig())
+    torch.testing.assert_close(every_step, torch.full((4,), 3.0))
+    interval = FlowMatchingConfig(cfg_sigma_max=0.7, cfg_outside=0.5)  # 3 up to 0.7, 1 + 0.5 * 2 = 2 above
+    torch.testing.assert_close(row_guidance_weights(sigma, 3.0, interval), torch.tensor([3.0, 3.0, 2.0, 2.0]))
+    # Each row's guided estimate uses its own weight (checked by hand, as above, at weights 3 and 2).
+    torch.manual_seed(0)
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:2]
+    fit_feature_statistics(model, [e.image for e in examples])
+    x_t = torch.randn(2, *model.config.target_shape)  # (B, 19, g, g)
+    sigma, timestep = torch.tensor([0.3, 0.9]), torch.tensor([300.0, 900.0])
+    counts, keep = torch.tensor([1, 2]), torch.ones(2, dtype=torch.bool)
+    condition = model.condition([e.long_caption for e in examples]).float()  # (B, L, H)
+    weights = torch.tensor([3.0, 2.0])
+    clip = model.clip
+    with torch.no_grad():
+        # A fresh DiT ignores its condition (zero-initialised), so the branches are made to differ.
+        v_cond = model.dit(x_t, timestep, condition) + torch.randn_like(x_t)  # (B, 19, g, g)
+        loss, _ = guided_count_loss(model, x_t, sigma, timestep, v_cond, condition, counts, keep, weights)
+        v_uncond = model.dit(x_t, timestep, torch.zeros_like(condition))
+
+        def readings(weight: torch.Tensor) -> torch.Tensor:
+            estimate = x_t - sigma.view(-1, 1, 1, 1) * (
+                v_uncond + weight.view(-1, 1, 1, 1) * (v_cond - v_uncond)
+            )
+            tokens = estimate.flatten(2).transpose(1, 2)  # (B, g*g, 19)
+            return clip.patch_labels_from_tokens(clip.denormalize_features(clip.target_to_features(tokens)))
+
+        by_hand = readings(weights)
+        at_scale = readings(torch.full((2,), 3.0))
+    torch.testing.assert_close(loss, count_error(by_hand, counts, keep)[0])
+    torch.testing.assert_close(by_hand[0], at_scale[0])  # row 0 is guided at 3 either way
+    assert not torch.allclose(by_hand[1], at_scale[1])  # row 1 at 2, not 3: a different reading
 
 
 def test_instruct_step_with_the_count_loss() -> None:

@@ -5,10 +5,11 @@ Why: on the object-centric target (`ClipConfig.patch_label_kind = "object"`) a s
 and the bundled DiT's counting failures are mostly extra objects that guidance adds (bench/token_category.py,
 CFG 2 / 3 / 5: 91 / 137 / 196 too many in 300; docs/bench/object_target.txt, sessions 33-34). The flow loss
 trains only the conditional branch; nothing sees what guidance makes of it. This loss does: at the batch's own
-noise levels it forms the guided velocity ``v_u + w (v_c - v_u)`` at the sampler's scale w (the unconditional
-branch without gradient), the clean-target estimate ``x_t - sigma v`` it implies, and reads that with CLIP's
-frozen label head. The expected number of objects (the sum over tokens of one minus the "none" shape
-probability) is pulled towards the scene's count, as an absolute error. The count is position-free, so it is
+noise levels it forms the guided velocity ``v_u + w (v_c - v_u)`` at the weight w the sampler uses there (its
+scale, or less outside a guidance interval; the unconditional branch without gradient), the clean-target
+estimate ``x_t - sigma v`` it implies, and reads that with CLIP's frozen label head. The expected number of
+objects (the sum over tokens of one minus the "none" shape probability) is pulled towards the scene's count, as
+an absolute error. The count is position-free, so it is
 well posed at high noise too, where the layout (and with it the count) is decided.
 """
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from blip3o.models.clip import grid_to_tokens
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
+from blip3o.transport import FlowMatchingConfig, guidance_weight
 
 
 def expected_object_count(readings: Tensor) -> Tensor:
@@ -39,6 +41,14 @@ def count_error(readings: Tensor, counts: Tensor, keep: Tensor) -> tuple[Tensor,
     return loss, {"count_error": loss.detach(), "count_bias": (difference.sum() / kept).detach()}
 
 
+def row_guidance_weights(sigma: Tensor, cfg_scale: float, flow: FlowMatchingConfig) -> Tensor:
+    """(B,) noise levels -> (B,) the guidance weight the sampler applies at each (`guidance_weight`): with a
+    guidance interval set (FlowMatchingConfig.cfg_sigma_min / max / cfg_outside) the loss sees the guidance the
+    sampler uses at that level, not the full scale everywhere."""
+    weights = [guidance_weight(level, cfg_scale, flow) for level in sigma.detach().float().cpu().tolist()]
+    return torch.tensor(weights, dtype=torch.float32, device=sigma.device)
+
+
 def guided_count_loss(
     model,
     x_t: Tensor,
@@ -48,14 +58,18 @@ def guided_count_loss(
     condition: Tensor,
     counts: Tensor,
     keep: Tensor,
-    cfg_scale: float,
+    cfg_scale: float | Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The count loss of one flow-matching batch (see the module docstring).
 
     x_t, v_cond (B, C, g, g): the noised targets and the DiT's conditional velocity (with its graph);
-    sigma, timestep (B,); condition (B, L, H); counts, keep (B,)."""
+    sigma, timestep (B,); condition (B, L, H); counts, keep (B,); cfg_scale: one guidance weight, or (B,) one
+    per row (`row_guidance_weights`: the sampler's weight at each row's noise level)."""
     with torch.no_grad():
         v_uncond = model.dit(x_t, timestep, torch.zeros_like(condition))  # (B, C, g, g)
-    guided = v_uncond + cfg_scale * (v_cond.float() - v_uncond.float())  # (B, C, g, g)
+    weight = torch.as_tensor(cfg_scale, dtype=torch.float32, device=x_t.device).reshape(
+        -1, 1, 1, 1
+    )  # (B|1,1,1,1)
+    guided = v_uncond + weight * (v_cond.float() - v_uncond.float())  # (B, C, g, g)
     estimate = x_t.float() - sigma.view(-1, 1, 1, 1) * guided  # (B, C, g, g): x0 = x_t - sigma v
     return count_error(model.clip.patch_labels_from_target(grid_to_tokens(estimate)), counts, keep)

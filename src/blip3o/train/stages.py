@@ -21,7 +21,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.count_supervision import guided_count_loss
+from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
@@ -336,7 +336,8 @@ class StageModule(nn.Module):
             counts = torch.tensor([len(scene.objects) if scene else 0 for scene in scenes], device=m.device)
             count_loss, count_metrics = guided_count_loss(
                 m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
-                counts, keep.to(m.device), m.config.flow.cfg_scale,
+                counts, keep.to(m.device),
+                row_guidance_weights(flow_aux["sigma"], m.config.flow.cfg_scale, m.config.flow),
             )  # fmt: skip
             loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
         if cross_attention is not None:
