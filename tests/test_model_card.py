@@ -12,6 +12,7 @@ from blip3o.eval.model_card import (
     provenance_sentences,
     recipe_command,
     reuse_source_numbers,
+    stage_objectives_sentence,
     wall_time_sentence,
 )
 from blip3o.train.config import apply_overrides, preset
@@ -106,7 +107,7 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     assert instruct_renders_phrase(config) == (
         "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
     )
-    config["stages"][-1]["counting_renders"] = 8
+    next(stage for stage in config["stages"] if stage["name"] == "count")["counting_renders"] = 8
     assert instruct_renders_phrase(config) == (
         "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
         "; 8 in stage `count` for counting prompts"
@@ -120,6 +121,24 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
         "4 renders each; 12 in stages `instruct`, `relation`, `count` for those naming two kinds of object and "
         "no colour"
     )
+
+
+def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
+    config = preset("shapes-object").to_dict()
+    sentence = stage_objectives_sentence(config)
+    count = next(part for part in sentence.split("; `") if part.startswith("count`"))
+    assert count == "count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss 0.1"
+    assert (
+        "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
+        in (sentence)
+    )
+    assert "`clip`" not in sentence and "`decoder`" not in sentence  # no extras, no mention
+    for stage in config["stages"]:  # a config saved before the fields: nothing to say, and no KeyError
+        for key in ("slot_label_weight", "slot_relation_weight", "slot_binding_weight", "count_weight"):
+            del stage[key]
+        stage.pop("generated_share")
+    assert stage_objectives_sentence(config) == ""
+    assert stage_objectives_sentence(preset("tiny-test").to_dict()) == ""
 
 
 def test_the_recipe_command_is_the_preset_with_the_runs_overrides() -> None:

@@ -281,6 +281,36 @@ def instruct_renders_phrase(config: dict) -> str:
     return phrase
 
 
+# Stage settings that add a loss to a stage's own: the card names each with its weight (absent keys: configs
+# saved before the field, when the loss did not exist).
+EXTRA_LOSSES = {
+    "slot_label_weight": "slot-label",
+    "slot_position_weight": "slot-position",
+    "slot_relation_weight": "slot-relation",
+    "slot_binding_weight": "slot-binding",
+    "count_weight": "count",
+    "cell_position_weight": "cell-position",
+}
+
+
+def stage_objectives_sentence(config: dict) -> str:
+    """What each stage trains beyond its kind's own loss: the extra losses with their weights, and for a decoder
+    stage drawing the DiT's renditions, how many and from which start levels. Empty when no stage has any."""
+    parts = []
+    for stage in config["stages"]:
+        extras = [f"{name} loss {stage[key]:g}" for key, name in EXTRA_LOSSES.items() if stage.get(key, 0)]
+        if stage.get("generated_share", 0):
+            pairs = stage.get("generated_pairs", "image")
+            drawn = "the render of what CLIP reads in it" if pairs == "reading" else "the batch's image"
+            extras.append(
+                f"{stage['generated_share']:.0%} of conditions the DiT's renditions (start levels up to "
+                f"{stage.get('generated_max_sigma', 0.6):g}), each drawn as {drawn}"
+            )
+        if extras:
+            parts.append(f"`{stage['name']}`: {', '.join(extras)}")
+    return f"Beyond each kind's own loss: {'; '.join(parts)}." if parts else ""
+
+
 def recipe_command(config: dict, run: Path) -> str:
     """The command that trains this run's config with this code: its preset plus the overrides that differ."""
     command = f"blip3o train --preset {config['preset']} --out {run}"
@@ -378,6 +408,7 @@ def build_model_card(
         "|---|---|---|---|---|---|---|---|---|",
         *[_stage_row(f, source_numbers) for f in facts],
         "",
+        *([objectives, ""] if (objectives := stage_objectives_sentence(config)) else []),
         wall_time_sentence(trained, sources),
         "",
         *[line for p in provenance for line in (p, "")],
