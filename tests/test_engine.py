@@ -271,6 +271,53 @@ def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str, slot
         assert torch.equal(a, b), name
 
 
+# The miniature with CLIP's object label head and the DiT's condition slots, its instruct stage with the losses of
+# the `shapes-object` recipe's last instruct stage (slot label, relation and binding, and the count loss, which
+# calls the DiT a second time in the stage's forward), as overrides of `tiny-test`.
+OBJECT_INSTRUCT = [
+    "--preset", "tiny-test", "deterministic=true", "model.clip.patch_label_weight=1.0",
+    "model.clip.patch_label_groups=6,9", "model.clip.patch_label_values=4", "model.clip.patch_label_kind=object",
+    "model.clip.target_basis=labels", "model.clip.target_components=19", "model.dit.in_channels=19",
+    "model.dit.condition_slots=4", "stages.instruct.steps=3", "stages.instruct.slot_label_weight=1.0",
+    "stages.instruct.slot_relation_weight=0.3", "stages.instruct.slot_binding_weight=0.3",
+    "stages.instruct.count_weight=1.0",
+]  # fmt: skip
+
+
+def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process_accumulating(
+    tmp_path: Path,
+) -> None:
+    """The masked losses (count, binding) average over each micro-batch's kept rows, so 2 ranks of 2 rows are
+    one process accumulating 2 micro-batches of 2, not one batch of 4. Earlier stages are the single run's
+    (copied): CLIP's trainable 0-dim logit scale cannot be FSDP2-sharded, and only the instruct stage is tested.
+    So the distributed runs start at the instruct stage, the single one after 5 stages of draws: the slot head
+    must start from the stage's seed, not the process's random state (it did, before session 37)."""
+    import shutil
+
+    single = tmp_path / "single"
+    result = _train([*OBJECT_INSTRUCT, "stages.instruct.grad_accum=2", "--out", str(single)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = [json.loads(line) for line in (single / "instruct" / "log.jsonl").read_text().splitlines()]
+    # Each loss is on: the slot losses are what the total holds beyond the flow and count terms (count weight 1).
+    assert all(r["count_error"] > 0 and r["loss"] - r["gen_loss"] - r["count_error"] > 0.1 for r in one), one
+    assert all("slot_binding_acc" in r and "slot_relation_acc" in r for r in one), one
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        for stage in ("data", "clip", "decoder", "vision", "understanding", "generation"):
+            shutil.copytree(single / stage, run / stage)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "blip3o.cli.train", "--no-progress", *OBJECT_INSTRUCT, "--out", str(run), f"distributed={strategy}",
+        ]  # fmt: skip
+        multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert multi.returncode == 0, multi.stderr[-3000:]
+        two = [json.loads(line) for line in (run / "instruct" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in two] == [1, 2, 3]
+        for a, b in zip(one, two, strict=True):
+            for key in ("loss", "gen_loss", "count_error", "slot_binding_acc", "slot_shape_acc", "grad_norm"):
+                assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (strategy, a["step"], key, a, b)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -99,6 +99,9 @@ def test_dit_records_its_cross_attention_without_changing_its_output() -> None:
     maps: list[torch.Tensor] = []
     torch.testing.assert_close(dit(x, t, condition, maps), dit(x, t, condition))
     assert len(maps) == dit.config.n_layers
+    dit(x, t, condition)  # a later forward without a list records nothing more, nor into the old list
+    assert len(maps) == dit.config.n_layers
+    assert all(layer.cross_attention_record is None for layer in dit.model.layers)
     for weights in maps:
         assert weights.shape == (2, dit.config.n_heads, 16, 3)  # over the resampler's slots
         torch.testing.assert_close(weights.sum(-1), torch.ones(2, dit.config.n_heads, 16))

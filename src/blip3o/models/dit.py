@@ -226,10 +226,16 @@ class NextDiT(nn.Module):
             # The recomputation in the backward pass would record every block a second time.
             raise ValueError("recording cross-attention weights does not work with gradient checkpointing")
         for layer in self.layers:
-            if checkpointed:
-                h = checkpoint(layer, h, cond, temb, rope, use_reentrant=False)  # (B, N, D)
-            else:
-                h = layer(h, cond, temb, rope, cross_attention)  # (B, N, D)
+            layer.cross_attention_record = cross_attention
+        try:
+            for layer in self.layers:
+                if checkpointed:
+                    h = checkpoint(layer, h, cond, temb, rope, use_reentrant=False)  # (B, N, D)
+                else:
+                    h = layer(h, cond, temb, rope)  # (B, N, D)
+        finally:
+            for layer in self.layers:
+                layer.cross_attention_record = None
 
         out = self.norm_out(h, temb)  # (B, N, p*p*C), each token ordered (row, col, c)
         out = out.view(b, grid_h, grid_w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)

@@ -254,25 +254,26 @@ class DiTBlock(nn.Module):
         self.norm2 = RMSNorm(dim, norm_eps)
         self.ffn_norm2 = RMSNorm(dim, norm_eps)
         self.norm1_context = RMSNorm(dim, norm_eps)
+        # A list while the DiT records cross-attention weights (set and cleared by its forward). An attribute, not
+        # an argument: FSDP2 rebuilds a unit's arguments when grad is on, so appends to a list argument were lost
+        # (3 of 4 layers' weights never reached the binding loss under FSDP2, session 37).
+        self.cross_attention_record: list[torch.Tensor] | None = None
 
     def forward(
-        self,
-        h: torch.Tensor,
-        condition: torch.Tensor,
-        temb: torch.Tensor,
-        rope: torch.Tensor,
-        cross_attention: list[torch.Tensor] | None = None,
+        self, h: torch.Tensor, condition: torch.Tensor, temb: torch.Tensor, rope: torch.Tensor
     ) -> torch.Tensor:
         """h: (B, N, D) image tokens; condition: (B, L, D) projected condition; temb: (B, T);
-        rope: (N, E/2) complex RoPE factors of the image tokens. A `cross_attention` list receives this
-        block's cross-attention weights, (B, H, N, L) fp32 with their gradients (for a loss on them)."""
+        rope: (N, E/2) complex RoPE factors of the image tokens. While `cross_attention_record` is a list, it
+        receives this block's cross-attention weights, (B, H, N, L) fp32 with their gradients (for a loss)."""
         x, gate_attn, scale_ffn, gate_ffn = self.norm1(h, temb)  # (B, N, D), 3 x (B, 1, D)
         self_heads = self.attn1(x, x, rope, rotate_keys=True)  # (B, N, H, E)
         context = self.norm1_context(condition)  # (B, L, D)
         cross_heads = self.attn2(x, context, rope, rotate_keys=False)  # (B, N, H, E)
-        if cross_attention is not None:
+        if self.cross_attention_record is not None:
             # Recomputed beside the fused kernel (it returns no weights): at M = a few slots this costs little.
-            cross_attention.append(self.attn2.attention_weights(x, context, rope, rotate_keys=False))
+            self.cross_attention_record.append(
+                self.attn2.attention_weights(x, context, rope, rotate_keys=False)
+            )
         cross_heads = cross_heads * self.gate.tanh()[:, None]  # (B, N, H, E)
         attn_out = self.attn2.to_out[0]((self_heads + cross_heads).flatten(2))  # (B, N, D)
         h = h + gate_attn.tanh() * self.norm2(attn_out)  # (B, N, D)

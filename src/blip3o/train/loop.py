@@ -266,22 +266,27 @@ def train_stage(
     set_trainable(model, kind, stage.freeze_vision)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
-    module = StageModule(
-        model,
-        kind,
-        stage.understanding_weight,
-        stage.understanding_average,
-        stage.cell_position_weight,
-        stage.slot_label_weight,
-        stage.generated_share,
-        stage.generated_max_sigma,
-        stage.slot_position_weight,
-        stage.slot_relation_weight,
-        stage.generated_pairs,
-        stage.slot_binding_weight,
-        stage.slot_binding_order,
-        stage.count_weight,
-    )
+    # Stage heads (the slot label head, the vision stage's scene head) start from the stage's seed, not from what
+    # the process drew before it: a run resumed at this stage, an uninterrupted one and every rank (FSDP2 does not
+    # broadcast rank 0's initial weights) build the same heads.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = StageModule(
+            model,
+            kind,
+            stage.understanding_weight,
+            stage.understanding_average,
+            stage.cell_position_weight,
+            stage.slot_label_weight,
+            stage.generated_share,
+            stage.generated_max_sigma,
+            stage.slot_position_weight,
+            stage.slot_relation_weight,
+            stage.generated_pairs,
+            stage.slot_binding_weight,
+            stage.slot_binding_order,
+            stage.count_weight,
+        )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.
     optimizer = build_optimizer(parameters_of(module), stage.lr, stage.weight_decay)
