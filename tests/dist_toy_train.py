@@ -5,7 +5,8 @@
 
 The global batch of every step is a fixed function of the step and is split evenly across ranks, so any
 world size computes the same losses up to float rounding. The model mixes a frozen layer and trainable
-queries in the FSDP2 root unit, like stage 2 (frozen backbone + trainable queries + trainable DiT).
+queries in the FSDP2 root unit, like stage 2 (frozen backbone + trainable queries + trainable DiT), and a frozen
+and a trainable 0-dim parameter, which FSDP2 leaves unsharded (the trainable one's gradient averaged by hand).
 Rank 0 writes `OUT/result.json`; checkpoints go to `OUT/run` (after steps 3 and 5), the final model to
 `OUT/export` (release layout).
 """
@@ -53,6 +54,7 @@ class Toy(nn.Module):
         self.frozen = nn.Linear(IN_DIM, WIDTH)  # stands for the frozen backbone
         self.frozen.requires_grad_(False)
         self.temperature = nn.Parameter(torch.tensor(0.9), requires_grad=False)  # FSDP2 cannot shard 0-dim
+        self.gain = nn.Parameter(torch.tensor(1.2))  # nor this trainable one (stands for CLIP's logit scale)
         self.latent_queries = nn.Parameter(torch.randn(4, WIDTH) * 0.1)
         self.blocks = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(2)])
         self.head = nn.Linear(WIDTH, 1)
@@ -61,7 +63,7 @@ class Toy(nn.Module):
         h = torch.tanh(self.frozen(x) * self.temperature) + self.latent_queries.mean(0)
         for block in self.blocks:
             h = h + torch.tanh(block(h))
-        return self.head(h).squeeze(-1)
+        return self.head(h).squeeze(-1) * self.gain
 
 
 def build_model() -> Toy:

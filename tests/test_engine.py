@@ -289,8 +289,7 @@ def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process
 ) -> None:
     """The masked losses (count, binding) average over each micro-batch's kept rows, so 2 ranks of 2 rows are
     one process accumulating 2 micro-batches of 2, not one batch of 4. Earlier stages are the single run's
-    (copied): CLIP's trainable 0-dim logit scale cannot be FSDP2-sharded, and only the instruct stage is tested.
-    So the distributed runs start at the instruct stage, the single one after 5 stages of draws: the slot head
+    (copied), so only the instruct stage is compared, to float rounding. So the distributed runs start at the instruct stage, the single one after 5 stages of draws: the slot head
     must start from the stage's seed, not the process's random state (it did, before session 37)."""
     import shutil
 
@@ -316,6 +315,36 @@ def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process
         for a, b in zip(one, two, strict=True):
             for key in ("loss", "gen_loss", "count_error", "slot_binding_acc", "slot_shape_acc", "grad_norm"):
                 assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (strategy, a["step"], key, a, b)
+
+
+def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumulating(tmp_path: Path) -> None:
+    """CLIP's logit scale is a trainable 0-dim parameter, which FSDP2 cannot shard: it stays whole on each rank and
+    its gradient is averaged by hand (parallelize). Its contrastive loss sees each micro-batch's own negatives, so
+    2 ranks are one process accumulating 2 micro-batches."""
+    args = ["--preset", "tiny-test", "deterministic=true", "stages.*.grad_accum=2"]
+    single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "blip3o.cli.train", "--no-progress", *args[:3], "--out", str(tmp_path / "fsdp"), "distributed=fsdp",
+    ]  # fmt: skip
+    multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "instruct" / "model").is_dir()  # every stage kind ran sharded
+    one, two = _losses(tmp_path / "single", "clip"), _losses(tmp_path / "fsdp", "clip")
+    assert [s for s, _ in two] == [1, 2, 3]
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two, strict=True)), (one, two)
+    from safetensors.torch import load_file
+
+    one_scale, two_scale = (
+        load_file(tmp_path / run / "clip" / "model" / "clip" / "clip" / "model.safetensors")["logit_scale"]
+        for run in ("single", "fsdp")
+    )
+    start = next(
+        p for n, p in Blip3o.from_config(preset("tiny-test").model).named_parameters() if "logit_scale" in n
+    )
+    assert one_scale.shape == start.shape == () and not torch.equal(two_scale, start.detach())  # it trained
+    torch.testing.assert_close(one_scale, two_scale, rtol=1e-5, atol=1e-6)  # the same way
 
 
 # ------------------------------------------------------------------------------------------ bad input

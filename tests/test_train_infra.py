@@ -205,9 +205,6 @@ def test_single_process_helpers(monkeypatch):
     assert unwrap(model) is model
     with pytest.raises(RuntimeError, match="torchrun"):
         parallelize(model, "fsdp", dist)
-    model.register_parameter("scale", nn.Parameter(torch.tensor(1.0)))
-    with pytest.raises(ValueError, match="scale"):  # FSDP2 cannot shard a trainable 0-dim parameter
-        parallelize(model, "fsdp", dist)
     assert all_reduce_mean(torch.tensor([1.0, 3.0]), dist) == 2.0
     assert all_reduce_mean(0.5, dist) == 0.5
 

@@ -267,8 +267,7 @@ def train_stage(
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
     # Stage heads (the slot label head, the vision stage's scene head) start from the stage's seed, not from what
-    # the process drew before it: a run resumed at this stage, an uninterrupted one and every rank (FSDP2 does not
-    # broadcast rank 0's initial weights) build the same heads.
+    # the process drew before it: a run resumed at this stage and an uninterrupted one build the same heads.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = StageModule(

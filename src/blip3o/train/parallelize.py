@@ -157,8 +157,9 @@ def parallelize(
       Frozen parameters are sharded too, and gathered whenever their unit runs: put a frozen backbone's
       layers in `shard_units` as well, or the root gathers all of it at once. "bf16" sets
       `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: compute in bf16, sharded fp32 master
-      weights, gradients reduced in fp32. FSDP2 cannot shard 0-dim parameters: frozen ones are left
-      unsharded (`ignored_params`, kept in their own dtype); trainable ones are an error.
+      weights, gradients reduced in fp32. FSDP2 cannot shard 0-dim parameters (CLIP's logit scale): they
+      are left whole on every rank (`ignored_params`, kept in their own dtype), and a trainable one has its
+      gradient averaged over the ranks after each backward, as FSDP2 averages the sharded ones.
     """
     module = module.to(dist.device)
     if strategy == "none":
@@ -168,12 +169,6 @@ def parallelize(
     if mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', got {mixed_precision!r}")
     scalars = _scalar_parameters(module) if strategy == "fsdp" else {}
-    trainable_scalars = sorted(name for name, p in scalars.items() if p.requires_grad)
-    if trainable_scalars:
-        raise ValueError(
-            f"FSDP2 cannot shard 0-dim parameters and would not synchronise their gradients if left out: "
-            f"make these trainable scalars shape (1,): {trainable_scalars}"
-        )
     if not dist.is_distributed:
         raise RuntimeError(
             f"strategy {strategy!r} needs a process group: launch with torchrun, or use strategy 'none'"
@@ -191,12 +186,23 @@ def parallelize(
         if mixed_precision == "bf16"
         else MixedPrecisionPolicy()
     )
-    # Frozen scalars (e.g. a frozen CLIP's logit_scale) stay whole on every rank; fully_shard refuses them.
+    # Scalars (CLIP's logit_scale) stay whole on every rank; fully_shard refuses them. Nothing else reduces
+    # a trainable one's gradient, so it is averaged here once it has accumulated (every micro-step: the mean of
+    # sums is the sum of means).
     ignored = set(scalars.values()) or None
+    for scalar in scalars.values():
+        if scalar.requires_grad:
+            scalar.register_post_accumulate_grad_hook(_average_gradient_over_ranks)
     for unit in shard_units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return module
+
+
+def _average_gradient_over_ranks(parameter: Tensor) -> None:
+    assert parameter.grad is not None  # the hook runs after accumulating into .grad
+    torch_dist.all_reduce(parameter.grad, op=torch_dist.ReduceOp.SUM)  # gloo has no AVG
+    parameter.grad.div_(torch_dist.get_world_size())
 
 
 def _scalar_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
