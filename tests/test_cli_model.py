@@ -103,6 +103,43 @@ def test_generate_several_images_and_grid(model_dir: Path, tmp_path: Path) -> No
     assert not two.exists() and (tmp_path / "two_000.png").is_file() and (tmp_path / "two_001.png").is_file()
 
 
+def test_generate_with_a_guidance_interval(saved: tuple[Blip3o, Path], tmp_path: Path) -> None:
+    # An untrained DiT's zero-initialised gates ignore the condition, so guidance would change nothing: perturb it.
+    model = Blip3o.from_pretrained(saved[1])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.dit.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(tmp_path / "guided")
+    common = ["a red circle", "--model", str(tmp_path / "guided"), "--steps", "4", "--decoder-steps", "2"]
+    runs = {
+        "default": [],
+        "unguided": ["--cfg-scale", "1"],
+        "whole": ["--cfg-interval", "0,1"],
+        "late": ["--cfg-interval", "0,0.3"],
+    }
+    for name, extra in runs.items():
+        assert generate.main([*common, *extra, "-o", str(tmp_path / f"{name}.png")]) == 0
+    assert not np.array_equal(_pixels(tmp_path / "default.png"), _pixels(tmp_path / "unguided.png"))
+    # Guiding at every level is the default; guiding only the last, low-noise steps draws another image.
+    assert np.array_equal(_pixels(tmp_path / "default.png"), _pixels(tmp_path / "whole.png"))
+    assert not np.array_equal(_pixels(tmp_path / "default.png"), _pixels(tmp_path / "late.png"))
+
+
+def test_set_guidance_interval_is_the_models_config_and_is_saved(
+    saved: tuple[Blip3o, Path], tmp_path: Path
+) -> None:
+    model = Blip3o.from_pretrained(saved[1])
+    assert model.set_guidance_interval(0.2, 0.8, 0.5) is model
+    flow = model.config.flow
+    assert (flow.cfg_sigma_min, flow.cfg_sigma_max, flow.cfg_outside) == (0.2, 0.8, 0.5)
+    assert model.objective.cfg == flow  # what the sampler reads
+    model.save_pretrained(tmp_path / "m")
+    assert Blip3o.from_pretrained(tmp_path / "m").config.flow == flow
+    with pytest.raises(ValueError, match="guidance interval"):
+        model.set_guidance_interval(0.9, 0.1)
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -110,6 +147,10 @@ def test_generate_several_images_and_grid(model_dir: Path, tmp_path: Path) -> No
         (["--num-images", "0"], "--num-images must be >= 1"),
         (["--decoder-steps", "-1"], "--decoder-steps must be >= 1"),
         (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+        (["--cfg-interval", "0.1"], "--cfg-interval takes MIN,MAX or MIN,MAX,OUTSIDE"),
+        (["--cfg-interval", "a,b"], "--cfg-interval takes MIN,MAX or MIN,MAX,OUTSIDE"),
+        (["--cfg-interval", "0.7,0.2"], "--cfg-interval needs 0 <= MIN <= MAX <= 1"),
+        (["--cfg-interval", "0,1,2"], "OUTSIDE in [0, 1]"),
     ],
 )
 def test_generate_rejects_bad_numbers(

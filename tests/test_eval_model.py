@@ -241,6 +241,15 @@ def test_geneval_model_and_output_errors(model_dir: Path, tmp_path: Path) -> Non
     assert "not both" in _one_line_error(code, stderr)
     code, _, stderr = _main(eval_geneval, ["--samples", str(tmp_path), "--seeds", "0,1"])
     assert "--seeds goes with --model" in _one_line_error(code, stderr)
+    code, _, stderr = _main(eval_geneval, ["--samples", str(tmp_path), "--cfg-interval", "0,0.5"])
+    assert "--cfg-interval goes with --model" in _one_line_error(code, stderr)
+    fresh = tmp_path / "fresh"
+    code, _, stderr = _main(
+        eval_geneval, ["--model", str(model_dir), "--out", str(fresh), "--cfg-interval", "0.5"]
+    )
+    assert (
+        "--cfg-interval takes MIN,MAX" in _one_line_error(code, stderr) and not fresh.exists()
+    )  # before writing
     (tmp_path / "file").write_text("")
     code, _, stderr = _main(eval_geneval, ["--model", str(model_dir), "--out", str(tmp_path / "file")])
     assert "is a file" in _one_line_error(code, stderr)

@@ -23,7 +23,13 @@ import math
 import sys
 from pathlib import Path
 
-from blip3o.cli.generate import CliError, load_model, report
+from blip3o.cli.generate import (
+    GUIDANCE_INTERVAL_HELP,
+    CliError,
+    load_model,
+    parse_guidance_interval,
+    report,
+)
 from blip3o.eval.geneval import SampleFolderError, read_sample_folder, score_sample_folder, write_results
 
 PROG = "blip3o eval geneval"
@@ -32,6 +38,7 @@ MODEL_ONLY = (
     "seeds",
     "steps",
     "cfg_scale",
+    "cfg_interval",
     "decoder_steps",
     "decoder_cfg_scale",
     "max_prompts",
@@ -66,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cfg-scale", type=float, metavar="W", help="DiT guidance weight (default: the model's)"
     )
+    parser.add_argument("--cfg-interval", metavar="MIN,MAX[,OUTSIDE]", help=GUIDANCE_INTERVAL_HELP)
     parser.add_argument(
         "--decoder-steps", type=int, metavar="K", help="pixel decoder steps (default: the model's)"
     )
@@ -125,6 +133,7 @@ def _run_model(args: argparse.Namespace) -> None:
     )
 
     seeds = _check_model_args(args)
+    interval = parse_guidance_interval(args.cfg_interval) if args.cfg_interval is not None else None
     # Output problems are found before the model is loaded and minutes are spent sampling.
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} is a file; give a folder")
@@ -137,6 +146,10 @@ def _run_model(args: argparse.Namespace) -> None:
         raise CliError(f"cannot write {args.out}: {err.strerror or err}") from err
 
     model = load_model(args.model, args.device)
+    if interval is not None:
+        model.set_guidance_interval(
+            *interval
+        )  # the summary reports it (FlowMatchingConfig.guidance_interval)
     try:
         summary = geneval_with_model(
             model,

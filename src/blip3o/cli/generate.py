@@ -118,6 +118,26 @@ def load_model(path: Path | None, device: str = "auto") -> Blip3o:
     return model.to(device).eval()
 
 
+GUIDANCE_INTERVAL_HELP = (
+    "guide at full weight only for noise levels MIN..MAX (0 clean, 1 noise), elsewhere at 1 + OUTSIDE (w - 1), "
+    "OUTSIDE 0 by default (Kynkaanniemi et al. 2024; default: the model's, usually every step)"
+)
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float, float]:
+    """'MIN,MAX' or 'MIN,MAX,OUTSIDE' -> the interval's bounds and outside share; CliError for anything else."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values):
+        raise CliError(f"--cfg-interval takes MIN,MAX or MIN,MAX,OUTSIDE such as 0.1,0.7, got {text!r}")
+    low, high, outside = (*values, 0.0) if len(values) == 2 else values
+    if not 0.0 <= low <= high <= 1.0 or not 0.0 <= outside <= 1.0:
+        raise CliError(f"--cfg-interval needs 0 <= MIN <= MAX <= 1 and OUTSIDE in [0, 1], got {text!r}")
+    return low, high, outside
+
+
 def check_prompts(model: Blip3o, prompts: list[str]) -> None:
     """Reject user text that spells a special token before it reaches the model (it would change the layout
     of the sequence); the model raises a ValueError for it, which the CLI should not have to catch broadly."""
@@ -169,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, help="DiT Euler steps (default: the model's)")
     p.add_argument("--cfg-scale", type=float, help="DiT guidance weight (default: the model's)")
+    p.add_argument("--cfg-interval", metavar="MIN,MAX[,OUTSIDE]", help=GUIDANCE_INTERVAL_HELP)
     p.add_argument("--decoder-steps", type=int, help="pixel decoder steps (default: the model's)")
     p.add_argument("--decoder-cfg-scale", type=float, help="pixel decoder guidance weight")
     p.add_argument(
@@ -221,6 +242,7 @@ def _grid(
 
 def _run(args: argparse.Namespace) -> None:
     _check_numbers(args)
+    interval = parse_guidance_interval(args.cfg_interval) if args.cfg_interval is not None else None
     from PIL import Image
 
     paths = output_paths(args.out, len(args.prompts) * args.num_images)
@@ -230,6 +252,8 @@ def _run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     model = load_model(args.model, args.device)
+    if interval is not None:
+        model.set_guidance_interval(*interval)
     check_prompts(model, args.prompts)
     loaded = time.perf_counter()
     images = model.generate(

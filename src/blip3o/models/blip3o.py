@@ -336,6 +336,17 @@ class Blip3o(nn.Module):
         self.config = replace(self.config, backbone=self.backbone.config)
         return self
 
+    def set_guidance_interval(self, sigma_min: float, sigma_max: float, outside: float = 0.0) -> Blip3o:
+        """Sample with guidance at full weight only for noise levels in [sigma_min, sigma_max], and at
+        1 + outside (w - 1) elsewhere (`FlowMatchingConfig.cfg_sigma_min/max`, `cfg_outside`), in place; returns
+        the model. Saved with it, so a model saved afterwards samples the same way. ValueError for bad bounds."""
+        flow = replace(
+            self.config.flow, cfg_sigma_min=sigma_min, cfg_sigma_max=sigma_max, cfg_outside=outside
+        )
+        self.config = replace(self.config, flow=flow)
+        self.objective = build_objective(self.config.objective, flow)
+        return self
+
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """The generation condition for text-to-image prompts: the backbone's hidden states at the query positions,
         after its word tokens when `backbone.condition_word_tokens` is set: (B, L, H), L = words + queries."""
