@@ -126,7 +126,7 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
 def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     config = preset("shapes-object").to_dict()
     sentence = stage_objectives_sentence(config)
-    count = next(part for part in sentence.split("; `") if part.startswith("count`"))
+    count = next(part for part in sentence.rstrip(".").split("; `") if part.startswith("count`"))
     assert count == "count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss 0.1"
     assert (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
