@@ -347,6 +347,33 @@ def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumula
     torch.testing.assert_close(one_scale, two_scale, rtol=1e-5, atol=1e-6)  # the same way
 
 
+def test_two_process_refine_stage_matches_one_process_accumulating(tmp_path: Path) -> None:
+    """A decoder stage drawing the trained DiT's renditions inside its forward (the recipe's `refine`) trains the
+    same on 2 ranks, DDP or FSDP2, as on one process accumulating 2 micro-batches (tests/dist_refine_train.py)."""
+    import shutil
+
+    script = str(Path(__file__).parent / "dist_refine_train.py")
+    single = subprocess.run(
+        [sys.executable, script, str(tmp_path / "single"), "none", "2"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = _losses(tmp_path / "single", "refine")
+    assert [s for s, _ in one] == [1, 2, 3]
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        for stage in ("data", "clip", "decoder", "vision", "understanding", "generation", "instruct"):
+            shutil.copytree(tmp_path / "single" / stage, run / stage)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            script, str(run), strategy, "1",
+        ]  # fmt: skip
+        multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert multi.returncode == 0, multi.stderr[-3000:]
+        two = _losses(run, "refine")
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two, strict=True)), (strategy, one, two)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
