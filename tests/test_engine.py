@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,9 +59,24 @@ def _train(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, **kw)
 
 
+def _log(run: Path, stage: str = "generation") -> list[dict]:
+    return [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
+
+
 def _losses(run: Path, stage: str = "generation") -> list[tuple[int, float]]:
-    lines = (run / stage / "log.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+    return [(r["step"], r["loss"]) for r in _log(run, stage)]
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`args` (a script, or -m and a module, and its arguments) on 2 processes, as a user would launch it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _copy_stages(source: Path, run: Path, stages: tuple[str, ...]) -> None:
+    """Fill `run`'s first stages (and its data) from `source`, so `blip3o train` resumes at the next stage."""
+    for stage in ("data", *stages):
+        shutil.copytree(source / stage, run / stage)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -246,11 +262,8 @@ def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str, slot
         args += ["model.dit.condition_slots=4", "stages.generation.slot_label_weight=1.0"]
     single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "blip3o.cli.train", "--no-progress", *args, "--out", str(tmp_path / strategy), f"distributed={strategy}",
-    ]  # fmt: skip
-    multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    train = ["-m", "blip3o.cli.train", "--no-progress", *args]
+    multi = _torchrun([*train, "--out", str(tmp_path / strategy), f"distributed={strategy}"], tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = dict(_losses(tmp_path / "single")), dict(_losses(tmp_path / strategy))
     print(f"{strategy}: step-5 loss 1 process {one[5]:.8f}, 2 processes {two[5]:.8f}")
@@ -289,28 +302,23 @@ def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process
 ) -> None:
     """The masked losses (count, binding) average over each micro-batch's kept rows, so 2 ranks of 2 rows are
     one process accumulating 2 micro-batches of 2, not one batch of 4. Earlier stages are the single run's
-    (copied), so only the instruct stage is compared, to float rounding. So the distributed runs start at the instruct stage, the single one after 5 stages of draws: the slot head
-    must start from the stage's seed, not the process's random state (it did, before session 37)."""
-    import shutil
-
+    (copied), so only the instruct stage is compared, to float rounding. The distributed runs start at the
+    instruct stage, the single one after 5 stages of draws: the slot head must start from the stage's seed, not
+    the process's random state (it did, before session 37)."""
     single = tmp_path / "single"
     result = _train([*OBJECT_INSTRUCT, "stages.instruct.grad_accum=2", "--out", str(single)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = [json.loads(line) for line in (single / "instruct" / "log.jsonl").read_text().splitlines()]
+    one = _log(single, "instruct")
     # Each loss is on: the slot losses are what the total holds beyond the flow and count terms (count weight 1).
     assert all(r["count_error"] > 0 and r["loss"] - r["gen_loss"] - r["count_error"] > 0.1 for r in one), one
     assert all("slot_binding_acc" in r and "slot_relation_acc" in r for r in one), one
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / strategy
-        for stage in ("data", "clip", "decoder", "vision", "understanding", "generation"):
-            shutil.copytree(single / stage, run / stage)
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "blip3o.cli.train", "--no-progress", *OBJECT_INSTRUCT, "--out", str(run), f"distributed={strategy}",
-        ]  # fmt: skip
-        multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        _copy_stages(single, run, ("clip", "decoder", "vision", "understanding", "generation"))
+        train = ["-m", "blip3o.cli.train", "--no-progress", *OBJECT_INSTRUCT]
+        multi = _torchrun([*train, "--out", str(run), f"distributed={strategy}"], tmp_path)
         assert multi.returncode == 0, multi.stderr[-3000:]
-        two = [json.loads(line) for line in (run / "instruct" / "log.jsonl").read_text().splitlines()]
+        two = _log(run, "instruct")
         assert [r["step"] for r in two] == [1, 2, 3]
         for a, b in zip(one, two, strict=True):
             for key in ("loss", "gen_loss", "count_error", "slot_binding_acc", "slot_shape_acc", "grad_norm"):
@@ -324,11 +332,13 @@ def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumula
     args = ["--preset", "tiny-test", "deterministic=true", "stages.*.grad_accum=2"]
     single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "blip3o.cli.train", "--no-progress", *args[:3], "--out", str(tmp_path / "fsdp"), "distributed=fsdp",
-    ]  # fmt: skip
-    multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    train = [
+        "-m",
+        "blip3o.cli.train",
+        "--no-progress",
+        *args[:3],
+    ]  # no accumulation: 2 ranks of 1 micro-batch
+    multi = _torchrun([*train, "--out", str(tmp_path / "fsdp"), "distributed=fsdp"], tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert (tmp_path / "fsdp" / "instruct" / "model").is_dir()  # every stage kind ran sharded
     one, two = _losses(tmp_path / "single", "clip"), _losses(tmp_path / "fsdp", "clip")
@@ -350,8 +360,6 @@ def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumula
 def test_two_process_refine_stage_matches_one_process_accumulating(tmp_path: Path) -> None:
     """A decoder stage drawing the trained DiT's renditions inside its forward (the recipe's `refine`) trains the
     same on 2 ranks, DDP or FSDP2, as on one process accumulating 2 micro-batches (tests/dist_refine_train.py)."""
-    import shutil
-
     script = str(Path(__file__).parent / "dist_refine_train.py")
     single = subprocess.run(
         [sys.executable, script, str(tmp_path / "single"), "none", "2"],
@@ -362,13 +370,10 @@ def test_two_process_refine_stage_matches_one_process_accumulating(tmp_path: Pat
     assert [s for s, _ in one] == [1, 2, 3]
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / strategy
-        for stage in ("data", "clip", "decoder", "vision", "understanding", "generation", "instruct"):
-            shutil.copytree(tmp_path / "single" / stage, run / stage)
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            script, str(run), strategy, "1",
-        ]  # fmt: skip
-        multi = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        _copy_stages(
+            tmp_path / "single", run, ("clip", "decoder", "vision", "understanding", "generation", "instruct")
+        )
+        multi = _torchrun([script, str(run), strategy, "1"], tmp_path)
         assert multi.returncode == 0, multi.stderr[-3000:]
         two = _losses(run, "refine")
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two, strict=True)), (strategy, one, two)

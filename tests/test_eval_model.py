@@ -247,9 +247,8 @@ def test_geneval_model_and_output_errors(model_dir: Path, tmp_path: Path) -> Non
     code, _, stderr = _main(
         eval_geneval, ["--model", str(model_dir), "--out", str(fresh), "--cfg-interval", "0.5"]
     )
-    assert (
-        "--cfg-interval takes MIN,MAX" in _one_line_error(code, stderr) and not fresh.exists()
-    )  # before writing
+    assert "--cfg-interval takes MIN,MAX" in _one_line_error(code, stderr)
+    assert not fresh.exists()  # refused before anything is written
     (tmp_path / "file").write_text("")
     code, _, stderr = _main(eval_geneval, ["--model", str(model_dir), "--out", str(tmp_path / "file")])
     assert "is a file" in _one_line_error(code, stderr)

@@ -128,10 +128,10 @@ def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     sentence = stage_objectives_sentence(config)
     count = next(part for part in sentence.rstrip(".").split("; `") if part.startswith("count`"))
     assert count == "count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss 0.1"
-    assert (
+    refine = (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
-        in (sentence)
     )
+    assert refine in sentence
     assert "`clip`" not in sentence and "`decoder`" not in sentence  # no extras, no mention
     for stage in config["stages"]:  # a config saved before the fields: nothing to say, and no KeyError
         for key in ("slot_label_weight", "slot_relation_weight", "slot_binding_weight", "count_weight"):

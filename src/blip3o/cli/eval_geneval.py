@@ -146,10 +146,8 @@ def _run_model(args: argparse.Namespace) -> None:
         raise CliError(f"cannot write {args.out}: {err.strerror or err}") from err
 
     model = load_model(args.model, args.device)
-    if interval is not None:
-        model.set_guidance_interval(
-            *interval
-        )  # the summary reports it (FlowMatchingConfig.guidance_interval)
+    if interval is not None:  # the summary reports it (FlowMatchingConfig.guidance_interval)
+        model.set_guidance_interval(*interval)
     try:
         summary = geneval_with_model(
             model,

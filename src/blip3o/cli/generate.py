@@ -133,8 +133,14 @@ def parse_guidance_interval(text: str) -> tuple[float, float, float]:
     if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values):
         raise CliError(f"--cfg-interval takes MIN,MAX or MIN,MAX,OUTSIDE such as 0.1,0.7, got {text!r}")
     low, high, outside = (*values, 0.0) if len(values) == 2 else values
-    if not 0.0 <= low <= high <= 1.0 or not 0.0 <= outside <= 1.0:
-        raise CliError(f"--cfg-interval needs 0 <= MIN <= MAX <= 1 and OUTSIDE in [0, 1], got {text!r}")
+    from blip3o.transport import FlowMatchingConfig
+
+    try:  # the config's own bounds check, before the model is loaded
+        FlowMatchingConfig(cfg_sigma_min=low, cfg_sigma_max=high, cfg_outside=outside)
+    except ValueError as err:
+        raise CliError(
+            f"--cfg-interval needs 0 <= MIN <= MAX <= 1 and OUTSIDE in [0, 1], got {text!r}"
+        ) from err
     return low, high, outside
 
 
