@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ from blip3o.train.count_supervision import (
     expected_object_count,
     guided_count_loss,
     row_guidance_weights,
+    scene_counts,
+    shape_count_error,
 )
 from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
 from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
 from blip3o.transport import FlowMatchingConfig
+from blip3o.world.scene import SHAPES
 from conftest import object_label_model_config
 
 NONE = PATCH_LABEL_GROUPS[0] - 1  # the "none" shape's channel
@@ -47,6 +51,34 @@ def test_count_error_is_the_mean_absolute_error_over_kept_rows() -> None:
     assert exact.item() == 0.0
     nothing, _ = count_error(readings, counts, torch.zeros(3, dtype=torch.bool))
     assert nothing.item() == 0.0
+
+
+def test_shape_count_error_sees_one_shape_drawn_twice() -> None:
+    # Two tokens, both certain: row 0 draws two circles, row 1 a circle and a star. The scene of both: a circle
+    # and a star. The total is right in both rows; by shape, row 0 is one circle too many and one star short.
+    readings = torch.zeros(2, 2, 19)
+    readings[0, :, SHAPES.index("circle")] = 1.0
+    readings[1, 0, SHAPES.index("circle")], readings[1, 1, SHAPES.index("star")] = 1.0, 1.0
+    wanted = torch.zeros(2, len(SHAPES))
+    wanted[:, SHAPES.index("circle")], wanted[:, SHAPES.index("star")] = 1.0, 1.0
+    loss, metrics = shape_count_error(readings, wanted, torch.tensor([True, True]))
+    torch.testing.assert_close(loss, torch.tensor((2.0 + 0.0) / 2))
+    torch.testing.assert_close(metrics["count_error"], torch.tensor(0.0))  # what the total-count loss sees
+    only_right, _ = shape_count_error(readings, wanted, torch.tensor([False, True]))
+    assert only_right.item() == 0.0
+
+
+def test_scene_counts_by_objects_and_by_shape() -> None:
+    # Only the objects' shapes are read: stand-ins with just those keep the test about counting.
+    scene = SimpleNamespace(objects=[SimpleNamespace(shape=s) for s in ("star", "star", "circle")])
+    scenes = [scene, None]
+    assert scene_counts(scenes, "objects").tolist() == [3, 0]
+    by_shape = scene_counts(scenes, "shape")
+    assert by_shape.shape == (2, len(SHAPES))
+    assert by_shape[0, SHAPES.index("star")] == 2 and by_shape[0, SHAPES.index("circle")] == 1
+    assert by_shape.sum().item() == 3.0
+    with pytest.raises(ValueError, match="objects or shape"):
+        scene_counts(scenes, "colour")
 
 
 def _object_model() -> Blip3o:
@@ -137,6 +169,21 @@ def test_instruct_step_with_the_count_loss() -> None:
     flow_only = [p.grad for p in model.dit.parameters() if p.grad is not None]
     assert len(with_count) == len(flow_only)
     assert any(not torch.allclose(a, b) for a, b in zip(with_count, flow_only, strict=True))
+
+
+def test_instruct_step_with_the_count_loss_by_shape() -> None:
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = StageModule(model, "instruct", count_weight=1.0, count_by="shape")(batch)
+    assert {"gen_loss", "shape_count_error", "count_error"} <= set(metrics)
+    torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + metrics["shape_count_error"])
+    # Summed over shapes, the error is at least the total's (triangle inequality).
+    assert metrics["shape_count_error"] >= metrics["count_error"] - 1e-6
+    with pytest.raises(ConfigError, match="count_by"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, count_weight=1.0, count_by="colour")
 
 
 def test_count_weight_checks() -> None:

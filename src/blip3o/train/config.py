@@ -129,6 +129,8 @@ class StageConfig:
     # instruct stages: weight of the count loss on the guided clean-target estimate (train/count_supervision.py;
     # needs CLIP's object label head)
     count_weight: float = 0.0
+    # what the count loss counts: "objects" (the scene's total) or "shape" (each shape's number of objects)
+    count_by: str = "objects"
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -208,6 +210,10 @@ class StageConfig:
             )
         if self.count_weight < 0:
             raise ConfigError(f"stage {self.name!r}: count_weight must be >= 0, got {self.count_weight}")
+        if self.count_by not in ("objects", "shape"):
+            raise ConfigError(
+                f"stage {self.name!r}: count_by must be objects or shape, got {self.count_by!r}"
+            )
         if self.count_weight and self.kind != "instruct":
             raise ConfigError(f"stage {self.name!r}: count_weight applies to instruct stages only")
         for name in ("colourless_pair_renders", "counting_renders"):

@@ -285,6 +285,7 @@ def train_stage(
             stage.slot_binding_weight,
             stage.slot_binding_order,
             stage.count_weight,
+            stage.count_by,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -21,7 +21,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights
+from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights, scene_counts
 from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
@@ -203,6 +203,7 @@ class StageModule(nn.Module):
         slot_binding_weight: float = 0.0,
         slot_binding_order: str = "scene",
         count_weight: float = 0.0,
+        count_by: str = "objects",
     ):
         super().__init__()
         self.model = model
@@ -218,7 +219,7 @@ class StageModule(nn.Module):
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
         self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
         self.slot_binding_order = slot_binding_order
-        self.count_weight = count_weight
+        self.count_weight, self.count_by = count_weight, count_by
         clip = getattr(model, "clip", None)
         if count_weight > 0 and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
@@ -333,7 +334,7 @@ class StageModule(nn.Module):
             conditioned = ~drop_mask.bool()  # dropped rows read the null condition: nothing to count or bind
         if self.count_weight > 0:
             keep = conditioned & torch.tensor([scene is not None for scene in scenes])  # (B,)
-            counts = torch.tensor([len(scene.objects) if scene else 0 for scene in scenes], device=m.device)
+            counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
             count_loss, count_metrics = guided_count_loss(
                 m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
                 counts, keep.to(m.device),
