@@ -299,6 +299,8 @@ def stage_objectives_sentence(config: dict) -> str:
     parts = []
     for stage in config["stages"]:
         extras = [f"{name} loss {stage[key]:g}" for key, name in EXTRA_LOSSES.items() if stage.get(key, 0)]
+        if stage.get("count_weight", 0) and stage.get("count_by", "objects") == "shape":
+            extras = [e.replace("count loss", "count loss by shape") for e in extras]
         if stage.get("generated_share", 0):
             pairs = stage.get("generated_pairs", "image")
             drawn = "the render of what CLIP reads in it" if pairs == "reading" else "the batch's image"
