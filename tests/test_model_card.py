@@ -105,12 +105,13 @@ def test_wall_time_sentence_says_when_no_stage_was_trained_by_the_run() -> None:
 def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     config = preset("shapes-object").to_dict()
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
+        "4 renders each; 12 in stages `relation`, `count`, `count_shape` for those naming two kinds of object and "
+        "no colour"
     )
     next(stage for stage in config["stages"] if stage["name"] == "count")["counting_renders"] = 8
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stages `relation`, `count` for those naming two kinds of object and no colour"
-        "; 8 in stage `count` for counting prompts"
+        "4 renders each; 12 in stages `relation`, `count`, `count_shape` for those naming two kinds of object and "
+        "no colour; 8 in stage `count` for counting prompts"
     )
     for stage in config["stages"]:
         del stage["colourless_pair_renders"], stage["counting_renders"]  # a config saved before the fields
@@ -118,23 +119,22 @@ def test_the_recipe_says_how_often_colourless_pairs_are_rendered() -> None:
     # Sessions 30-31 saved it as a data field, read by every instruct stage.
     config["data"]["instruct_colourless_pair_renders"] = 12
     assert instruct_renders_phrase(config) == (
-        "4 renders each; 12 in stages `instruct`, `relation`, `count` for those naming two kinds of object and "
-        "no colour"
+        "4 renders each; 12 in stages `instruct`, `relation`, `count`, `count_shape` for those naming two kinds "
+        "of object and no colour"
     )
 
 
 def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     config = preset("shapes-object").to_dict()
     sentence = stage_objectives_sentence(config)
-    count = next(part for part in sentence.rstrip(".").split("; `") if part.startswith("count`"))
-    assert count == "count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss 0.1"
-    count_stage = next(stage for stage in config["stages"] if stage["name"] == "count")
-    count_stage["count_by"] = "shape"
+    parts = {part.split("`")[0]: part for part in sentence.rstrip(".").lstrip("`").split("; `")}
     assert (
-        "`count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss by shape 0.1"
-        in (stage_objectives_sentence(config))
+        parts["count"]
+        == "count`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss 0.1"
     )
-    count_stage["count_by"] = "objects"
+    assert parts["count_shape"] == (
+        "count_shape`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss by shape 0.1"
+    )
     refine = (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
     )

@@ -368,12 +368,13 @@ def test_instruct_examples_render_colourless_pairs_more_often(monkeypatch) -> No
         StageConfig("relation", "instruct", 10, 4, colourless_pair_renders=-1)
     with pytest.raises(ConfigError, match="applies to instruct stages only"):
         StageConfig("generation", "generation", 10, 4, colourless_pair_renders=12)
-    # The bundled model's recipe gives them to its last two stages only: measured in `relation`, kept in `count`.
+    # The bundled model's recipe gives them to its last stages only: measured in `relation`, kept after it.
     object_stages = preset("shapes-object").stages
     assert {s.name: s.colourless_pair_renders for s in object_stages if s.kind == "instruct"} == {
         "instruct": 0,
         "relation": 12,
         "count": 12,
+        "count_shape": 12,
     }
 
 

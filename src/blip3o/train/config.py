@@ -597,7 +597,14 @@ def _shapes_object() -> RunConfig:
     # 0.685 / 0.640 against 0.632 / 0.573 (400), two_object 0.735 / 0.645 against 0.765 / 0.670 (200); on the
     # full pipeline ShapesGenEval 0.696 ± 0.002 -> 0.718 ± 0.006, every seed higher (docs/bench/object_target.txt).
     count = dataclasses.replace(relation, name="count", steps=2000, count_weight=0.1)
-    config = dataclasses.replace(config, stages=(*config.stages, refine, relation, count))
+    # Then 1,000 steps with the count loss by shape (session 38, `count_by="shape"`: each shape's expected number of
+    # objects is pulled to the scene's, so drawing one shape twice costs what the total count cannot see). From the
+    # bundle of 84c2b01, against the control (the same 1,000 steps counting objects), bench/token_category.py
+    # --pixels, CFG 3, tokens / pixels: counting 0.567 / 0.460 against 0.530 / 0.417, position 0.757 / 0.690
+    # against 0.703 / 0.623, two_object 0.785 / 0.670 against 0.745 / 0.625; on the full pipeline ShapesGenEval
+    # 0.718 +- 0.006 -> 0.743 +- 0.011, every seed higher (docs/bench/object_target.txt).
+    count_shape = dataclasses.replace(count, name="count_shape", steps=1000, count_by="shape")
+    config = dataclasses.replace(config, stages=(*config.stages, refine, relation, count, count_shape))
     return apply_overrides(
         config,
         [
