@@ -562,8 +562,9 @@ def _shapes_object() -> RunConfig:
     tokens (80 prompts: 55/80 at 3,000, 78/80 at 8,000), but once `refine` follows, the 3,000-step decoder draws
     the DiT's tokens better (bench/decoder_arms.py on the same 240 DiT samples, two seeds: 0.371 against 0.343
     with refine, 0.324-0.333 against 0.256 without; session 24, docs/bench/object_target.txt): the longer stage
-    only fit real targets more closely. That puts the recipe at an estimated ~265 min of training with the last
-    `relation` and `count` stages (~36 and ~22 min; below), over the 120 minutes `shapes` fits in.
+    only fit real targets more closely. That puts the recipe at an estimated ~276 min of training with the last
+    `relation`, `count` and `count_shape` stages (~36, ~22 and ~11 min; below), over the 120 minutes `shapes` fits
+    in.
     Refine's pairs (session 25): each rendition, from start levels up to 1 (the DiT's own samples), is paired
     with the ShapesWorld render of what CLIP's label head reads in it (`generated_pairs="reading"`), not with the
     batch's image: the decoder had drawn the tokens' objects as hybrids and soft outlines the judge rejects (52
@@ -602,7 +603,8 @@ def _shapes_object() -> RunConfig:
     # bundle of 84c2b01, against the control (the same 1,000 steps counting objects), bench/token_category.py
     # --pixels, CFG 3, tokens / pixels: counting 0.567 / 0.460 against 0.530 / 0.417, position 0.757 / 0.690
     # against 0.703 / 0.623, two_object 0.785 / 0.670 against 0.745 / 0.625; on the full pipeline ShapesGenEval
-    # 0.718 +- 0.006 -> 0.743 +- 0.011, every seed higher (docs/bench/object_target.txt).
+    # 0.718 +- 0.006 -> 0.743 +- 0.011, every seed higher; the rebundle (session 40, the same stage trained again on
+    # the bundle: 11.4 min) 0.750 +- 0.005 (docs/bench/object_target.txt).
     count_shape = dataclasses.replace(count, name="count_shape", steps=1000, count_by="shape")
     config = dataclasses.replace(config, stages=(*config.stages, refine, relation, count, count_shape))
     return apply_overrides(
