@@ -9,11 +9,16 @@ prompt batch b uses seed SEED + b), judges every image, and scores each with two
 - caption: the backbone's log-likelihood of the prompt as its answer to the short-caption request
   ("Describe the image briefly.", stage 1's) about the picture: the understanding side grading the generation.
   The prompt is the same for all K, so its wording ("a photo of") shifts every candidate alike.
+- check: the backbone's summed log-likelihood of the answers the prompt implies to ShapesVQA questions
+  (blip3o.eval.self_check: how many shapes in all, how many of each named shape, what shape the object of each
+  named colour is), read from the prompt's words alone; what `--self-check K` keeps.
 It prints, per category, the mean single-sample pass rate, the pass rate of the candidate each score ranks
 first (and of the sum of both scores' within-prompt z-scores), and the oracle (any of the K passes), then how
 many objects the judge finds in the candidates each score picks against all of them.
 Session 38 (bundle of 84c2b01, defaults): single 0.748, clip 0.769, caption 0.748, both 0.771, oracle 0.995;
 the gain is colour binding's (color_attr 0.660 -> 0.833 / 0.889), position loses (0.689 -> 0.649 / 0.541).
+Session 41 (bundle of 01211fa, defaults): single 0.738, clip 0.721, caption 0.739, check 0.873, both 0.728, oracle
+0.980 (check: two_object 0.700, counting 0.733, position 0.973, color_attr 0.861).
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ from PIL import Image
 
 from blip3o.eval.geneval import score_detections
 from blip3o.eval.model_eval import balanced_subset
+from blip3o.eval.self_check import answer_log_probs, check_scores
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import SHORT_CAPTION_PROMPT
 from blip3o.world.judge import detect
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "blip3o" / "bundled" / "model"
-SCORES = ("clip", "caption")
+SCORES = ("clip", "caption", "check")
+PAIR_SCORES = ("clip", "caption")  # the "both" ranking: the sum of these two scores' z-scores
 
 
 @torch.no_grad()
@@ -50,18 +57,9 @@ def clip_scores(model: Blip3o, images: list[Image.Image], texts: list[str]) -> t
     return (image * text).sum(-1)  # (n,)
 
 
-@torch.no_grad()
 def caption_scores(model: Blip3o, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
     """(n,) summed log-probability of each text as the backbone's short caption of its image."""
-    backbone = model.backbone
-    batch = backbone.understanding_inputs(images, [SHORT_CAPTION_PROMPT] * len(texts), texts)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    labels = batch.pop("labels")[:, 1:]  # (n, T-1): position t predicts token t + 1
-    logits = backbone.vlm(**batch, use_cache=False).logits.float()[:, :-1]  # (n, T-1, V)
-    log_prob = -F.cross_entropy(
-        logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )  # (n, T-1)
-    return (log_prob * (labels != -100)).sum(1)  # (n,)
+    return answer_log_probs(model, images, [SHORT_CAPTION_PROMPT] * len(texts), texts)
 
 
 def z_scores(values: list[float]) -> list[float]:
@@ -72,7 +70,9 @@ def z_scores(values: list[float]) -> list[float]:
 def picks(candidates: list[dict]) -> dict[str, dict]:
     """The candidate each ranking puts first: by each score, and by the sum of both scores' z-scores."""
     chosen = {name: max(candidates, key=lambda c: c[name]) for name in SCORES}
-    both = [sum(parts) for parts in zip(*(z_scores([c[n] for c in candidates]) for n in SCORES), strict=True)]
+    both = [
+        sum(parts) for parts in zip(*(z_scores([c[n] for c in candidates]) for n in PAIR_SCORES), strict=True)
+    ]
     chosen["both"] = candidates[max(range(len(candidates)), key=both.__getitem__)]
     return chosen
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         scores = {
             "clip": clip_scores(model, images, repeated),
             "caption": caption_scores(model, images, repeated),
+            "check": check_scores(model, images, repeated),
         }
         for i, image in enumerate(images):
             index, record = chunk[i // args.k]

@@ -348,3 +348,33 @@ def test_object_label_scene_clamps_reads_into_shapesworld_ranges() -> None:
     assert min(x0, y0) >= 0.0 and max(x1, y1) <= scene.size
     assert (x1 - x0 + y1 - y0) / 2 == pytest.approx(MAX_BOX, abs=1e-3)
     assert object_label_scene(torch.cat([labels[1:], labels[1:2]]), np.random.default_rng(0)).objects == ()
+
+
+def test_freeze_language_trains_only_the_tower_and_leaves_the_condition_bit_identical() -> None:
+    """An understanding stage with `freeze_language` tunes what the backbone sees, never what generation reads."""
+    torch.manual_seed(0)
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
+    trainable = set_trainable(model, "understanding", freeze_language=True)
+    assert trainable and all(n.startswith("backbone.vlm.model.visual.") for n in trainable)
+    assert any(".merger." in n for n in trainable)  # the patch merger learns with the tower
+    prompts = ["a photo of a red circle", "two blue stars", "a green square left of a yellow triangle"]
+    with torch.no_grad():
+        condition_before = model.condition(prompts)  # (3, n_queries, H)
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(4)]
+    batch = {
+        "images": [render(s) for s in scenes],
+        "prompts": ["How many objects are there?"] * 4,
+        "answers": [str(len(s.objects)) for s in scenes],
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    module = StageModule(model, "understanding")
+    losses = _fit_fixed_batch(module, list(parameters_of(module)), batch, steps=15)
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("backbone.vlm.model.visual.") for n in changed)
+    with torch.no_grad():
+        assert torch.equal(model.condition(prompts), condition_before)
+    with pytest.raises(ConfigError, match="freeze_language"):
+        StageConfig("gen", "instruct", steps=1, batch_size=1, freeze_language=True)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        StageConfig("und", "understanding", steps=1, batch_size=1, freeze_language=True, freeze_vision=True)

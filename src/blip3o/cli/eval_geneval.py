@@ -43,6 +43,7 @@ MODEL_ONLY = (
     "decoder_cfg_scale",
     "max_prompts",
     "batch_size",
+    "self_check",
 )
 
 
@@ -91,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         help="images per generate call (default 64; the images depend on it)",
     )
     parser.add_argument(
+        "--self-check",
+        type=int,
+        metavar="K",
+        help="each image is the best of K samples by the model's own check of its prompt (K times the "
+        "sampling; see blip3o generate --self-check; default 1: off)",
+    )
+    parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -111,7 +119,7 @@ def parse_seeds(text: str) -> list[int]:
 def _check_model_args(args: argparse.Namespace) -> list[int]:
     if args.out is None:
         raise CliError("--model needs --out DIR: the folder for the samples and scores")
-    for name in ("steps", "decoder_steps", "max_prompts", "batch_size"):
+    for name in ("steps", "decoder_steps", "max_prompts", "batch_size", "self_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -160,6 +168,7 @@ def _run_model(args: argparse.Namespace) -> None:
             max_prompts=args.max_prompts,
             batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
             progress=not args.no_progress,
+            self_check=args.self_check or 1,
         )
     except OSError as err:  # e.g. the disk filled up while writing samples
         raise CliError(f"cannot write the samples under {args.out}: {err}") from err

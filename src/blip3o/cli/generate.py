@@ -8,7 +8,8 @@ Without --model, the model bundled with the package is used. One image (one prom
 written to -o itself. Several images are written next to it, numbered in prompt-major order:
 -o samples/out.png gives samples/out_000.png, samples/out_001.png, ... (with 2 prompts x 4 images,
 out_000..out_003 are the first prompt's). --grid also writes a labelled contact sheet, samples/out_grid.png.
-The same model, prompts, seed and settings give the same pixels.
+The same model, prompts, seed and settings give the same pixels. --self-check K draws K candidates for each
+image and keeps the one the model's own understanding finds truest to the prompt (blip3o.eval.self_check).
 """
 
 from __future__ import annotations
@@ -204,13 +205,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write a labelled grid, <out>_grid.png")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
     p.add_argument(
+        "--self-check",
+        type=int,
+        default=1,
+        metavar="K",
+        help="draw K candidates per image and keep the one whose answers to the prompt's own questions (how many "
+        "shapes, which shape is the red one) the model's understanding finds likeliest (default 1: off)",
+    )
+    p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     return p
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("num_images", "steps", "decoder_steps", "scale", "batch_size"):
+    for name in ("num_images", "steps", "decoder_steps", "scale", "batch_size", "self_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -262,16 +271,25 @@ def _run(args: argparse.Namespace) -> None:
         model.set_guidance_interval(*interval)
     check_prompts(model, args.prompts)
     loaded = time.perf_counter()
-    images = model.generate(
-        args.prompts,
-        num_images=args.num_images,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        decoder_steps=args.decoder_steps,
-        decoder_cfg_scale=args.decoder_cfg_scale,
-        batch_size=args.batch_size,
-    )
+    sampling = {
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "decoder_steps": args.decoder_steps,
+        "decoder_cfg_scale": args.decoder_cfg_scale,
+        "batch_size": args.batch_size,
+    }
+    if args.self_check > 1:
+        from blip3o.eval.self_check import generate_self_checked, prompt_checks
+
+        if unchecked := [p for p in args.prompts if not prompt_checks(p)]:
+            print(
+                f"--self-check: no checks read from {unchecked} (no '<number> [colour] <shape>'): first candidate kept"
+            )
+        images, _ = generate_self_checked(
+            model, args.prompts, args.self_check, args.num_images, args.seed, **sampling
+        )
+    else:
+        images = model.generate(args.prompts, num_images=args.num_images, seed=args.seed, **sampling)
     generated = time.perf_counter()
 
     scaled = [
@@ -291,7 +309,9 @@ def _run(args: argparse.Namespace) -> None:
             raise CliError(f"cannot write {path}: {err}") from err
         print(f"wrote {path} ({image.width}x{image.height})")
     print(
-        f"{len(images)} image(s) in {generated - loaded:.1f} s "
+        f"{len(images)} image(s)"
+        + (f", each the best of {args.self_check} by the model's self-check," if args.self_check > 1 else "")
+        + f" in {generated - loaded:.1f} s "
         f"(model loaded in {loaded - start:.1f} s, {model.device})"
     )
 

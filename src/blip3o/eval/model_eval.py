@@ -148,20 +148,29 @@ def generate_seed(
     seed: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     bar: tqdm | None = None,
+    self_check: int = 1,
     **sampling: float | int | None,
 ) -> None:
     """Generate every prompt's n_samples images with one seed and write them in GenEval's layout.
 
     prompts: (folder index, record) pairs; sampling: generate()'s steps, cfg_scale, decoder_steps,
     decoder_cfg_scale. A prompt's folder is written as soon as its last image exists (memory stays flat).
+    self_check K > 1: each image is the best of K samples by the model's own check (blip3o.eval.self_check).
     """
     counts = [int(record["n_samples"]) for _, record in prompts]
     pending: dict[int, list[Image.Image]] = {}
     for b, positions in enumerate(plan_batches(counts, batch_size)):
         texts = [prompts[p][1]["prompt"] for p in positions]
-        images = model.generate(
-            texts, num_images=1, seed=batch_seed(seed, b), batch_size=len(texts), **sampling
-        )
+        if self_check > 1:
+            from blip3o.eval.self_check import generate_self_checked
+
+            images, _ = generate_self_checked(
+                model, texts, self_check, 1, batch_seed(seed, b), batch_size=len(texts), **sampling
+            )
+        else:
+            images = model.generate(
+                texts, num_images=1, seed=batch_seed(seed, b), batch_size=len(texts), **sampling
+            )
         for position, image in zip(positions, images, strict=True):
             pending.setdefault(position, []).append(image)
             if len(pending[position]) == counts[position]:
@@ -183,14 +192,18 @@ def geneval_with_model(
     decoder_cfg_scale: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     images_per_prompt: int | None = None,
+    self_check: int = 1,
 ) -> dict:
     """Generate ShapesGenEval's images with `model` for each seed, score them with the ShapesWorld judge and
     aggregate over seeds. Sampler settings left as None are the model's own. `images_per_prompt` caps each
-    prompt's `n_samples` (a quick check, not the benchmark). Returns the summary that is written to
-    <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
+    prompt's `n_samples` (a quick check, not the benchmark). `self_check` K > 1 keeps each image as the best of
+    K samples by the model's own check (K times the sampling; the summary's settings say so). Returns the
+    summary written to <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
     from blip3o.world.judge import detect
 
     seeds = check_seeds(seeds)
+    if self_check < 1:
+        raise ValueError(f"self_check must be >= 1 (1: off), got {self_check}")
     out = Path(out_dir)
     records = load_eval_prompts()
     prompts = balanced_subset(records, max_prompts)
@@ -216,7 +229,7 @@ def geneval_with_model(
         for seed in seeds:
             folder = seed_dir(out, seed)
             start = time.perf_counter()
-            generate_seed(model, prompts, folder, seed, batch_size, bar, **sampling)
+            generate_seed(model, prompts, folder, seed, batch_size, bar, self_check, **sampling)
             generated = time.perf_counter()
             # The per-seed scores go next to the numbered folders, which readers of the layout skip.
             results = score_sample_folder(folder, detect, out_dir=folder, progress=False)
@@ -236,6 +249,7 @@ def geneval_with_model(
             **sampling,
             **model.config.flow.guidance_interval(),
             "batch_size": batch_size,
+            "self_check": self_check,
             "device": str(model.device),
         },
         **aggregate_seeds(per_seed),

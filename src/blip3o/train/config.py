@@ -77,6 +77,10 @@ class StageConfig:
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
     freeze_vision: bool = False
+    # understanding: keep the language model frozen, so only the vision tower (and its patch merger)
+    # learns from the answers. Text-only prompts then give bit-identical hidden states: a stage that tunes
+    # understanding after the generation stages leaves what generation reads, and so every image, unchanged.
+    freeze_language: bool = False
     hard_negatives: bool = False  # clip: add each caption with a shape swapped as a negative (NegCLIP-style)
     # vision: weight of the cell-position loss, each token regressing its own cell's centre (0: off). The
     # Qwen2.5-VL tower has rotary positions only, so without it a token's content hardly says where it is
@@ -166,6 +170,12 @@ class StageConfig:
                 raise ConfigError(
                     f"stage {self.name!r}: {key} applies to understanding and joint stages only"
                 )
+        if self.freeze_language and self.kind != "understanding":
+            raise ConfigError(f"stage {self.name!r}: freeze_language applies to understanding stages only")
+        if self.freeze_vision and self.freeze_language:
+            raise ConfigError(
+                f"stage {self.name!r}: freeze_vision and freeze_language together leave nothing to train"
+            )
         if self.cell_position_weight < 0:
             raise ConfigError(
                 f"stage {self.name!r}: cell_position_weight must be >= 0, got {self.cell_position_weight}"

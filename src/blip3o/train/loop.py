@@ -263,7 +263,7 @@ def train_stage(
             stage.colourless_pair_renders,
             stage.counting_renders,
         )
-    set_trainable(model, kind, stage.freeze_vision)
+    set_trainable(model, kind, stage.freeze_vision, stage.freeze_language)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
     # Stage heads (the slot label head, the vision stage's scene head) start from the stage's seed, not from what

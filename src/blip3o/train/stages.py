@@ -53,13 +53,20 @@ def trainable_modules(model: Blip3o, kind: str) -> list[nn.Module | nn.Parameter
     raise ValueError(f"unknown stage kind {kind!r}")
 
 
-def set_trainable(model: Blip3o, kind: str, freeze_vision: bool = False) -> list[str]:
+def set_trainable(
+    model: Blip3o, kind: str, freeze_vision: bool = False, freeze_language: bool = False
+) -> list[str]:
     """Freeze everything, then unfreeze what `kind` trains; returns the trainable parameter names.
 
-    freeze_vision: keep the backbone's vision tower frozen even where `kind` trains the backbone."""
+    freeze_vision: keep the backbone's vision tower frozen even where `kind` trains the backbone.
+    freeze_language: an understanding stage trains only the backbone's vision tower (with its patch merger); the
+    language model, whose hidden states on text prompts condition generation, stays as it is."""
     model.requires_grad_(False)
     for part in trainable_modules(model, kind):
         part.requires_grad_(True)
+    if freeze_language and kind == "understanding":
+        model.backbone.requires_grad_(False)
+        model.backbone.vision_tower.requires_grad_(True)
     if freeze_vision:
         model.backbone.vision_tower.requires_grad_(False)
     return [n for n, p in model.named_parameters() if p.requires_grad]
