@@ -44,6 +44,12 @@ def test_prompt_checks_read_counts_shapes_and_colours_from_the_words() -> None:
     # A colour shared by two objects does not name one, so it is not asked about.
     assert ("what shape is the red object?", "star") not in prompt_checks("a red star and a red cross")
     assert prompt_checks("something pretty") == []
+    # Five objects: past the count words, so only what can be answered is asked.
+    assert prompt_checks("four circles and a red star") == [
+        ("how many circles are there?", "four"),
+        ("how many stars are there?", "one"),
+        ("what shape is the red object?", "star"),
+    ]
     # Every ShapesGenEval prompt yields checks, and the total count is always asked first.
     for record in load_eval_prompts():
         checks = prompt_checks(record["prompt"])

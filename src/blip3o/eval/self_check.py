@@ -48,10 +48,13 @@ def prompt_checks(prompt: str) -> list[tuple[str, str]]:
     ]
     if not phrases:
         return []
-    checks = [("how many shapes are there?", count_word(sum(n for n, _, _ in phrases)))]
+    # Counts past the largest count word (ShapesWorld scenes hold at most four objects) have no answer to check.
+    checks = []
+    if (total := sum(n for n, _, _ in phrases)) in COUNT_WORDS:
+        checks.append(("how many shapes are there?", count_word(total)))
     for shape in dict.fromkeys(shape for _, _, shape in phrases):
-        count = sum(n for n, _, s in phrases if s == shape)
-        checks.append((f"how many {SHAPE_PLURALS[shape]} are there?", count_word(count)))
+        if (count := sum(n for n, _, s in phrases if s == shape)) in COUNT_WORDS:
+            checks.append((f"how many {SHAPE_PLURALS[shape]} are there?", count_word(count)))
     for n, color, shape in phrases:
         # Only where the colour names one object: "what shape is the red object?" has one answer then.
         if color and n == 1 and sum(c == color for _, c, _ in phrases) == 1:
@@ -114,8 +117,7 @@ def generate_self_checked(
     per_prompt = num_images * candidates
     scores = check_scores(model, drawn, [p for p in prompts for _ in range(per_prompt)])
     grouped = scores.view(len(prompts) * num_images, candidates)  # (images, K): a group per kept image
-    best = grouped.argmax(
-        1
-    )  # (images,): the first of equal scores (a prompt without checks keeps candidate 0)
+    # The first of equal scores wins: a prompt without checks keeps candidate 0.
+    best = grouped.argmax(1)  # (images,)
     kept = [drawn[g * candidates + int(k)] for g, k in enumerate(best)]
     return kept, grouped.max(1).values
