@@ -278,18 +278,16 @@ def _run(args: argparse.Namespace) -> None:
         "decoder_cfg_scale": args.decoder_cfg_scale,
         "batch_size": args.batch_size,
     }
-    if args.self_check > 1:
-        from blip3o.eval.self_check import generate_self_checked, prompt_checks
+    from blip3o.eval.self_check import generate_self_checked, prompt_checks
 
-        if unchecked := [p for p in args.prompts if not prompt_checks(p)]:
-            print(
-                f"--self-check: no checks read from {unchecked} (no '<number> [colour] <shape>'): first candidate kept"
-            )
-        images, _ = generate_self_checked(
-            model, args.prompts, args.self_check, args.num_images, args.seed, **sampling
+    if args.self_check > 1 and (unchecked := [p for p in args.prompts if not prompt_checks(p)]):
+        print(
+            f"--self-check: no checks read from {unchecked} (no '<number> [colour] <shape>'): first candidate kept"
         )
-    else:
-        images = model.generate(args.prompts, num_images=args.num_images, seed=args.seed, **sampling)
+    # One candidate (the default) is generate() itself.
+    images, _ = generate_self_checked(
+        model, args.prompts, args.self_check, args.num_images, args.seed, **sampling
+    )
     generated = time.perf_counter()
 
     scaled = [

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blip3o.eval.geneval import score_sample_folder, write_prompt_samples
+from blip3o.eval.self_check import generate_self_checked
 from blip3o.eval.vqa import VQA_QUESTIONS, format_scores, score_answers, vqa_images, vqa_set
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
 
@@ -161,16 +162,10 @@ def generate_seed(
     pending: dict[int, list[Image.Image]] = {}
     for b, positions in enumerate(plan_batches(counts, batch_size)):
         texts = [prompts[p][1]["prompt"] for p in positions]
-        if self_check > 1:
-            from blip3o.eval.self_check import generate_self_checked
-
-            images, _ = generate_self_checked(
-                model, texts, self_check, 1, batch_seed(seed, b), batch_size=len(texts), **sampling
-            )
-        else:
-            images = model.generate(
-                texts, num_images=1, seed=batch_seed(seed, b), batch_size=len(texts), **sampling
-            )
+        # One candidate (self_check 1) is generate() itself.
+        images, _ = generate_self_checked(
+            model, texts, self_check, 1, batch_seed(seed, b), batch_size=len(texts), **sampling
+        )
         for position, image in zip(positions, images, strict=True):
             pending.setdefault(position, []).append(image)
             if len(pending[position]) == counts[position]:
