@@ -116,6 +116,15 @@ def test_geneval_summary_is_mean_and_std_of_the_seeds(two_seeds: tuple[Path, str
     assert f"{summary['overall']['mean']:.4f} ± {summary['overall']['std']:.4f}" in table
 
 
+def test_geneval_self_check_settings_are_recorded(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "checked"
+    argv = ["--model", str(model_dir), "--out", str(out), "--max-prompts", "6", *FAST]
+    code, _, stderr = _main(eval_geneval, [*argv, "--self-check", "2", "--self-check-accept", "0.5"])
+    assert code == 0, stderr
+    settings = json.loads((out / "geneval_summary.json").read_text())["settings"]
+    assert settings["self_check"] == 2 and settings["self_check_accept"] == 0.5
+
+
 def test_untrained_model_scores_near_zero(two_seeds: tuple[Path, str, str]) -> None:
     """The judge gives noise no credit: an untrained model's images must not pass."""
     summary = json.loads((two_seeds[0] / SUMMARY_FILE).read_text())
@@ -222,6 +231,8 @@ def _one_line_error(code: int, stderr: str) -> str:
         (["--max-prompts", "0"], "--max-prompts must be >= 1"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--cfg-scale", "inf"], "--cfg-scale must be a finite number"),
+        (["--self-check-accept", "0.5"], "--self-check-accept needs --self-check K"),
+        (["--self-check", "2", "--self-check-accept", "0"], "must be a probability in (0, 1]"),
     ],
 )
 def test_geneval_bad_options(model_dir: Path, tmp_path: Path, extra: list[str], needle: str) -> None:

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from blip3o.cli import generate
-from blip3o.eval.self_check import answer_log_probs, check_scores, generate_self_checked, prompt_checks
+from blip3o.eval.self_check import (
+    answer_log_probs,
+    check_scores,
+    generate_self_checked,
+    prompt_checks,
+    round_seed,
+)
 from blip3o.models.blip3o import Blip3o
 from blip3o.world.prompts import load_eval_prompts
 from conftest import save_untrained_tiny_model
@@ -93,6 +99,52 @@ def test_generate_self_checked_keeps_the_best_scored_candidate_of_each_group(
         generate_self_checked(model, prompts, candidates=0)
 
 
+def test_accept_stops_at_the_first_believed_candidate_and_redraws_only_the_doubted(
+    saved: tuple[Blip3o, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = saved[0]
+    prompts = ["a photo of two circles", "a photo of a green square", "a photo of three stars", "a red cross"]
+    first = model.generate(prompts, num_images=1, seed=7, **FAST)  # round 0 is plain sampling
+    first_scores = check_scores(model, first, prompts)
+    # A bar between the second and third score: two prompts believed at round 0, two doubted.
+    low, high = sorted(first_scores.tolist())[1:3]
+    assert low < high
+    accept = float(np.exp((low + high) / 2))
+    believed = [s >= (low + high) / 2 for s in first_scores.tolist()]
+
+    calls: list[tuple[list[str], int, list]] = []
+    original = model.generate
+
+    def recording(texts: list[str], num_images: int = 1, seed: int = 0, **kw: object) -> list:
+        images = original(texts, num_images=num_images, seed=seed, **kw)
+        calls.append((list(texts), seed, images))
+        return images
+
+    monkeypatch.setattr(model, "generate", recording)
+    kept, kept_scores = generate_self_checked(model, prompts, candidates=3, seed=7, accept=accept, **FAST)
+    assert [c[1] for c in calls[:2]] == [round_seed(7, 0), round_seed(7, 1)] and round_seed(7, 0) == 7
+    assert calls[0][0] == prompts
+    # Round 1 draws only for the doubted prompts; no round draws for a prompt after it was believed.
+    assert calls[1][0] == [p for p, b in zip(prompts, believed, strict=True) if not b]
+    assert len(calls) <= 3 and all(set(c[0]) <= set(calls[1][0]) for c in calls[1:])
+    for i, prompt in enumerate(prompts):
+        candidates = [
+            im for texts, _, images in calls for t, im in zip(texts, images, strict=True) if t == prompt
+        ]
+        scores = torch.cat([check_scores(model, [im], [prompt]) for im in candidates])
+        assert kept_scores[i] == pytest.approx(float(scores.max()), abs=1e-4)
+        assert np.array_equal(np.asarray(kept[i]), np.asarray(candidates[int(scores.argmax())]))
+        if believed[i]:
+            assert len(candidates) == 1 and np.array_equal(np.asarray(kept[i]), np.asarray(first[i]))
+    # A prompt with nothing to check is believed at once: plain sampling.
+    monkeypatch.setattr(model, "generate", original)
+    plain, _ = generate_self_checked(model, ["something pretty"], candidates=4, seed=3, accept=1.0, **FAST)
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(original(["something pretty"], seed=3, **FAST)[0]))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="accept"):
+            generate_self_checked(model, prompts, candidates=2, accept=bad)
+
+
 def test_generate_cli_self_check_writes_the_kept_images(
     saved: tuple[Blip3o, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -106,3 +158,27 @@ def test_generate_cli_self_check_writes_the_kept_images(
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(kept[0]))
     assert generate.main([*args, "--self-check", "0", "-o", str(tmp_path / "b.png")]) == 2
     assert "--self-check must be >= 1" in capsys.readouterr().err
+    accepted = [
+        *args,
+        "--self-check",
+        "3",
+        "--seed",
+        "2",
+        "--self-check-accept",
+        "0.5",
+        "-o",
+        str(tmp_path / "c.png"),
+    ]
+    assert generate.main(accepted) == 0
+    assert "first of up to 3" in capsys.readouterr().out
+    kept, _ = generate_self_checked(
+        model, ["a photo of two circles"], candidates=3, seed=2, accept=0.5, **FAST
+    )
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(kept[0]))
+    assert generate.main([*args, "--self-check-accept", "0.5", "-o", str(tmp_path / "d.png")]) == 2
+    assert "needs --self-check K" in capsys.readouterr().err
+    assert (
+        generate.main([*args, "--self-check", "2", "--self-check-accept", "2", "-o", str(tmp_path / "e.png")])
+        == 2
+    )
+    assert "probability in (0, 1]" in capsys.readouterr().err

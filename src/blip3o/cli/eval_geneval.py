@@ -26,6 +26,7 @@ from pathlib import Path
 from blip3o.cli.generate import (
     GUIDANCE_INTERVAL_HELP,
     CliError,
+    check_accept,
     load_model,
     parse_guidance_interval,
     report,
@@ -44,6 +45,7 @@ MODEL_ONLY = (
     "max_prompts",
     "batch_size",
     "self_check",
+    "self_check_accept",
 )
 
 
@@ -99,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         "sampling; see blip3o generate --self-check; default 1: off)",
     )
     parser.add_argument(
+        "--self-check-accept",
+        type=float,
+        metavar="P",
+        help="with --self-check K: stop drawing an image's candidates at the first the model believes "
+        "(see blip3o generate --self-check-accept; default: always K)",
+    )
+    parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -127,6 +136,7 @@ def _check_model_args(args: argparse.Namespace) -> list[int]:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    check_accept(args.self_check_accept, args.self_check)
     return parse_seeds(args.seeds if args.seeds is not None else "0")
 
 
@@ -169,6 +179,7 @@ def _run_model(args: argparse.Namespace) -> None:
             batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
             progress=not args.no_progress,
             self_check=args.self_check or 1,
+            self_check_accept=args.self_check_accept,
         )
     except OSError as err:  # e.g. the disk filled up while writing samples
         raise CliError(f"cannot write the samples under {args.out}: {err}") from err

@@ -213,9 +213,26 @@ def _parser() -> argparse.ArgumentParser:
         "shapes, which shape is the red one) the model's understanding finds likeliest (default 1: off)",
     )
     p.add_argument(
+        "--self-check-accept",
+        type=float,
+        metavar="P",
+        help="with --self-check K: draw candidates one round at a time and stop at the first the model believes "
+        "(joint probability of the prompt's answers >= P, e.g. 0.25); default: always draw all K",
+    )
+    p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     return p
+
+
+def check_accept(accept: float | None, self_check: int | None) -> None:
+    """CliError unless --self-check-accept is absent, or a probability in (0, 1] given with --self-check > 1."""
+    if accept is None:
+        return
+    if not 0 < accept <= 1:
+        raise CliError(f"--self-check-accept must be a probability in (0, 1], got {accept}")
+    if (self_check or 1) < 2:
+        raise CliError("--self-check-accept needs --self-check K with K >= 2 (the most candidates to draw)")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -227,6 +244,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    check_accept(args.self_check_accept, args.self_check)
 
 
 def output_paths(out: Path, n_images: int) -> list[Path]:
@@ -286,7 +304,7 @@ def _run(args: argparse.Namespace) -> None:
         )
     # One candidate (the default) is generate() itself.
     images, _ = generate_self_checked(
-        model, args.prompts, args.self_check, args.num_images, args.seed, **sampling
+        model, args.prompts, args.self_check, args.num_images, args.seed, args.self_check_accept, **sampling
     )
     generated = time.perf_counter()
 
@@ -306,10 +324,16 @@ def _run(args: argparse.Namespace) -> None:
         except OSError as err:
             raise CliError(f"cannot write {path}: {err}") from err
         print(f"wrote {path} ({image.width}x{image.height})")
+    checked = ""
+    if args.self_check > 1:
+        checked = f", each the best of {args.self_check} by the model's self-check,"
+        if args.self_check_accept is not None:
+            checked = (
+                f", each the first of up to {args.self_check} the model's self-check believes "
+                f"(p >= {args.self_check_accept}),"
+            )
     print(
-        f"{len(images)} image(s)"
-        + (f", each the best of {args.self_check} by the model's self-check," if args.self_check > 1 else "")
-        + f" in {generated - loaded:.1f} s "
+        f"{len(images)} image(s){checked}" + f" in {generated - loaded:.1f} s "
         f"(model loaded in {loaded - start:.1f} s, {model.device})"
     )
 

@@ -150,13 +150,15 @@ def generate_seed(
     batch_size: int = DEFAULT_BATCH_SIZE,
     bar: tqdm | None = None,
     self_check: int = 1,
+    self_check_accept: float | None = None,
     **sampling: float | int | None,
 ) -> None:
     """Generate every prompt's n_samples images with one seed and write them in GenEval's layout.
 
     prompts: (folder index, record) pairs; sampling: generate()'s steps, cfg_scale, decoder_steps,
     decoder_cfg_scale. A prompt's folder is written as soon as its last image exists (memory stays flat).
-    self_check K > 1: each image is the best of K samples by the model's own check (blip3o.eval.self_check).
+    self_check K > 1: each image is the best of K samples by the model's own check (blip3o.eval.self_check);
+    self_check_accept p: of up to K, stopping at the first the model believes with probability >= p.
     """
     counts = [int(record["n_samples"]) for _, record in prompts]
     pending: dict[int, list[Image.Image]] = {}
@@ -164,7 +166,14 @@ def generate_seed(
         texts = [prompts[p][1]["prompt"] for p in positions]
         # One candidate (self_check 1) is generate() itself.
         images, _ = generate_self_checked(
-            model, texts, self_check, 1, batch_seed(seed, b), batch_size=len(texts), **sampling
+            model,
+            texts,
+            self_check,
+            1,
+            batch_seed(seed, b),
+            self_check_accept,
+            batch_size=len(texts),
+            **sampling,
         )
         for position, image in zip(positions, images, strict=True):
             pending.setdefault(position, []).append(image)
@@ -188,11 +197,14 @@ def geneval_with_model(
     batch_size: int = DEFAULT_BATCH_SIZE,
     images_per_prompt: int | None = None,
     self_check: int = 1,
+    self_check_accept: float | None = None,
 ) -> dict:
     """Generate ShapesGenEval's images with `model` for each seed, score them with the ShapesWorld judge and
     aggregate over seeds. Sampler settings left as None are the model's own. `images_per_prompt` caps each
     prompt's `n_samples` (a quick check, not the benchmark). `self_check` K > 1 keeps each image as the best of
-    K samples by the model's own check (K times the sampling; the summary's settings say so). Returns the
+    K samples by the model's own check (K times the sampling; the summary's settings say so);
+    `self_check_accept` p draws them in rounds and stops at the first the model believes (see
+    blip3o.eval.self_check.generate_self_checked). Returns the
     summary written to <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
     from blip3o.world.judge import detect
 
@@ -224,7 +236,9 @@ def geneval_with_model(
         for seed in seeds:
             folder = seed_dir(out, seed)
             start = time.perf_counter()
-            generate_seed(model, prompts, folder, seed, batch_size, bar, self_check, **sampling)
+            generate_seed(
+                model, prompts, folder, seed, batch_size, bar, self_check, self_check_accept, **sampling
+            )
             generated = time.perf_counter()
             # The per-seed scores go next to the numbered folders, which readers of the layout skip.
             results = score_sample_folder(folder, detect, out_dir=folder, progress=False)
@@ -245,6 +259,7 @@ def geneval_with_model(
             **model.config.flow.guidance_interval(),
             "batch_size": batch_size,
             "self_check": self_check,
+            "self_check_accept": self_check_accept,
             "device": str(model.device),
         },
         **aggregate_seeds(per_seed),

@@ -13,10 +13,12 @@ model's CLIP similarity (0.721) and its caption likelihood (0.739) pick no bette
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,16 +103,25 @@ def generate_self_checked(
     candidates: int,
     num_images: int = 1,
     seed: int = 0,
+    accept: float | None = None,
     **sampling,
 ) -> tuple[list[Image.Image], torch.Tensor]:
-    """`num_images` images per prompt (prompt-major), each the best of `candidates` samples by `check_scores`.
+    """`num_images` images per prompt (prompt-major), each the best of up to `candidates` samples by `check_scores`.
 
-    sampling: `Blip3o.generate`'s other arguments. Returns the kept images and their scores (n,). The
-    candidates are `generate(prompts, num_images * candidates, seed)`: image j of a prompt is the best of its
-    candidates j * K .. j * K + K - 1. With one candidate this is `generate` itself."""
+    sampling: `Blip3o.generate`'s other arguments. Returns the kept images and their scores (n,).
+    accept None: all K candidates are drawn, `generate(prompts, num_images * candidates, seed)`; image j of a
+    prompt is the best of its candidates j * K .. j * K + K - 1. With one candidate this is `generate` itself.
+    accept p in (0, 1]: candidates are drawn in rounds and an image stops at the first candidate under which the
+    model gives the prompt's answers a joint probability >= p (a prompt without checks stops at once), else it
+    keeps its best of K. Round 0 is `generate(prompts, num_images, seed)`, so a sample the model already
+    believes is never replaced, and only doubted images pay for more draws."""
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     prompts = list(prompts)
+    if accept is not None:
+        if not 0 < accept <= 1:
+            raise ValueError(f"accept must be a probability in (0, 1], got {accept}")
+        return _generate_until_accepted(model, prompts, candidates, num_images, seed, accept, **sampling)
     drawn = model.generate(prompts, num_images=num_images * candidates, seed=seed, **sampling)
     if candidates == 1:
         return drawn, torch.zeros(len(drawn))
@@ -121,3 +132,31 @@ def generate_self_checked(
     best = grouped.argmax(1)  # (images,)
     kept = [drawn[g * candidates + int(k)] for g, k in enumerate(best)]
     return kept, grouped.max(1).values
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The generate() seed of one round of `_generate_until_accepted`: `seed` itself for round 0 (plain
+    sampling's images), a hash of (seed, round) after it, so no round repeats another seed's noise."""
+    if round_index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, round_index]).generate_state(1, np.uint64)[0])
+
+
+def _generate_until_accepted(
+    model: Blip3o, prompts: list[str], candidates: int, num_images: int, seed: int, accept: float, **sampling
+) -> tuple[list[Image.Image], torch.Tensor]:
+    slots = [p for p in prompts for _ in range(num_images)]  # one per kept image, prompt-major
+    kept: list[Image.Image | None] = [None] * len(slots)
+    best = torch.full((len(slots),), -math.inf)
+    pending = list(range(len(slots)))
+    for round_index in range(candidates):
+        texts = [slots[i] for i in pending]
+        drawn = model.generate(texts, num_images=1, seed=round_seed(seed, round_index), **sampling)
+        scores = check_scores(model, drawn, texts)
+        for i, image, score in zip(pending, drawn, scores.tolist(), strict=True):
+            if score > best[i]:  # the first of equal scores wins, as with accept None
+                kept[i], best[i] = image, score
+        pending = [i for i in pending if best[i] < math.log(accept)]
+        if not pending:
+            break
+    return kept, best
