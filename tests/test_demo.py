@@ -100,6 +100,32 @@ class PerfectModel:
         return [self.answers[np.asarray(im).tobytes(), q] for im, q in zip(images, prompts, strict=True)]
 
 
+def test_demo_self_check_draws_the_self_checked_images(model_dir: Path, tmp_path: Path) -> None:
+    from blip3o.eval.demo import generate_images, sampling_settings
+    from blip3o.eval.self_check import generate_self_checked
+    from blip3o.models.blip3o import Blip3o
+
+    out = tmp_path / "demo"
+    argv = ["--model", str(model_dir), "--out", str(out), "--seed", "3", *FAST]
+    assert demo.main([*argv, "--self-check", "2", "--self-check-accept", "0.5"]) == 0
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["self_check"] == 2 and settings["self_check_accept"] == 0.5
+    model = Blip3o.from_pretrained(model_dir).eval()
+    prompts = demo_prompts()
+    images = generate_images(model, prompts, 3, sampling_settings(model, 2, None, 2, 2, 0.5))
+    kept, _ = generate_self_checked(
+        model,
+        [r["prompt"] for _, r in prompts],
+        2,
+        seed=3,
+        accept=0.5,
+        steps=2,
+        decoder_steps=2,
+        batch_size=16,
+    )
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, kept, strict=True))
+
+
 def test_demo_scores_a_perfect_model_one(tmp_path: Path) -> None:
     summary = run_demo(PerfectModel(seed=2), "stub", tmp_path, seed=2)  # type: ignore[arg-type]
     assert summary["geneval"]["overall"] == 1.0 and all(i["correct"] for i in summary["geneval"]["items"])
@@ -115,6 +141,8 @@ def test_demo_errors(
         (["--model", str(tmp_path / "missing"), *out], "model folder"),
         (["--model", str(model_dir), "--steps", "0", *out], "--steps must be >= 1"),
         (["--model", str(model_dir), "--seed", "-1", *out], "--seed must be >= 0"),
+        (["--model", str(model_dir), "--self-check", "0", *out], "--self-check must be >= 1"),
+        (["--model", str(model_dir), "--self-check-accept", "0.5", *out], "needs --self-check K"),
         (["--model", str(model_dir), "--out", str(model_dir / "config.json")], "is a file; give a folder"),
     ]
     monkeypatch.setattr(bundled, "model_path", lambda: tmp_path / "not_bundled")

@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from blip3o.cli.generate import MODEL_HELP, CliError, default_model, load_model, report, writable_file
+from blip3o.cli.generate import (
+    MODEL_HELP,
+    CliError,
+    check_accept,
+    default_model,
+    load_model,
+    report,
+    writable_file,
+)
 
 PROG = "blip3o demo"
 
@@ -38,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="DiT guidance weight (default: the model's)")
     p.add_argument("--decoder-steps", type=int, help="pixel decoder steps (default: the model's)")
     p.add_argument(
+        "--self-check",
+        type=int,
+        default=1,
+        metavar="K",
+        help="each image the model's self-checked pick of K samples (see blip3o generate --self-check; default 1)",
+    )
+    p.add_argument(
+        "--self-check-accept",
+        type=float,
+        metavar="P",
+        help="with --self-check K: stop at the first candidate the model believes with probability >= P",
+    )
+    p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     return p
@@ -47,12 +68,13 @@ def _check(args: argparse.Namespace) -> None:
     """Every argument checked before the model is loaded: a typo should cost nothing."""
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
-    for name in ("steps", "decoder_steps"):
+    for name in ("steps", "decoder_steps", "self_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise CliError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    check_accept(args.self_check_accept, args.self_check)
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} is a file; give a folder")
     # blip3o.eval.demo.SUMMARY_FILE, spelled out: importing that module imports torch (about a second).
@@ -107,6 +129,8 @@ def _run(args: argparse.Namespace) -> None:
         cfg_scale=args.cfg_scale,
         decoder_steps=args.decoder_steps,
         load_s=loaded - start,
+        self_check=args.self_check,
+        self_check_accept=args.self_check_accept,
     )
     print_summary(summary, time.perf_counter() - start)
 

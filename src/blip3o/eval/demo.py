@@ -31,6 +31,7 @@ from PIL import Image
 from blip3o.data.shards import generate_sample
 from blip3o.eval.geneval import format_table, score_detections, summarize
 from blip3o.eval.model_eval import balanced_subset
+from blip3o.eval.self_check import generate_self_checked
 from blip3o.viz import image_grid
 from blip3o.world.language import normalize_answer
 from blip3o.world.prompts import load_eval_prompts
@@ -82,7 +83,12 @@ def demo_prompts() -> list[tuple[int, dict]]:
 
 
 def sampling_settings(
-    model: Blip3o, steps: int | None, cfg_scale: float | None, decoder_steps: int | None
+    model: Blip3o,
+    steps: int | None,
+    cfg_scale: float | None,
+    decoder_steps: int | None,
+    self_check: int = 1,
+    self_check_accept: float | None = None,
 ) -> dict:
     """The sampler settings the demo runs with: those given, else the model's defaults, written as numbers
     so that a report says what was run (the CLIP + MSE objective ignores steps and guidance)."""
@@ -94,22 +100,28 @@ def sampling_settings(
         **flow.guidance_interval(),
         "decoder_steps": decoder.sample_steps if decoder_steps is None else decoder_steps,
         "decoder_cfg_scale": decoder.cfg_scale,
+        "self_check": self_check,
+        "self_check_accept": self_check_accept,
     }
 
 
 def generate_images(
     model: Blip3o, prompts: list[tuple[int, dict]], seed: int, settings: dict
 ) -> list[Image.Image]:
-    """One image per prompt, all in one `generate` batch: the seed alone fixes every image."""
-    return model.generate(
+    """One image per prompt, all in one `generate` batch: the seed alone fixes every image. With
+    settings' self_check K > 1 each is the model's self-checked pick of up to K (blip3o.eval.self_check)."""
+    images, _ = generate_self_checked(
+        model,
         [record["prompt"] for _, record in prompts],
-        num_images=1,
+        settings["self_check"],
+        seed=seed,
+        accept=settings["self_check_accept"],
         steps=settings["steps"],
         cfg_scale=settings["cfg_scale"],
-        seed=seed,
         decoder_steps=settings["decoder_steps"],
         batch_size=len(prompts),
     )
+    return images
 
 
 def judge(prompts: list[tuple[int, dict]], images: list[Image.Image]) -> list[Generated]:
@@ -259,6 +271,8 @@ def run_demo(
     cfg_scale: float | None = None,
     decoder_steps: int | None = None,
     load_s: float = 0.0,
+    self_check: int = 1,
+    self_check_accept: float | None = None,
 ) -> dict:
     """Generate and judge, ask and score, write grid.png, report.html and summary.json; return the summary.
 
@@ -266,7 +280,7 @@ def run_demo(
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    settings = sampling_settings(model, steps, cfg_scale, decoder_steps)
+    settings = sampling_settings(model, steps, cfg_scale, decoder_steps, self_check, self_check_accept)
     prompts = demo_prompts()
     images = generate_images(model, prompts, seed, settings)
     made = time.perf_counter()
