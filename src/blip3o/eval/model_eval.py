@@ -211,6 +211,8 @@ def geneval_with_model(
     seeds = check_seeds(seeds)
     if self_check < 1:
         raise ValueError(f"self_check must be >= 1 (1: off), got {self_check}")
+    if self_check_accept is not None and not 0 < self_check_accept <= 1:
+        raise ValueError(f"self_check_accept must be a probability in (0, 1], got {self_check_accept}")
     out = Path(out_dir)
     records = load_eval_prompts()
     prompts = balanced_subset(records, max_prompts)
