@@ -9,9 +9,11 @@ from blip3o.eval.model_card import (
     _model_section,
     _stage_row,
     instruct_renders_phrase,
+    other_sampler_section,
     provenance_sentences,
     recipe_command,
     reuse_source_numbers,
+    sampler_phrase,
     stage_objectives_sentence,
     wall_time_sentence,
 )
@@ -164,3 +166,25 @@ def test_the_recipe_command_is_the_preset_with_the_runs_overrides() -> None:
     assert recipe_command(config, Path("r")).endswith(
         "(with the differences in the run's config.json, which overrides cannot express)"
     )
+
+
+def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
+    def summary(overall: float, counting: float, seconds: float, **settings: object) -> dict:
+        return {
+            "seeds": [0, 1],
+            "images_per_seed": 12,
+            "settings": {"steps": None, "self_check": 1, **settings},
+            "overall": {"mean": overall, "std": 0.01},
+            "categories": {"counting": {"mean": counting, "std": 0.02}},
+            "timing": {"0": {"generate_s": seconds}, "1": {"generate_s": seconds + 2}},
+        }
+
+    own = summary(0.5, 0.25, 100)
+    other = summary(0.75, 0.5, 300, self_check=4, self_check_accept=0.25)
+    lines = other_sampler_section(own, other, Path("runs/checked"))
+    assert "`--self-check 4 --self-check-accept 0.25`" in lines[0] and "`runs/checked`" in lines[0]
+    assert "| counting | 0.250 ± 0.020 | 0.500 ± 0.020 |" in lines
+    assert "| **overall** | **0.500 ± 0.010** | **0.750 ± 0.010** |" in lines
+    assert "| sampling time per seed | 101 s | 301 s |" in lines
+    assert sampler_phrase({"steps": 20, "self_check": 1, "self_check_accept": None}) == "--steps 20"
+    assert sampler_phrase({"self_check": 2}) == "--self-check 2"

@@ -203,7 +203,48 @@ def _model_section(model: dict) -> list[str]:
     ]
 
 
-def _scores_section(run: Path) -> list[str]:
+def sampler_phrase(settings: dict) -> str:
+    """How a GenEval summary's images were sampled, as `blip3o eval geneval` options (empty: the defaults)."""
+    options = [
+        f"--{key.replace('_', '-')} {settings[key]}"
+        for key in ("steps", "cfg_scale", "decoder_steps", "decoder_cfg_scale")
+        if settings.get(key) is not None
+    ]
+    if settings.get("self_check", 1) > 1:
+        options.append(f"--self-check {settings['self_check']}")
+        if settings.get("self_check_accept") is not None:
+            options.append(f"--self-check-accept {settings['self_check_accept']}")
+    return " ".join(options)
+
+
+def other_sampler_section(run_summary: dict, other: dict, folder: Path) -> list[str]:
+    """A table of another GenEval evaluation of the model (another sampler; its geneval_summary.json from
+    `folder`) next to the run's own, category by category, with what each cost in sampling time."""
+    phrase = sampler_phrase(other.get("settings", {})) or "the default sampler"
+
+    def seconds(summary: dict) -> str:
+        times = [t["generate_s"] for t in summary.get("timing", {}).values()]
+        return f"{sum(times) / len(times):,.0f} s" if times else "not recorded"
+
+    def cell(summary: dict, tag: str | None) -> str:
+        value = summary["overall"] if tag is None else summary["categories"].get(tag)
+        return _mean_std(value) if value else "-"
+
+    tags = [t for t in CATEGORIES if t in run_summary["categories"] or t in other["categories"]]
+    return [
+        f"Sampled with `{phrase}` (`{folder}`, seeds {other.get('seeds')}, {other.get('images_per_seed')} "
+        "images per seed, the same judge), next to the run's own evaluation:",
+        "",
+        f"| category | run's sampler | {phrase} |",
+        "|---|---|---|",
+        *[f"| {tag} | {cell(run_summary, tag)} | {cell(other, tag)} |" for tag in tags],
+        f"| **overall** | **{cell(run_summary, None)}** | **{cell(other, None)}** |",
+        f"| sampling time per seed | {seconds(run_summary)} | {seconds(other)} |",
+        "",
+    ]
+
+
+def _scores_section(run: Path, other_geneval: tuple[Path, ...] = ()) -> list[str]:
     summary_path = run / "eval" / "summary.json"
     if not summary_path.exists():
         return ["## Scores", "", "The run has no evaluation yet (`<run>/eval/summary.json` is missing).", ""]
@@ -227,6 +268,9 @@ def _scores_section(run: Path) -> list[str]:
             f"| **overall** (mean of categories) | **{_mean_std(g['overall'])}** |",
             "",
         ]
+        for folder in other_geneval:
+            other = _read_json(folder / "geneval_summary.json")
+            lines += other_sampler_section(geneval_summary, other, folder)
     if "vqa" in s:
         v = s["vqa"]
         lines += [
@@ -364,9 +408,15 @@ def provenance_sentences(facts: list[dict]) -> list[str]:
 
 
 def build_model_card(
-    run_dir: str | Path, out_dir: str | Path, title: str = "blip3o ShapesWorld model"
+    run_dir: str | Path,
+    out_dir: str | Path,
+    title: str = "blip3o ShapesWorld model",
+    other_geneval: tuple[str | Path, ...] = (),
 ) -> Path:
-    """Write <out>/MODEL_CARD.md with curves (PNG + CSV), sample grids and pass/fail examples; returns its path."""
+    """Write <out>/MODEL_CARD.md with curves (PNG + CSV), sample grids and pass/fail examples; returns its path.
+
+    other_geneval: folders of `blip3o eval geneval` runs of the same model with other samplers (such as
+    --self-check), each tabled next to the run's own evaluation."""
     run, out = Path(run_dir), Path(out_dir)
     config = _read_json(run / "config.json")
     out.mkdir(parents=True, exist_ok=True)
@@ -420,7 +470,7 @@ def build_model_card(
         f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, fp32, one process. "
         "Throughput depends on what else runs on the machine; the figures above are as measured in this run.",
         "",
-        *_scores_section(run),
+        *_scores_section(run, tuple(Path(f) for f in other_geneval)),
         "## Reference curves",
         "",
         "Loss per logged step for every stage: `curves.png`, data in `curves.csv`. Compare a run of your own "
