@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR, SCORES_FILE
 from blip3o.eval.model_eval import (
     SUMMARY_FILE,
     SUMMARY_TABLE_FILE,
+    ResumeError,
     aggregate_seeds,
     balanced_subset,
     batch_seed,
+    geneval_with_model,
     plan_batches,
     vqa_with_model,
 )
@@ -123,6 +126,44 @@ def test_geneval_self_check_settings_are_recorded(model_dir: Path, tmp_path: Pat
     assert code == 0, stderr
     settings = json.loads((out / "geneval_summary.json").read_text())["settings"]
     assert settings["self_check"] == 2 and settings["self_check_accept"] == 0.5
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_a_resumed_run_makes_the_images_of_an_uninterrupted_one(
+    saved: tuple[Blip3o, Path], tmp_path: Path
+) -> None:
+    model = saved[0]
+    # Batches of 3 images over 2 images per prompt: prompts straddle batches.
+    options = {"max_prompts": 6, "images_per_prompt": 2, "batch_size": 3, "steps": 2, "decoder_steps": 2}
+    whole = tmp_path / "whole"
+    geneval_with_model(model, whole, seeds=[0, 1], progress=False, **options)
+
+    # A run killed during seed 1: seed 0 complete; seed 1's last prompt missing, the one before half-written.
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    (killed / SUMMARY_FILE).unlink()
+    prompt_dirs = sorted(p for p in (killed / "seed_1").iterdir() if p.is_dir())
+    shutil.rmtree(prompt_dirs[-1])
+    (prompt_dirs[-2] / SAMPLES_SUBDIR / "0001.png").unlink()
+    with pytest.raises(FileExistsError, match="--resume"):
+        geneval_with_model(model, killed, seeds=[0, 1], progress=False, **options)
+    summary = geneval_with_model(model, killed, seeds=[0, 1], progress=False, resume=True, **options)
+    assert _pngs(killed) == _pngs(whole)
+    assert summary["overall"] == json.loads((whole / SUMMARY_FILE).read_text())["overall"]
+    # Seed 0 sampled nothing; seed 1 only the batches holding the two unfinished prompts' images.
+    assert summary["timing"][0]["sampled_images"] == 0
+    assert 0 < summary["timing"][1]["sampled_images"] < summary["images_per_seed"]
+
+    with pytest.raises(ResumeError, match="settings differ"):
+        geneval_with_model(
+            model, killed, seeds=[0, 1], progress=False, resume=True, **{**options, "steps": 3}
+        )
+    (killed / "geneval_run.json").unlink()
+    with pytest.raises(ResumeError, match=r"no geneval_run\.json"):
+        geneval_with_model(model, killed, seeds=[0, 1], progress=False, resume=True, **options)
 
 
 def test_untrained_model_scores_near_zero(two_seeds: tuple[Path, str, str]) -> None:
@@ -270,6 +311,13 @@ def test_geneval_model_and_output_errors(model_dir: Path, tmp_path: Path) -> Non
     )
     assert "seed_1 already holds samples" in _one_line_error(code, stderr)
     assert not (tmp_path / "used" / "seed_0").exists()
+    code, _, stderr = _main(
+        eval_geneval,
+        ["--model", str(model_dir), "--out", str(tmp_path / "used"), "--seeds", "0,1", "--resume"],
+    )
+    assert "no geneval_run.json: cannot check it is the same run" in _one_line_error(code, stderr)
+    code, _, stderr = _main(eval_geneval, ["--samples", str(tmp_path), "--resume"])
+    assert "--resume goes with --model" in _one_line_error(code, stderr)
 
 
 def test_vqa_model_errors(model_dir: Path, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ MODEL_ONLY = (
     "batch_size",
     "self_check",
     "self_check_accept",
+    "resume",
 )
 
 
@@ -108,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         "(see blip3o generate --self-check-accept; default: always K)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,  # None when absent, so that --samples can tell it was not given
+        help="continue a killed run in --out with the same options: finished prompts are kept, and the images "
+        "are those an uninterrupted run makes",
+    )
+    parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -145,6 +153,7 @@ def _run_model(args: argparse.Namespace) -> None:
         DEFAULT_BATCH_SIZE,
         SUMMARY_FILE,
         SUMMARY_TABLE_FILE,
+        ResumeError,
         format_summary,
         geneval_with_model,
         refuse_existing_samples,
@@ -157,7 +166,8 @@ def _run_model(args: argparse.Namespace) -> None:
         raise CliError(f"--out {args.out} is a file; give a folder")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        refuse_existing_samples(args.out, seeds)
+        if not args.resume:
+            refuse_existing_samples(args.out, seeds)
     except FileExistsError as err:
         raise CliError(str(err)) from err
     except OSError as err:
@@ -180,7 +190,10 @@ def _run_model(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             self_check=args.self_check or 1,
             self_check_accept=args.self_check_accept,
+            resume=bool(args.resume),
         )
+    except ResumeError as err:
+        raise CliError(str(err)) from err
     except OSError as err:  # e.g. the disk filled up while writing samples
         raise CliError(f"cannot write the samples under {args.out}: {err}") from err
     print(format_summary(summary))

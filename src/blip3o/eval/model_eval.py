@@ -6,6 +6,7 @@ GenEval (`geneval_with_model`), per sampling seed s:
 and over all seeds:
     <out>/geneval_summary.json   per category and overall: mean, std and the per-seed values
     <out>/geneval_summary.txt    the same as a table of mean ± std
+    <out>/geneval_run.json       the seeds, prompts and sampler settings, written first (`resume` checks it)
 
 Folder <index:05d> is the prompt's line in the evaluation prompt file whether or not a subset is evaluated,
 so a folder name always means the same prompt. Every prompt gets its record's `n_samples` images.
@@ -29,6 +30,7 @@ recorded and the std is 0.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from blip3o.eval.geneval import score_sample_folder, write_prompt_samples
+from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR, score_sample_folder, write_prompt_samples
 from blip3o.eval.self_check import generate_self_checked
 from blip3o.eval.vqa import VQA_QUESTIONS, format_scores, score_answers, vqa_images, vqa_set
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from blip3o.models.blip3o import Blip3o
 
 SUMMARY_FILE = "geneval_summary.json"
+RUN_FILE = "geneval_run.json"  # what a run generates (prompts, settings): checked before resuming it
 SUMMARY_TABLE_FILE = "geneval_summary.txt"
 DEFAULT_BATCH_SIZE = 64
 
@@ -139,7 +142,51 @@ def refuse_existing_samples(out_dir: Path, seeds: Sequence[int]) -> None:
     for seed in seeds:
         folder = seed_dir(out_dir, seed)
         if folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir()):
-            raise FileExistsError(f"{folder} already holds samples; give another output folder or remove it")
+            raise FileExistsError(
+                f"{folder} already holds samples; give another output folder, remove it, or --resume the run"
+            )
+
+
+def prompt_folder_complete(folder: Path, index: int, record: dict) -> bool:
+    """Whether <folder>/<index:05d> holds this record's metadata and all its n_samples images."""
+    prompt_dir = folder / f"{index:05d}"
+    try:
+        metadata = json.loads((prompt_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = [f"{k:04d}.png" for k in range(int(record["n_samples"]))]
+    written = sorted(p.name for p in (prompt_dir / SAMPLES_SUBDIR).glob("*.png"))
+    return metadata == record and written == expected
+
+
+def clear_partial_prompts(folder: Path, prompts: Sequence[tuple[int, dict]]) -> list[Path]:
+    """Remove the prompt folders a killed run left half-written (some images, or no metadata), so that a
+    resumed run can write them whole; returns what it removed. Complete folders are kept."""
+    removed = []
+    for index, record in prompts:
+        prompt_dir = folder / f"{index:05d}"
+        if prompt_dir.is_dir() and not prompt_folder_complete(folder, index, record):
+            shutil.rmtree(prompt_dir)
+            removed.append(prompt_dir)
+    return removed
+
+
+class ResumeError(ValueError):
+    """The output folder holds a run that cannot be resumed with these settings."""
+
+
+def check_resumable(out_dir: Path, run: dict) -> None:
+    """Resuming: the folder's recorded run (RUN_FILE) must be this one: the same prompts, images per prompt,
+    sampler settings and batch size; otherwise the resumed images would differ from the ones already there."""
+    path = out_dir / RUN_FILE
+    if not path.is_file():
+        if any(seed_dir(out_dir, s).is_dir() for s in run["seeds"]):
+            raise ResumeError(f"{out_dir} has samples but no {RUN_FILE}: cannot check it is the same run")
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    differ = sorted(k for k in ("prompts", "settings") if recorded.get(k) != run[k])
+    if differ:
+        raise ResumeError(f"{out_dir} holds another run ({' and '.join(differ)} differ); cannot resume it")
 
 
 def generate_seed(
@@ -152,17 +199,28 @@ def generate_seed(
     self_check: int = 1,
     self_check_accept: float | None = None,
     **sampling: float | int | None,
-) -> None:
-    """Generate every prompt's n_samples images with one seed and write them in GenEval's layout.
+) -> int:
+    """Generate every prompt's n_samples images with one seed and write them in GenEval's layout; returns how
+    many images it sampled.
 
     prompts: (folder index, record) pairs; sampling: generate()'s steps, cfg_scale, decoder_steps,
     decoder_cfg_scale. A prompt's folder is written as soon as its last image exists (memory stays flat).
+    Prompts whose folder is already complete (a resumed run) are not written again, and a batch holding only
+    such prompts is not sampled: batches are seeded by their index, so the others' images are unchanged.
     self_check K > 1: each image is the best of K samples by the model's own check (blip3o.eval.self_check);
     self_check_accept p: of up to K, stopping at the first the model believes with probability >= p.
     """
     counts = [int(record["n_samples"]) for _, record in prompts]
+    finished = {
+        p for p, (index, record) in enumerate(prompts) if prompt_folder_complete(folder, index, record)
+    }
     pending: dict[int, list[Image.Image]] = {}
+    sampled = 0
     for b, positions in enumerate(plan_batches(counts, batch_size)):
+        if set(positions) <= finished:  # resumed: every image of this batch is already written
+            if bar is not None:
+                bar.update(len(positions))
+            continue
         texts = [prompts[p][1]["prompt"] for p in positions]
         # One candidate (self_check 1) is generate() itself.
         images, _ = generate_self_checked(
@@ -175,13 +233,17 @@ def generate_seed(
             batch_size=len(texts),
             **sampling,
         )
+        sampled += len(images)
         for position, image in zip(positions, images, strict=True):
             pending.setdefault(position, []).append(image)
             if len(pending[position]) == counts[position]:
                 index, record = prompts[position]
-                write_prompt_samples(folder, index, record, pending.pop(position))
+                images_of_prompt = pending.pop(position)
+                if position not in finished:
+                    write_prompt_samples(folder, index, record, images_of_prompt)
         if bar is not None:
             bar.update(len(images))
+    return sampled
 
 
 def geneval_with_model(
@@ -198,13 +260,16 @@ def geneval_with_model(
     images_per_prompt: int | None = None,
     self_check: int = 1,
     self_check_accept: float | None = None,
+    resume: bool = False,
 ) -> dict:
     """Generate ShapesGenEval's images with `model` for each seed, score them with the ShapesWorld judge and
     aggregate over seeds. Sampler settings left as None are the model's own. `images_per_prompt` caps each
     prompt's `n_samples` (a quick check, not the benchmark). `self_check` K > 1 keeps each image as the best of
     K samples by the model's own check (K times the sampling; the summary's settings say so);
     `self_check_accept` p draws them in rounds and stops at the first the model believes (see
-    blip3o.eval.self_check.generate_self_checked). Returns the
+    blip3o.eval.self_check.generate_self_checked). `resume` continues a killed run in the same `out_dir` (the
+    same prompts and settings, checked against its RUN_FILE): complete prompt folders are kept, half-written
+    ones redone, and the images are the ones an uninterrupted run would have made. Returns the
     summary written to <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
     from blip3o.world.judge import detect
 
@@ -220,13 +285,33 @@ def geneval_with_model(
         if images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
         prompts = [(i, {**r, "n_samples": min(int(r["n_samples"]), images_per_prompt)}) for i, r in prompts]
-    refuse_existing_samples(out, seeds)
     sampling = {
         "steps": steps,
         "cfg_scale": cfg_scale,
         "decoder_steps": decoder_steps,
         "decoder_cfg_scale": decoder_cfg_scale,
     }
+    settings = {
+        **sampling,
+        **model.config.flow.guidance_interval(),
+        "batch_size": batch_size,
+        "self_check": self_check,
+        "self_check_accept": self_check_accept,
+        "device": str(model.device),
+    }
+    run = {
+        "seeds": seeds,
+        "prompts": [[index, int(record["n_samples"])] for index, record in prompts],
+        "settings": {k: v for k, v in settings.items() if k != "device"},  # a CPU run may be resumed on a GPU
+    }
+    if resume:
+        check_resumable(out, run)
+        for seed in seeds:
+            clear_partial_prompts(seed_dir(out, seed), prompts)
+    else:
+        refuse_existing_samples(out, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     n_images = sum(int(r["n_samples"]) for _, r in prompts)
 
     per_seed: dict[int, dict] = {}
@@ -238,7 +323,7 @@ def geneval_with_model(
         for seed in seeds:
             folder = seed_dir(out, seed)
             start = time.perf_counter()
-            generate_seed(
+            sampled = generate_seed(
                 model, prompts, folder, seed, batch_size, bar, self_check, self_check_accept, **sampling
             )
             generated = time.perf_counter()
@@ -248,6 +333,7 @@ def geneval_with_model(
             timing[seed] = {
                 "generate_s": round(generated - start, 2),
                 "score_s": round(time.perf_counter() - generated, 2),
+                "sampled_images": sampled,  # fewer than images_per_seed when resumed
             }
 
     summary = {
@@ -256,14 +342,7 @@ def geneval_with_model(
         "prompts": len(prompts),
         "images_per_seed": n_images,
         "images_per_prompt_cap": images_per_prompt,
-        "settings": {
-            **sampling,
-            **model.config.flow.guidance_interval(),
-            "batch_size": batch_size,
-            "self_check": self_check,
-            "self_check_accept": self_check_accept,
-            "device": str(model.device),
-        },
+        "settings": settings,
         **aggregate_seeds(per_seed),
         "timing": timing,
     }
