@@ -186,5 +186,7 @@ def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
     assert "| counting | 0.250 ± 0.020 | 0.500 ± 0.020 |" in lines
     assert "| **overall** | **0.500 ± 0.010** | **0.750 ± 0.010** |" in lines
     assert "| sampling time per seed | 101 s | 301 s |" in lines
+    resumed = {**other, "timing": {"0": {"generate_s": 5, "sampled_images": 0}}}
+    assert other_sampler_section(own, resumed, Path("r"))[-2].endswith("| not measured (resumed) |")
     assert sampler_phrase({"steps": 20, "self_check": 1, "self_check_accept": None}) == "--steps 20"
     assert sampler_phrase({"self_check": 2}) == "--self-check 2"

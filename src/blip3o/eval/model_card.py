@@ -223,8 +223,14 @@ def other_sampler_section(run_summary: dict, other: dict, folder: Path) -> list[
     phrase = sampler_phrase(other.get("settings", {})) or "the default sampler"
 
     def seconds(summary: dict) -> str:
-        times = [t["generate_s"] for t in summary.get("timing", {}).values()]
-        return f"{sum(times) / len(times):,.0f} s" if times else "not recorded"
+        # A resumed seed's time covers only what was left of it (sampled_images says how much): not a cost.
+        whole = summary.get("images_per_seed")
+        times = [
+            t["generate_s"]
+            for t in summary.get("timing", {}).values()
+            if t.get("sampled_images", whole) == whole
+        ]
+        return f"{sum(times) / len(times):,.0f} s" if times else "not measured (resumed)"
 
     def cell(summary: dict, tag: str | None) -> str:
         value = summary["overall"] if tag is None else summary["categories"].get(tag)
