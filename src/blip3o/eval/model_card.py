@@ -452,7 +452,9 @@ def build_model_card(
     lines = [
         f"# {title}",
         "",
-        f"Card generated {datetime.now(UTC):%Y-%m-%d} by `blip3o card {run} --out {out}` from the run folder.",
+        f"Card generated {datetime.now(UTC):%Y-%m-%d} by `blip3o card {run} --out {out}"
+        + "".join(f" --other-geneval {f}" for f in other_geneval)
+        + "` from the run folder.",
         "",
         "## Recipe",
         "",
