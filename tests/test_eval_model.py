@@ -161,6 +161,9 @@ def test_a_resumed_run_makes_the_images_of_an_uninterrupted_one(
         geneval_with_model(
             model, killed, seeds=[0, 1], progress=False, resume=True, **{**options, "steps": 3}
         )
+    # A new seed in the same folder with other settings would mix two runs: refused, resumed or not.
+    with pytest.raises(ResumeError, match="settings differ"):
+        geneval_with_model(model, killed, seeds=[2], progress=False, **{**options, "steps": 3})
     (killed / "geneval_run.json").unlink()
     with pytest.raises(ResumeError, match=r"no geneval_run\.json"):
         geneval_with_model(model, killed, seeds=[0, 1], progress=False, resume=True, **options)

@@ -310,6 +310,8 @@ def geneval_with_model(
             clear_partial_prompts(seed_dir(out, seed), prompts)
     else:
         refuse_existing_samples(out, seeds)
+        if (out / RUN_FILE).is_file():  # other seeds of another run: one folder must not mix two runs
+            check_resumable(out, run)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     n_images = sum(int(r["n_samples"]) for _, r in prompts)
