@@ -333,7 +333,7 @@ def _run(args: argparse.Namespace) -> None:
                 f"(p >= {args.self_check_accept}),"
             )
     print(
-        f"{len(images)} image(s){checked}" + f" in {generated - loaded:.1f} s "
+        f"{len(images)} image(s){checked} in {generated - loaded:.1f} s "
         f"(model loaded in {loaded - start:.1f} s, {model.device})"
     )
 

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR, score_sample_folder, write_prompt_samples
-from blip3o.eval.self_check import generate_self_checked
+from blip3o.eval.self_check import check_accept, generate_self_checked
 from blip3o.eval.vqa import VQA_QUESTIONS, format_scores, score_answers, vqa_images, vqa_set
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
 
@@ -276,8 +276,7 @@ def geneval_with_model(
     seeds = check_seeds(seeds)
     if self_check < 1:
         raise ValueError(f"self_check must be >= 1 (1: off), got {self_check}")
-    if self_check_accept is not None and not 0 < self_check_accept <= 1:
-        raise ValueError(f"self_check_accept must be a probability in (0, 1], got {self_check_accept}")
+    check_accept(self_check_accept)  # before anything is written
     out = Path(out_dir)
     records = load_eval_prompts()
     prompts = balanced_subset(records, max_prompts)

@@ -97,6 +97,12 @@ def check_scores(
     return totals
 
 
+def check_accept(accept: float | None) -> None:
+    """ValueError unless `accept` is None (draw all K) or a probability in (0, 1]."""
+    if accept is not None and not 0 < accept <= 1:
+        raise ValueError(f"accept must be a probability in (0, 1], got {accept}")
+
+
 def generate_self_checked(
     model: Blip3o,
     prompts: Sequence[str],
@@ -119,8 +125,7 @@ def generate_self_checked(
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     prompts = list(prompts)
     if accept is not None:
-        if not 0 < accept <= 1:
-            raise ValueError(f"accept must be a probability in (0, 1], got {accept}")
+        check_accept(accept)
         return _generate_until_accepted(model, prompts, candidates, num_images, seed, accept, **sampling)
     drawn = model.generate(prompts, num_images=num_images * candidates, seed=seed, **sampling)
     if candidates == 1:
