@@ -19,7 +19,12 @@ from blip3o.data.tokenizer import (
     special_token_ids,
     train_tokenizer,
 )
-from blip3o.models.backbone import Backbone, BackboneConfig, vision_position_code
+from blip3o.models.backbone import (
+    Backbone,
+    BackboneConfig,
+    interleaved_mrope_order,
+    vision_position_code,
+)
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
@@ -357,3 +362,41 @@ def test_vision_position_code_is_added_to_the_tokens_and_survives_save_load(back
             loaded.understanding_loss(images, prompts, answers), with_code, rtol=0, atol=0
         )
         assert (with_code - backbone.understanding_loss(images, prompts, answers)).abs() > 1e-4
+
+
+def test_interleaved_mrope_order_deals_frequencies_to_the_bands_in_turn():
+    assert interleaved_mrope_order((4, 6, 6)) == [0, 3, 6, 9, 1, 4, 7, 10, 12, 14, 2, 5, 8, 11, 13, 15]
+    order = interleaved_mrope_order((16, 24, 24))  # the released sizes
+    assert sorted(order) == list(range(64))
+    assert order[16] == 1 and order[40] == 2  # height and width bands start at the 2nd and 3rd frequency
+
+
+def _column_angle(backbone: Backbone) -> float:
+    """Largest rotary angle between image tokens in the first and the last of 4 columns (same row)."""
+    rotary = backbone.vlm.model.language_model.rotary_emb
+    positions = torch.tensor([[[5, 5]], [[7, 7]], [[7, 10]]])  # (3 bands, B=1, T=2): t, h, w
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)  # (1, 2, head_dim) each
+    half = sin.shape[-1] // 2
+    turn = torch.atan2(sin[0, 1, :half], cos[0, 1, :half]) - torch.atan2(sin[0, 0, :half], cos[0, 0, :half])
+    return torch.atan2(turn.sin(), turn.cos()).abs().max().item()  # wrapped to [-pi, pi]
+
+
+def test_interleaved_mrope_lets_positions_tell_columns_apart_and_survives_save_load(
+    backbone, images, tmp_path
+):
+    config = dataclasses.replace(backbone.config, mrope_interleaved=True)
+    interleaved = Backbone(config, backbone.processor, copy.deepcopy(backbone.vlm)).eval()
+    interleaved.latent_queries.data.copy_(backbone.latent_queries)
+    # Chunked, the width band holds the lowest frequencies: columns 0 and 3 differ by < 1e-3 rad.
+    assert _column_angle(backbone) < 1e-3
+    assert _column_angle(interleaved) > 0.3
+    interleaved.save_pretrained(tmp_path)
+    loaded = Backbone.from_pretrained(tmp_path).eval()
+    assert loaded.config.mrope_interleaved
+    rotary, loaded_rotary = (b.vlm.model.language_model.rotary_emb for b in (interleaved, loaded))
+    torch.testing.assert_close(loaded_rotary.inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    prompts, answers = ["Describe."] * 2, ["a red circle", "a star"]
+    with torch.no_grad():
+        loss = interleaved.understanding_loss(images, prompts, answers)
+        torch.testing.assert_close(loaded.understanding_loss(images, prompts, answers), loss, rtol=0, atol=0)
+        assert (loss - backbone.understanding_loss(images, prompts, answers)).abs() > 1e-4

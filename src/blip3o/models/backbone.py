@@ -93,6 +93,12 @@ class BackboneConfig:
     # values, so an attended token's position must be in its content. The tower's own content hardly holds it:
     # the cell explains 1.4% of the bundled model's token variance (see vision_position_code).
     vision_position_scale: float = 0.0
+    # Deal the language model's rotary frequencies to the (temporal, height, width) bands in turn, highest
+    # first (Qwen3-VL's interleaved mRoPE), instead of in contiguous chunks (Qwen2.5-VL, False). Why: chunked,
+    # the width band gets the lowest frequencies, so image columns are nearly indistinguishable by position
+    # (see vision_position_scale); interleaved, every band spans the spectrum. Text tokens carry one position
+    # in all three bands, so for text only which rotary pair turns at which frequency changes.
+    mrope_interleaved: bool = False
     # The generation condition's word tokens: the input embeddings of the last N positions before the queries
     # (the caption's end and the template's last tokens; zeros where a short prompt leaves none), put before
     # the query states (0: none, as BLIP3-o). Why: the miniature backbone's stage 1 never tells " left" from
@@ -238,6 +244,31 @@ def vision_position_code(grid_thw: torch.Tensor, dim: int, merge: int, scale: fl
     return F.pad(out, (0, dim - 2 * half)).float()  # (sum of N, dim)
 
 
+def interleaved_mrope_order(section: tuple[int, int, int]) -> list[int]:
+    """Frequency indices (0 = highest) for the contiguous (temporal, height, width) chunks transformers reads,
+    dealt to the three bands in turn until each band has its `section` share: (4, 6, 6) gives temporal
+    0 3 6 9, height 1 4 7 10 12 14, width 2 5 8 11 13 15."""
+    left, bands, index = list(section), ([], [], []), 0
+    while index < sum(section):
+        for band in range(3):
+            if left[band] and index < sum(section):
+                bands[band].append(index)
+                left[band] -= 1
+                index += 1
+    return [*bands[0], *bands[1], *bands[2]]
+
+
+def set_interleaved_mrope(rotary: nn.Module, section: tuple[int, int, int]) -> None:
+    """Reorder a Qwen2.5-VL text rotary embedding's (non-persistent) frequencies into the interleaved layout.
+    Computed from the module's config, not from its current buffer, so calling it twice changes nothing."""
+    default, _ = rotary.compute_default_rope_parameters(rotary.config)  # (head_dim / 2,), highest first
+    order = torch.tensor(interleaved_mrope_order(section))
+    with torch.no_grad():
+        for buffer in (rotary.inv_freq, rotary.original_inv_freq):
+            if not buffer.is_meta:
+                buffer.copy_(default[order].to(buffer.device, buffer.dtype))
+
+
 def _add_vision_position_code(module: nn.Module, args, kwargs, output, scale: float):
     """Forward hook on the vision tower: adds the position code to its merged tokens (`pooler_output`)."""
     grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
@@ -293,6 +324,8 @@ class Backbone(nn.Module):
         )
         self.latent_queries = nn.Parameter(torch.empty(1, config.n_queries, config.hidden_size))
         self.reset_queries(config.query_init_std)
+        if config.mrope_interleaved:
+            set_interleaved_mrope(self.vlm.model.language_model.rotary_emb, config.mrope_section)
         if config.vision_position_scale:
             self.vlm.model.visual.register_forward_hook(
                 functools.partial(_add_vision_position_code, scale=config.vision_position_scale),
