@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blip3o.eval.geneval import METADATA_FILE, SAMPLES_SUBDIR, score_sample_folder, write_prompt_samples
+from blip3o.eval.seeds import hashed_seed
 from blip3o.eval.self_check import check_accept, generate_self_checked
 from blip3o.eval.vqa import VQA_QUESTIONS, format_scores, score_answers, vqa_images, vqa_set
 from blip3o.world.prompts import CATEGORIES, load_eval_prompts
@@ -76,7 +77,7 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 def batch_seed(seed: int, batch_index: int) -> int:
     """The generate() seed of one batch: a hash of (seed, batch index), so no two batches of any seed share
     noise (seed + batch_index would make seed 1's batch 0 equal seed 0's batch 1)."""
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, np.uint64)[0])
+    return hashed_seed(seed, batch_index)
 
 
 def balanced_subset(records: Sequence[dict], max_prompts: int | None) -> list[tuple[int, dict]]:

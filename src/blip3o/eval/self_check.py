@@ -18,10 +18,10 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blip3o.eval.seeds import hashed_seed
 from blip3o.world.language import COUNT_WORDS, count_word
 from blip3o.world.scene import COLOR_NAMES, SHAPE_PLURALS, SHAPES
 
@@ -144,7 +144,7 @@ def round_seed(seed: int, round_index: int) -> int:
     sampling's images), a hash of (seed, round) after it, so no round repeats another seed's noise."""
     if round_index == 0:
         return seed
-    return int(np.random.SeedSequence([seed, round_index]).generate_state(1, np.uint64)[0])
+    return hashed_seed(seed, round_index)
 
 
 def _generate_until_accepted(
