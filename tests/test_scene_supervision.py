@@ -87,6 +87,25 @@ def test_scene_head_loss_and_bad_input() -> None:
         head.loss(torch.randn(3, 16, 8), [scenes[0], None, scenes[2]])
 
 
+def test_cosine_scene_head_reads_the_token_direction_only() -> None:
+    """A cosine head's logits lie within +-scale and ignore the token's norm; a linear one's grow with it."""
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(3)]
+    cosine, linear = SceneCellHead(8, cosine_scale=5.0), SceneCellHead(8)
+    linear.load_state_dict(cosine.state_dict())
+    tokens = torch.randn(3, 16, 8)
+    flat = tokens.reshape(-1, 8)
+    logits = cosine.logits(cosine.shape, flat)  # (48, classes)
+    assert logits.abs().max() <= 5.0 + 1e-5
+    torch.testing.assert_close(cosine.logits(cosine.shape, 10 * flat), logits)
+    torch.testing.assert_close(cosine.loss(10 * tokens, scenes)[0], cosine.loss(tokens, scenes)[0])
+    assert not torch.allclose(linear.loss(10 * tokens, scenes)[0], linear.loss(tokens, scenes)[0])
+    with pytest.raises(ValueError, match="cosine_scale"):
+        SceneCellHead(8, cosine_scale=-1.0)
+    with pytest.raises(ConfigError, match="scene_cosine_scale"):
+        StageConfig("und", "understanding", steps=1, batch_size=1, scene_cosine_scale=10.0)
+    assert StageConfig("vision", "vision", steps=1, batch_size=1, scene_cosine_scale=10.0).scene_cosine_scale
+
+
 def test_cell_centres_follow_the_label_raster() -> None:
     centres = cell_centres(4)
     assert centres.shape == (16, 2)

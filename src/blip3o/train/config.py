@@ -86,6 +86,12 @@ class StageConfig:
     # Qwen2.5-VL tower has rotary positions only, so without it a token's content hardly says where it is
     # (see scene_supervision.py; it did not lift ShapesVQA's relation questions, so the recipe keeps it off).
     cell_position_weight: float = 0.0
+    # vision: 0 keeps the scene head's shape and colour classifiers linear; > 0 makes them cosine classifiers
+    # with this logit scale (unit token, unit class vectors), so the token's direction, not a small component of
+    # it, must name its shape and colour. Why: after the linear head, shape explains 16% of an object token's
+    # variance and colour 66% (the bundle), and the language model looks objects up by colour (0.96-0.98) far
+    # better than by shape (0.72-0.77; docs/bench/understanding_position_trials.txt, session 43).
+    scene_cosine_scale: float = 0.0
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.
     slot_label_weight: float = 0.0
@@ -182,6 +188,12 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
+        if self.scene_cosine_scale < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: scene_cosine_scale must be >= 0, got {self.scene_cosine_scale}"
+            )
+        if self.scene_cosine_scale and self.kind != "vision":
+            raise ConfigError(f"stage {self.name!r}: scene_cosine_scale applies to vision stages only")
         for key in (
             "slot_label_weight",
             "slot_position_weight",

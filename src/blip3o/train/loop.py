@@ -286,6 +286,7 @@ def train_stage(
             stage.slot_binding_order,
             stage.count_weight,
             stage.count_by,
+            scene_cosine_scale=stage.scene_cosine_scale,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -265,14 +265,26 @@ class SceneCellHead(nn.Module):
     """Linear shape and colour classifiers over each merged vision token, and optionally a linear regressor
     of the token's own cell centre (only built when `position_weight` > 0, so older checkpoints still load)."""
 
-    def __init__(self, hidden_size: int, position_weight: float = 0.0):
+    def __init__(self, hidden_size: int, position_weight: float = 0.0, cosine_scale: float = 0.0):
         super().__init__()
-        if position_weight < 0:
-            raise ValueError(f"position_weight must be >= 0, got {position_weight}")
+        if position_weight < 0 or cosine_scale < 0:
+            raise ValueError(
+                f"position_weight and cosine_scale must be >= 0, got {position_weight}, {cosine_scale}"
+            )
+        self.cosine_scale = (
+            cosine_scale  # 0: linear classifiers; > 0: cosine ones (StageConfig.scene_cosine_scale)
+        )
         self.shape = nn.Linear(hidden_size, NO_OBJECT_SHAPE + 1)
         self.colour = nn.Linear(hidden_size, NO_OBJECT_COLOR + 1)
         self.position_weight = position_weight
         self.position = nn.Linear(hidden_size, 2) if position_weight > 0 else None
+
+    def logits(self, head: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
+        """(B * N, classes) logits of one classifier for tokens `flat` (B * N, H)."""
+        if not self.cosine_scale:
+            return head(flat)
+        unit_tokens, unit_classes = F.normalize(flat, dim=-1), F.normalize(head.weight, dim=-1)
+        return self.cosine_scale * unit_tokens @ unit_classes.T  # the bias is not used
 
     def loss(self, tokens: torch.Tensor, scenes: list[Scene]) -> tuple[torch.Tensor, dict]:
         """tokens (B, N, H) with N = grid * grid; the summed cross-entropies, and the object-cell accuracies."""
@@ -285,7 +297,7 @@ class SceneCellHead(nn.Module):
         shape_y = torch.cat([y for y, _ in labels]).to(tokens.device)  # (B * N,)
         colour_y = torch.cat([y for _, y in labels]).to(tokens.device)  # (B * N,)
         flat = tokens.reshape(-1, tokens.shape[-1]).float()  # (B * N, H)
-        shape_logits, colour_logits = self.shape(flat), self.colour(flat)  # (B * N, classes)
+        shape_logits, colour_logits = self.logits(self.shape, flat), self.logits(self.colour, flat)
         loss = F.cross_entropy(shape_logits, shape_y) + F.cross_entropy(colour_logits, colour_y)
         with torch.no_grad():
             has_object = shape_y != NO_OBJECT_SHAPE

@@ -211,6 +211,7 @@ class StageModule(nn.Module):
         slot_binding_order: str = "scene",
         count_weight: float = 0.0,
         count_by: str = "objects",
+        scene_cosine_scale: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -218,9 +219,9 @@ class StageModule(nn.Module):
         self.understanding_weight = understanding_weight
         self.understanding_average = understanding_average
         if kind == "vision":
-            self.scene_head = SceneCellHead(model.config.backbone.hidden_size, cell_position_weight).to(
-                model.device
-            )
+            self.scene_head = SceneCellHead(
+                model.config.backbone.hidden_size, cell_position_weight, scene_cosine_scale
+            ).to(model.device)
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.generated_pairs = generated_pairs
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
