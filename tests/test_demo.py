@@ -57,6 +57,8 @@ def test_demo_writes_grid_report_and_summary(
     assert summary["settings"]["steps"] == 2 and summary["settings"]["decoder_steps"] == 2
     assert summary["settings"]["cfg_scale"] == 3.0  # not given: the model's own, written as a number
     assert summary["settings"]["cfg_sigma_range"] == [0.0, 1.0]  # and its guidance interval (all steps)
+    # No --self-check: the demo's default sampler, the self-checked pick of up to 4 accepted at 0.25.
+    assert (summary["settings"]["self_check"], summary["settings"]["self_check_accept"]) == (4, 0.25)
     gen, vqa = summary["geneval"], summary["vqa"]
     assert list(gen["categories"]) == list(CATEGORIES) and gen["images"] == gen["prompts"] == 16
     assert len(gen["items"]) == 16 and all(isinstance(i["correct"], bool) for i in gen["items"])
@@ -142,7 +144,10 @@ def test_demo_errors(
         (["--model", str(model_dir), "--steps", "0", *out], "--steps must be >= 1"),
         (["--model", str(model_dir), "--seed", "-1", *out], "--seed must be >= 0"),
         (["--model", str(model_dir), "--self-check", "0", *out], "--self-check must be >= 1"),
-        (["--model", str(model_dir), "--self-check-accept", "0.5", *out], "needs --self-check K"),
+        (
+            ["--model", str(model_dir), "--self-check", "1", "--self-check-accept", "0.5", *out],
+            "needs --self-check K",
+        ),
         (["--model", str(model_dir), "--out", str(model_dir / "config.json")], "is a file; give a folder"),
     ]
     monkeypatch.setattr(bundled, "model_path", lambda: tmp_path / "not_bundled")
