@@ -97,7 +97,9 @@ class BackboneConfig:
     # first (Qwen3-VL's interleaved mRoPE), instead of in contiguous chunks (Qwen2.5-VL, False). Why: chunked,
     # the width band gets the lowest frequencies, so image columns are nearly indistinguishable by position
     # (see vision_position_scale); interleaved, every band spans the spectrum. Text tokens carry one position
-    # in all three bands, so for text only which rotary pair turns at which frequency changes.
+    # in all three bands, so for text only which rotary pair turns at which frequency changes. Tried in the
+    # bundle's stage 1 (session 43, 8,000 steps): ShapesVQA 0.762 against 0.704, relations at chance in both
+    # (docs/bench/understanding_position_trials.txt); no preset uses it.
     mrope_interleaved: bool = False
     # The generation condition's word tokens: the input embeddings of the last N positions before the queries
     # (the caption's end and the template's last tokens; zeros where a short prompt leaves none), put before

@@ -90,7 +90,8 @@ class StageConfig:
     # with this logit scale (unit token, unit class vectors), so the token's direction, not a small component of
     # it, must name its shape and colour. Why: after the linear head, shape explains 16% of an object token's
     # variance and colour 66% (the bundle), and the language model looks objects up by colour (0.96-0.98) far
-    # better than by shape (0.72-0.77; docs/bench/understanding_position_trials.txt, session 43).
+    # better than by shape (0.72-0.77). Tried at 10 (session 43): shape's share rose to 0.35, colour-of-a-named-
+    # shape did not move after 8,000 understanding steps (docs/bench/understanding_position_trials.txt); off.
     scene_cosine_scale: float = 0.0
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.

@@ -271,11 +271,11 @@ class SceneCellHead(nn.Module):
             raise ValueError(
                 f"position_weight and cosine_scale must be >= 0, got {position_weight}, {cosine_scale}"
             )
-        self.cosine_scale = (
-            cosine_scale  # 0: linear classifiers; > 0: cosine ones (StageConfig.scene_cosine_scale)
-        )
-        self.shape = nn.Linear(hidden_size, NO_OBJECT_SHAPE + 1)
-        self.colour = nn.Linear(hidden_size, NO_OBJECT_COLOR + 1)
+        # 0: linear classifiers; > 0: cosine ones (StageConfig.scene_cosine_scale), built without a bias so that
+        # no parameter goes unused (DDP would refuse one).
+        self.cosine_scale = cosine_scale
+        self.shape = nn.Linear(hidden_size, NO_OBJECT_SHAPE + 1, bias=not cosine_scale)
+        self.colour = nn.Linear(hidden_size, NO_OBJECT_COLOR + 1, bias=not cosine_scale)
         self.position_weight = position_weight
         self.position = nn.Linear(hidden_size, 2) if position_weight > 0 else None
 
@@ -284,7 +284,7 @@ class SceneCellHead(nn.Module):
         if not self.cosine_scale:
             return head(flat)
         unit_tokens, unit_classes = F.normalize(flat, dim=-1), F.normalize(head.weight, dim=-1)
-        return self.cosine_scale * unit_tokens @ unit_classes.T  # the bias is not used
+        return self.cosine_scale * unit_tokens @ unit_classes.T
 
     def loss(self, tokens: torch.Tensor, scenes: list[Scene]) -> tuple[torch.Tensor, dict]:
         """tokens (B, N, H) with N = grid * grid; the summed cross-entropies, and the object-cell accuracies."""
