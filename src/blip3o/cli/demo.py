@@ -7,10 +7,11 @@
 Generates one image for each of 16 ShapesGenEval prompts (3 or 2 per category, the same every run) in one
 batch, by default each the model's self-checked pick (up to 4 samples, the first it believes with probability
 >= 0.25: 25 s here against 16 s for one sample, 13 of 16 prompts passed against 9), and judges them with
-GenEval's rules; asks 16 questions about 8 fresh ShapesWorld scenes and scores the answers as ShapesVQA does. Writes grid.png (the images, PASS/FAIL under each), report.html (one
-self-contained page: every image, prompt, question and answer) and summary.json to --out, and prints the
-scores. 16 prompts and 16 questions are a look at the model, not benchmark scores (`blip3o eval geneval`,
-`blip3o eval vqa`). The same model, seed and options give the same images and answers.
+GenEval's rules; asks 16 questions about 8 fresh ShapesWorld scenes and scores the answers as ShapesVQA does.
+Writes grid.png (the images, PASS/FAIL under each), report.html (one self-contained page: every image, prompt,
+question and answer) and summary.json to --out, and prints the scores. 16 prompts and 16 questions are a look
+at the model, not benchmark scores (`blip3o eval geneval`, `blip3o eval vqa`). The same model, seed and
+options give the same images and answers.
 """
 
 from __future__ import annotations
