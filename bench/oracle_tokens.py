@@ -1,0 +1,160 @@
+"""Can the miniature's language model learn ShapesVQA at all when its vision tokens are perfect?
+
+    .venv/bin/python bench/oracle_tokens.py runs/x/vision/model runs/x/data --steps 6000 --out runs/oracle
+
+The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, 80% questions / 20%
+captions, one question per sample) trains the language model of MODEL (a vision-stage export: its language model
+is still fresh) on the run's shards, but the merged vision tokens are replaced by oracle tokens: for each of
+the 4x4 cells, learned embeddings of its row and its column, plus the shape and colour of every object whose
+box centre lies in the cell (an "empty" embedding where none does). Everything the questions need is then in
+the tokens, linearly and strongly (RMS 1 per embedding). ShapesVQA (the same 2,100 questions, greedy) is
+scored every `--eval-every` steps on a subset and on the full set at the end.
+
+If relations stay at chance here, the language model or its training is what blocks them, not the vision
+tokens; if they are learned, the tower's tokens are (docs/bench/understanding_position_trials.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.data import load_shards, make_batch
+from blip3o.world.scene import COLORS, SHAPES, Scene
+
+GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
+CELL = 16  # pixels per merged token
+COLOUR_NAMES = list(COLORS)
+
+
+class OracleTokens(nn.Module):
+    """(B * 16, H) ideal vision tokens of scenes, in the merged grid's raster order."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(GRID, hidden))
+        self.col = nn.Parameter(torch.randn(GRID, hidden))
+        self.shape = nn.Parameter(torch.randn(len(SHAPES), hidden))
+        self.colour = nn.Parameter(torch.randn(len(COLORS), hidden))
+        self.empty = nn.Parameter(torch.randn(hidden))
+
+    def forward(self, scenes: list[Scene]) -> torch.Tensor:
+        rows = torch.arange(GRID).repeat_interleave(GRID)  # (16,)
+        cols = torch.arange(GRID).repeat(GRID)  # (16,)
+        out = []
+        for scene in scenes:
+            cells = self.row[rows] + self.col[cols]  # (16, H)
+            content = [self.empty] * (GRID * GRID)
+            for obj in scene.objects:
+                cx, cy = obj.center
+                index = min(int(cy // CELL), GRID - 1) * GRID + min(int(cx // CELL), GRID - 1)
+                piece = self.shape[SHAPES.index(obj.shape)] + self.colour[COLOUR_NAMES.index(obj.color)]
+                content[index] = piece if content[index] is self.empty else content[index] + piece
+            out.append(cells + torch.stack(content))  # (16, H)
+        return torch.cat(out)  # (B * 16, H)
+
+
+def answer_all(backbone, oracle: OracleTokens, hook_state: dict, items, batch: int = 64) -> dict[str, str]:
+    images = vqa_images(items)
+    answers = {}
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        hook_state["scenes"] = [vqa_scene(it.image_index, it.seed) for it in chunk]
+        replies = backbone.understand(
+            [images[it.image_index] for it in chunk], [it.question for it in chunk], 8
+        )
+        answers.update({it.id: r for it, r in zip(chunk, replies, strict=True)})
+    return answers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="a vision-stage export (fresh language model)")
+    parser.add_argument("data", type=Path, help="the run's shard folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-subset", type=int, default=700, help="questions per intermediate evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    backbone = Blip3o.from_pretrained(args.model).backbone
+    hidden = backbone.config.hidden_size
+    oracle = OracleTokens(hidden)
+    hook_state: dict = {"scenes": None}
+
+    def replace_tokens(module, inputs, kwargs, output):
+        tokens = oracle(hook_state["scenes"])  # (B * 16, H)
+        if tokens.shape != output.pooler_output.shape:
+            raise RuntimeError(
+                f"oracle tokens {tuple(tokens.shape)} vs tower {tuple(output.pooler_output.shape)}"
+            )
+        output.pooler_output = tokens.to(output.pooler_output.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+    backbone.requires_grad_(False)
+    backbone.vlm.requires_grad_(True)
+    backbone.vision_tower.requires_grad_(False)
+    params = [p for p in backbone.parameters() if p.requires_grad] + list(oracle.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = min(200, args.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    examples, _ = load_shards(args.data)
+    items = vqa_set()
+    subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
+    rng = np.random.default_rng(args.seed)
+    log_path = args.out / "log.jsonl"
+    log_path.write_text("")
+    losses, start = [], time.time()
+    for step in range(1, args.steps + 1):
+        backbone.train()
+        rows = rng.integers(len(examples), size=args.batch).tolist()
+        batch = make_batch("understanding", examples, rows, [step * args.batch + i for i in range(args.batch)],
+                           args.seed, 0.5, qa_share=0.8)  # fmt: skip
+        hook_state["scenes"] = [examples[r].scene for r in rows]
+        loss = backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % args.eval_every == 0 or step == args.steps:
+            backbone.eval()
+            final = step == args.steps
+            scored = items if final else subset
+            scores = score_answers(scored, answer_all(backbone, oracle, hook_state, scored))
+            record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),
+                      "overall": scores["overall"], "per_kind": scores["per_kind"],
+                      "minutes": (time.time() - start) / 60}  # fmt: skip
+            with open(log_path, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            kinds = " ".join(f"{k} {v:.3f}" for k, v in scores["per_kind"].items())
+            print(f"step {step}: loss {record['loss']:.4f} | VQA ({len(scored)}) {scores['overall']:.3f} | {kinds}",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

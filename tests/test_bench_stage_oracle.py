@@ -1,0 +1,42 @@
+"""bench/stage_speed.py (its overrides) and bench/oracle_tokens.py (where the oracle puts each object)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip3o.train.config import apply_overrides, preset
+from blip3o.world.sampler import sample_scene
+from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEED = load_script(ROOT / "bench" / "stage_speed.py")
+ORACLE = load_script(ROOT / "bench" / "oracle_tokens.py")
+
+
+def test_stage_overrides_rebuild_the_run_and_change_only_the_timed_stage() -> None:
+    config = apply_overrides(preset("shapes-object"), ["stages.understanding.steps=8000"])
+    items = SPEED.stage_overrides(config, "refine", 40, 5, "bf16")
+    timed = apply_overrides(preset("shapes-object"), items)
+    assert timed.precision == "bf16"
+    assert (timed.stage("refine").steps, timed.stage("refine").log_every) == (40, 5)
+    assert timed.stage("understanding").steps == 8000  # the run's own override survives
+    assert timed.stage("relation") == config.stage("relation")
+
+
+def test_oracle_token_holds_each_object_in_the_cell_of_its_centre() -> None:
+    torch.manual_seed(0)
+    oracle = ORACLE.OracleTokens(8)
+    scene = sample_scene(np.random.default_rng(3))
+    tokens = oracle([scene])  # (16, 8)
+    assert tokens.shape == (16, 8)
+    filled = set()
+    for obj in scene.objects:
+        r, c = min(int(obj.center[1] // 16), 3), min(int(obj.center[0] // 16), 3)
+        filled.add(r * 4 + c)
+    for index in range(16):
+        r, c = divmod(index, 4)
+        rest = tokens[index] - oracle.row[r] - oracle.col[c]
+        assert torch.allclose(rest, oracle.empty, atol=1e-6) == (index not in filled)
