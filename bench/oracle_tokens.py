@@ -1,6 +1,9 @@
 """Can the miniature's language model learn ShapesVQA at all when its vision tokens are perfect?
 
     .venv/bin/python bench/oracle_tokens.py runs/x/vision/model runs/x/data --steps 6000 --out runs/oracle
+    ... --qa-share 1.0          # questions only, no captions
+    ... --qa-turns 8            # conversations of up to 8 of an image's questions
+    ... --tower                 # control: the same loop on the tower's own tokens
 
 The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, 80% questions / 20%
 captions, one question per sample) trains the language model of MODEL (a vision-stage export: its language model
@@ -8,7 +11,8 @@ is still fresh) on the run's shards, but the merged vision tokens are replaced b
 the 4x4 cells, learned embeddings of its row and its column, plus the shape and colour of every object whose
 box centre lies in the cell (an "empty" embedding where none does). Everything the questions need is then in
 the tokens, linearly and strongly (RMS 1 per embedding). ShapesVQA (the same 2,100 questions, greedy) is
-scored every `--eval-every` steps on a subset and on the full set at the end.
+scored every `--eval-every` steps on a subset and on the full set at the end (runs/.../log.jsonl). Rows are
+drawn at random (not the recipe's epoch order), so compare arms of this script with each other.
 
 If relations stay at chance here, the language model or its training is what blocks them, not the vision
 tokens; if they are learned, the tower's tokens are (docs/bench/understanding_position_trials.txt).
@@ -86,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-subset", type=int, default=700, help="questions per intermediate evaluation")
+    parser.add_argument(
+        "--qa-share", type=float, default=0.8, help="share of question samples (rest: captions)"
+    )
+    parser.add_argument("--qa-turns", type=int, default=1, help="questions per question sample")
+    parser.add_argument(
+        "--average", choices=("token", "sample"), default="token", help="understanding loss average"
+    )
+    parser.add_argument("--tower", action="store_true", help="control: keep the vision tower's own tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -107,11 +119,14 @@ def main(argv: list[str] | None = None) -> None:
         output.pooler_output = tokens.to(output.pooler_output.dtype)
         return output
 
-    backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+    if not args.tower:
+        backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
-    params = [p for p in backbone.parameters() if p.requires_grad] + list(oracle.parameters())
+    params = [p for p in backbone.parameters() if p.requires_grad] + (
+        [] if args.tower else list(oracle.parameters())
+    )
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = min(200, args.steps // 10)
 
@@ -132,9 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         backbone.train()
         rows = rng.integers(len(examples), size=args.batch).tolist()
         batch = make_batch("understanding", examples, rows, [step * args.batch + i for i in range(args.batch)],
-                           args.seed, 0.5, qa_share=0.8)  # fmt: skip
+                           args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
-        loss = backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"])
+        loss = backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"], args.average)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
