@@ -4,6 +4,7 @@
     ... --qa-share 1.0          # questions only, no captions
     ... --qa-turns 8            # conversations of up to 8 of an image's questions
     ... --tower                 # control: the same loop on the tower's own tokens
+    ... --shape-sentences       # long captions end in "The star is blue." for each shape seen once
 
 The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, 80% questions / 20%
 captions, one question per sample) trains the language model of MODEL (a vision-stage export: its language model
@@ -32,7 +33,7 @@ from torch import nn
 
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.data import load_shards, make_batch
+from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
 from blip3o.world.scene import COLORS, SHAPES, Scene
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
@@ -67,6 +68,14 @@ class OracleTokens(nn.Module):
         return torch.cat(out)  # (B * 16, H)
 
 
+def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
+    """Caption text for every shape the scene holds once (" The star is blue."), in a random order: text that
+    starts a lookup from a shape alone, which ShapesWorld's captions never do."""
+    shapes = [o.shape for o in scene.objects]
+    unique = [o for o in scene.objects if shapes.count(o.shape) == 1]
+    return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
+
+
 def answer_all(backbone, oracle: OracleTokens, hook_state: dict, items, batch: int = 64) -> dict[str, str]:
     images = vqa_images(items)
     answers = {}
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--average", choices=("token", "sample"), default="token", help="understanding loss average"
     )
+    parser.add_argument("--shape-sentences", action="store_true", help="long captions end in shape_sentences")
     parser.add_argument("--tower", action="store_true", help="control: keep the vision tower's own tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -149,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         batch = make_batch("understanding", examples, rows, [step * args.batch + i for i in range(args.batch)],
                            args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
+        if args.shape_sentences:
+            for i, scene in enumerate(hook_state["scenes"]):
+                if batch["prompts"][i] == LONG_CAPTION_PROMPT:
+                    batch["answers"][i] += shape_sentences(scene, np.random.default_rng([args.seed, step, i]))
         loss = backbone.understanding_loss(batch["images"], batch["prompts"], batch["answers"], args.average)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -40,3 +40,11 @@ def test_oracle_token_holds_each_object_in_the_cell_of_its_centre() -> None:
         r, c = divmod(index, 4)
         rest = tokens[index] - oracle.row[r] - oracle.col[c]
         assert torch.allclose(rest, oracle.empty, atol=1e-6) == (index not in filled)
+
+
+def test_shape_sentences_name_the_colour_of_each_shape_seen_once() -> None:
+    scene = sample_scene(np.random.default_rng(1))  # orange circle, red square, blue square, orange cross
+    text = ORACLE.shape_sentences(scene, np.random.default_rng(0))
+    shapes = [o.shape for o in scene.objects]
+    expected = {f"The {o.shape} is {o.color}." for o in scene.objects if shapes.count(o.shape) == 1}
+    assert expected and set(s.strip() + "." for s in text.split(".") if s.strip()) == expected
