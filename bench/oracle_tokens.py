@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         "--average", choices=("token", "sample"), default="token", help="understanding loss average"
     )
     parser.add_argument("--shape-sentences", action="store_true", help="long captions end in shape_sentences")
+    parser.add_argument(
+        "--save", action="store_true", help="write OUT/backbone and OUT/oracle.safetensors at the end"
+    )
     parser.add_argument("--tower", action="store_true", help="control: keep the vision tower's own tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -183,6 +186,18 @@ def main(argv: list[str] | None = None) -> None:
             kinds = " ".join(f"{k} {v:.3f}" for k, v in scores["per_kind"].items())
             print(f"step {step}: loss {record['loss']:.4f} | VQA ({len(scored)}) {scores['overall']:.3f} | {kinds}",
                   flush=True)  # fmt: skip
+    if args.save:
+        save(backbone, oracle, args.out)
+
+
+def save(backbone, oracle: OracleTokens, out: Path) -> None:
+    """The trained language model (HF layout) and the oracle embeddings, for probes run later."""
+    from safetensors.torch import save_file
+
+    backbone.save_pretrained(out / "backbone")
+    save_file(
+        {k: v.detach().contiguous() for k, v in oracle.state_dict().items()}, out / "oracle.safetensors"
+    )
 
 
 if __name__ == "__main__":
