@@ -6,9 +6,10 @@
     ... --tower                 # control: the same loop on the tower's own tokens
     ... --shape-sentences       # long captions end in "The star is blue." for each shape seen once
 
-The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, 80% questions / 20%
-captions, one question per sample) trains the language model of MODEL (a vision-stage export: its language model
-is still fresh) on the run's shards, but the merged vision tokens are replaced by oracle tokens: for each of
+The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps, AdamW, 80% questions / 20% captions, one
+question per sample; cosine decay to 0 here, to 0.1 x lr in the recipe) trains the language model of MODEL
+(a vision-stage export: its language model is still fresh) on the run's shards, but the merged vision tokens
+are replaced by oracle tokens: for each of
 the 4x4 cells, learned embeddings of its row and its column, plus the shape and colour of every object whose
 box centre lies in the cell (an "empty" embedding where none does). Everything the questions need is then in
 the tokens, linearly and strongly (RMS 1 per embedding). ShapesVQA (the same 2,100 questions, greedy) is
