@@ -22,7 +22,11 @@ from blip3o.models.backbone import Backbone
 from blip3o.train.data import LONG_CAPTION_PROMPT
 from blip3o.world.language import annotate
 from blip3o.world.render import render
-from oracle_tokens import OracleTokens, shape_sentences  # bench/ is on sys.path when this script runs
+from oracle_tokens import (  # bench/ is on sys.path when this script runs
+    OracleTokens,
+    shape_sentences,
+    use_oracle_tokens,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,13 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     backbone = Backbone.from_pretrained(args.saved / "backbone").eval()
     oracle = OracleTokens(backbone.config.hidden_size)
     oracle.load_state_dict(load_file(args.saved / "oracle.safetensors"))
-    scenes: list = []
-
-    def replace_tokens(module, inputs, kwargs, output):
-        output.pooler_output = oracle(scenes).to(output.pooler_output.dtype)  # (16, H)
-        return output
-
-    backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+    state: dict = {"scenes": None}
+    use_oracle_tokens(backbone, oracle, state)
     tokenizer = backbone.processor.tokenizer
     caption_right = question_right = asked = 0
     for index in range(args.scenes):
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         if not sentences:
             continue
         _, shape, _, colour = sentences.split(".")[0].split()  # "The star is blue"
-        scenes[:] = [scene]
+        state["scenes"] = [scene]
         image = render(scene)
         batch = backbone.understanding_inputs([image], [LONG_CAPTION_PROMPT], [f"{caption} The {shape} is"])
         batch.pop("labels")

@@ -6,15 +6,16 @@
     ... --tower                 # control: the same loop on the tower's own tokens
     ... --shape-sentences       # long captions end in "The star is blue." for each shape seen once
 
-The stage-1 recipe (batch 16, lr 1e-3 with 200 warm-up steps, AdamW, 80% questions / 20% captions, one
-question per sample; cosine decay to 0 here, to 0.1 x lr in the recipe) trains the language model of MODEL
-(a vision-stage export: its language model is still fresh) on the run's shards, but the merged vision tokens
-are replaced by oracle tokens: for each of
-the 4x4 cells, learned embeddings of its row and its column, plus the shape and colour of every object whose
-box centre lies in the cell (an "empty" embedding where none does). Everything the questions need is then in
-the tokens, linearly and strongly (RMS 1 per embedding). ShapesVQA (the same 2,100 questions, greedy) is
-scored every `--eval-every` steps on a subset and on the full set at the end (runs/.../log.jsonl). Rows are
-drawn at random (not the recipe's epoch order), so compare arms of this script with each other.
+Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
+clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
+vision-stage export: its language model is still fresh) on the run's shards, but the merged vision tokens are
+replaced by oracle tokens: for each of the 4x4 cells, learned embeddings of its row and its column, plus the
+shape and colour of every object whose box centre lies in the cell (an "empty" embedding where none does).
+Everything the questions need is then in the tokens, linearly and strongly (RMS 1 per embedding). ShapesVQA
+(the same 2,100 questions, greedy) is scored every `--eval-every` steps on a subset and on the full set at the
+end (runs/.../log.jsonl). Unlike the recipe: rows are drawn at random (not in epoch order), AdamW has torch's
+default betas (0.9, 0.999; the recipe's build_optimizer: 0.9, 0.95) and the cosine decays to 0 (the recipe: to
+0.1 x lr). So compare arms of this script with each other, the recipe's runs only as context.
 
 If relations stay at chance here, the language model or its training is what blocks them, not the vision
 tokens; if they are learned, the tower's tokens are (docs/bench/understanding_position_trials.txt).
@@ -69,6 +70,22 @@ class OracleTokens(nn.Module):
         return torch.cat(out)  # (B * 16, H)
 
 
+def use_oracle_tokens(backbone, oracle: OracleTokens, state: dict) -> None:
+    """Make the backbone's vision tower return `oracle(state["scenes"])` in place of its merged tokens; set
+    state["scenes"] to the scenes of the images before each forward."""
+
+    def replace_tokens(module, inputs, kwargs, output):
+        tokens = oracle(state["scenes"])  # (B * 16, H)
+        if tokens.shape != output.pooler_output.shape:
+            raise RuntimeError(
+                f"oracle tokens {tuple(tokens.shape)} vs tower {tuple(output.pooler_output.shape)}"
+            )
+        output.pooler_output = tokens.to(output.pooler_output.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+
+
 def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     """Caption text for every shape the scene holds once (" The star is blue."), in a random order: text that
     starts a lookup from a shape alone, which ShapesWorld's captions never do."""
@@ -77,7 +94,7 @@ def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
 
 
-def answer_all(backbone, oracle: OracleTokens, hook_state: dict, items, batch: int = 64) -> dict[str, str]:
+def answer_all(backbone, hook_state: dict, items, batch: int = 64) -> dict[str, str]:
     images = vqa_images(items)
     answers = {}
     for start in range(0, len(items), batch):
@@ -124,17 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     oracle = OracleTokens(hidden)
     hook_state: dict = {"scenes": None}
 
-    def replace_tokens(module, inputs, kwargs, output):
-        tokens = oracle(hook_state["scenes"])  # (B * 16, H)
-        if tokens.shape != output.pooler_output.shape:
-            raise RuntimeError(
-                f"oracle tokens {tuple(tokens.shape)} vs tower {tuple(output.pooler_output.shape)}"
-            )
-        output.pooler_output = tokens.to(output.pooler_output.dtype)
-        return output
-
     if not args.tower:
-        backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+        use_oracle_tokens(backbone, oracle, hook_state)
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             backbone.eval()
             final = step == args.steps
             scored = items if final else subset
-            scores = score_answers(scored, answer_all(backbone, oracle, hook_state, scored))
+            scores = score_answers(scored, answer_all(backbone, hook_state, scored))
             record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),
                       "overall": scores["overall"], "per_kind": scores["per_kind"],
                       "minutes": (time.time() - start) / 60}  # fmt: skip
