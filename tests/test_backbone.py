@@ -400,3 +400,20 @@ def test_interleaved_mrope_lets_positions_tell_columns_apart_and_survives_save_l
         loss = interleaved.understanding_loss(images, prompts, answers)
         torch.testing.assert_close(loaded.understanding_loss(images, prompts, answers), loss, rtol=0, atol=0)
         assert (loss - backbone.understanding_loss(images, prompts, answers)).abs() > 1e-4
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_buffers_are_rebuilt_after_a_meta_build(backbone, interleaved):
+    config = dataclasses.replace(backbone.config, mrope_interleaved=interleaved)
+    reference = Backbone(config, backbone.processor, copy.deepcopy(backbone.vlm))
+    with torch.device("meta"):
+        on_meta = Backbone(config, backbone.processor)
+    on_meta.to_empty(device="cpu")
+    rotary = {n: b for n, b in on_meta.named_buffers() if n.endswith("inv_freq")}
+    assert len(rotary) == 4  # vision and text, each inv_freq and original_inv_freq
+    for buffer in rotary.values():
+        buffer.fill_(float("nan"))  # what to_empty may leave
+    on_meta.reset_rotary()
+    expected = dict(reference.named_buffers())
+    for name, buffer in rotary.items():
+        torch.testing.assert_close(buffer, expected[name], atol=0, rtol=0)

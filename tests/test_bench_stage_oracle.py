@@ -48,3 +48,18 @@ def test_shape_sentences_name_the_colour_of_each_shape_seen_once() -> None:
     shapes = [o.shape for o in scene.objects]
     expected = {f"The {o.shape} is {o.color}." for o in scene.objects if shapes.count(o.shape) == 1}
     assert expected and set(s.strip() + "." for s in text.split(".") if s.strip()) == expected
+
+
+def test_relation_steps_spell_out_where_each_object_is_and_keep_the_answer_last() -> None:
+    scene = sample_scene(np.random.default_rng(0))  # blue triangle top right, red square middle right
+    question = "is the blue triangle below the red square?"
+    spelled = ORACLE.relation_steps(question, "no", scene)
+    assert spelled == "blue triangle top right, red square middle right, so no"
+    assert ORACLE.final_answer(spelled) == "no" and ORACLE.final_answer("two") == "two"
+    assert ORACLE.relation_steps("what colour is the square?", "red", scene) == "red"
+    batch = {
+        "prompts": [question, [question, "how many shapes are there?"]],
+        "answers": ["no", ["no", "two"]],
+    }
+    ORACLE.spell_out_relations(batch, [scene, scene])
+    assert batch["answers"] == [spelled, [spelled, "two"]]

@@ -262,7 +262,8 @@ def interleaved_mrope_order(section: tuple[int, int, int]) -> list[int]:
 
 def set_interleaved_mrope(rotary: nn.Module, section: tuple[int, int, int]) -> None:
     """Reorder a Qwen2.5-VL text rotary embedding's (non-persistent) frequencies into the interleaved layout.
-    Computed from the module's config, not from its current buffer, so calling it twice changes nothing."""
+    Computed from the module's config, not from its current buffer, so calling it twice changes nothing. Buffers
+    still on meta are skipped: `Backbone.reset_rotary()` after `to_empty()` fills them in this layout."""
     default, _ = rotary.compute_default_rope_parameters(rotary.config)  # (head_dim / 2,), highest first
     order = torch.tensor(interleaved_mrope_order(section))
     with torch.no_grad():
@@ -348,6 +349,23 @@ class Backbone(nn.Module):
             max_pixels=config.max_pixels,
         )
         return cls(config, processor)
+
+    def reset_rotary(self) -> None:
+        """Recompute the rotary frequency buffers (non-persistent, so never in a checkpoint) of the vision tower
+        and the text decoder, in this config's layout: needed after building on meta and `to_empty()`, which
+        leaves them uninitialised. transformers' own re-initialisation would restore the default mRoPE
+        layout, undoing `mrope_interleaved`; this re-applies it."""
+        with torch.no_grad():
+            for module in self.vlm.modules():
+                if not hasattr(module, "original_inv_freq"):
+                    continue
+                compute = getattr(module, "compute_axial_rope_parameters", None)
+                compute = compute or module.compute_default_rope_parameters
+                frequencies, _ = compute(module.config)  # (rotary dim / 2,)
+                for buffer in (module.inv_freq, module.original_inv_freq):
+                    buffer.copy_(frequencies.to(buffer.device, buffer.dtype))
+        if self.config.mrope_interleaved:
+            set_interleaved_mrope(self.vlm.model.language_model.rotary_emb, self.config.mrope_section)
 
     def reset_queries(self, std: float | None = None) -> None:
         """Draw the queries from N(0, std^2); None: the std of the current input embedding table (e.g. to
