@@ -8,6 +8,7 @@
     ... --location-questions    # "where is the red circle?" -> "top left" joins each image's questions
     ... --relation-steps        # relation answers spelled out: "red circle top left, blue star middle
                                 # right, so yes" (scored on the word after the last "so")
+    ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
 
 Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
 clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
@@ -123,6 +124,21 @@ def relation_steps(question: str, answer: str, scene: Scene) -> str:
     return f"{colour_a} {shape_a} {where(colour_a, shape_a)}, {colour_b} {shape_b} {where(colour_b, shape_b)}, so {answer}"
 
 
+COLOUR_QUESTION = re.compile(r"^(?:what|which) (?:is the )?colou?r (?:is|of) the (\w+)\?$")
+
+
+def colour_steps(question: str, answer: str, scene: Scene) -> str:
+    """A colour-of-a-shape answer through the shape's place: "what colour is the star?" -> "star top left, so
+    blue". The first step is a lookup by shape (as counting a shape is), the second one by place (as every
+    caption's "In the top left, there is a blue star" is). Other questions keep their answer."""
+    match = COLOUR_QUESTION.search(question)
+    if match is None:
+        return answer
+    shape = match.group(1)
+    obj = next(o for o in scene.objects if o.shape == shape)
+    return f"{shape} {' '.join(object_location(obj, scene.size))}, so {answer}"
+
+
 def final_answer(reply: str) -> str:
     """The words after the last "so " of a spelled-out answer; a plain answer as it is."""
     return reply.rsplit(" so ", 1)[-1]
@@ -164,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--relation-steps", action="store_true", help="train relation answers spelled out (relation_steps)"
+    )
+    parser.add_argument(
+        "--colour-steps",
+        action="store_true",
+        help="train colour-of-a-shape answers spelled out (colour_steps)",
     )
     parser.add_argument(
         "--save", action="store_true", help="write OUT/backbone and OUT/oracle.safetensors at the end"
@@ -213,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                            location_questions=args.location_questions)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
         if args.relation_steps:
-            spell_out_relations(batch, hook_state["scenes"])
+            spell_out(batch, hook_state["scenes"], relation_steps)
+        if args.colour_steps:
+            spell_out(batch, hook_state["scenes"], colour_steps)
         if args.shape_sentences:
             for i, scene in enumerate(hook_state["scenes"]):
                 if batch["prompts"][i] == LONG_CAPTION_PROMPT:
@@ -230,9 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             final = step == args.steps
             scored = items if final else subset
             replies = answer_all(
-                backbone, hook_state, scored, max_new_tokens=24 if args.relation_steps else 8
+                backbone,
+                hook_state,
+                scored,
+                max_new_tokens=24 if args.relation_steps or args.colour_steps else 8,
             )
-            if args.relation_steps:
+            if args.relation_steps or args.colour_steps:
                 replies = {key: final_answer(reply) for key, reply in replies.items()}
             scores = score_answers(scored, replies)
             record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),
@@ -247,15 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         save(backbone, oracle, args.out)
 
 
-def spell_out_relations(batch: dict, scenes: list[Scene]) -> None:
-    """Rewrite, in place, every relation answer of an understanding batch (single questions or conversations)
-    with `relation_steps`."""
+def spell_out(batch: dict, scenes: list[Scene], rewrite) -> None:
+    """Rewrite, in place, every answer of an understanding batch (single questions or conversations) with
+    `rewrite(question, answer, scene)` (`relation_steps`, `colour_steps`)."""
     for i, scene in enumerate(scenes):
         prompt, answer = batch["prompts"][i], batch["answers"][i]
         if isinstance(prompt, str):
-            batch["answers"][i] = relation_steps(prompt, answer, scene)
+            batch["answers"][i] = rewrite(prompt, answer, scene)
         else:
-            batch["answers"][i] = [relation_steps(q, a, scene) for q, a in zip(prompt, answer, strict=True)]
+            batch["answers"][i] = [rewrite(q, a, scene) for q, a in zip(prompt, answer, strict=True)]
 
 
 def save(backbone, oracle: OracleTokens, out: Path) -> None:

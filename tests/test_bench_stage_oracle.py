@@ -57,9 +57,16 @@ def test_relation_steps_spell_out_where_each_object_is_and_keep_the_answer_last(
     assert spelled == "blue triangle top right, red square middle right, so no"
     assert ORACLE.final_answer(spelled) == "no" and ORACLE.final_answer("two") == "two"
     assert ORACLE.relation_steps("what colour is the square?", "red", scene) == "red"
+    for asked in (
+        "what colour is the square?",
+        "which colour is the square?",
+        "what is the color of the square?",
+    ):
+        assert ORACLE.colour_steps(asked, "red", scene) == "square middle right, so red"
+    assert ORACLE.colour_steps("is the blue triangle below the red square?", "no", scene) == "no"
     batch = {
         "prompts": [question, [question, "how many shapes are there?"]],
         "answers": ["no", ["no", "two"]],
     }
-    ORACLE.spell_out_relations(batch, [scene, scene])
+    ORACLE.spell_out(batch, [scene, scene], ORACLE.relation_steps)
     assert batch["answers"] == [spelled, [spelled, "two"]]
