@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
                 scored,
                 max_new_tokens=24 if args.relation_steps or args.colour_steps else 8,
             )
+            if final:  # every reply as the model wrote it, steps included, for reading its errors
+                with open(args.out / "replies.jsonl", "w") as out:
+                    for it in scored:
+                        out.write(json.dumps({**it.to_dict(), "reply": replies[it.id]}) + "\n")
             if args.relation_steps or args.colour_steps:
                 replies = {key: final_answer(reply) for key, reply in replies.items()}
             scores = score_answers(scored, replies)
