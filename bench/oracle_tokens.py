@@ -9,6 +9,7 @@
     ... --relation-steps        # relation answers spelled out: "red circle top left, blue star middle
                                 # right, so yes" (scored on the word after the last "so")
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
+    ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
 
 Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
 clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
@@ -41,7 +42,7 @@ from torch import nn
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
-from blip3o.world.language import object_location
+from blip3o.world.language import COLUMNS, ROWS, object_location
 from blip3o.world.scene import COLORS, SHAPES, Scene
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
@@ -52,13 +53,17 @@ COLOUR_NAMES = list(COLORS)
 class OracleTokens(nn.Module):
     """(B * 16, H) ideal vision tokens of scenes, in the merged grid's raster order."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, thirds: bool = False) -> None:
         super().__init__()
         self.row = nn.Parameter(torch.randn(GRID, hidden))
         self.col = nn.Parameter(torch.randn(GRID, hidden))
         self.shape = nn.Parameter(torch.randn(len(SHAPES), hidden))
         self.colour = nn.Parameter(torch.randn(len(COLORS), hidden))
         self.empty = nn.Parameter(torch.randn(hidden))
+        # Optional: each object also carries the third of the canvas (row, column) its box centre lies in, the
+        # grid the captions and where-answers use, which the 4x4 cells do not resolve (16 px vs 21.3 px).
+        self.third_row = nn.Parameter(torch.randn(3, hidden)) if thirds else None
+        self.third_col = nn.Parameter(torch.randn(3, hidden)) if thirds else None
 
     def forward(self, scenes: list[Scene]) -> torch.Tensor:
         rows = torch.arange(GRID).repeat_interleave(GRID)  # (16,)
@@ -71,6 +76,9 @@ class OracleTokens(nn.Module):
                 cx, cy = obj.center
                 index = min(int(cy // CELL), GRID - 1) * GRID + min(int(cx // CELL), GRID - 1)
                 piece = self.shape[SHAPES.index(obj.shape)] + self.colour[COLOUR_NAMES.index(obj.color)]
+                if self.third_row is not None:
+                    row, col = object_location(obj, scene.size)
+                    piece = piece + self.third_row[ROWS.index(row)] + self.third_col[COLUMNS.index(col)]
                 content[index] = piece if content[index] is self.empty else content[index] + piece
             out.append(cells + torch.stack(content))  # (16, H)
         return torch.cat(out)  # (B * 16, H)
@@ -182,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         "--relation-steps", action="store_true", help="train relation answers spelled out (relation_steps)"
     )
     parser.add_argument(
+        "--object-thirds", action="store_true", help="oracle objects also carry the third they lie in"
+    )
+    parser.add_argument(
         "--colour-steps",
         action="store_true",
         help="train colour-of-a-shape answers spelled out (colour_steps)",
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone = Blip3o.from_pretrained(args.model).backbone
     hidden = backbone.config.hidden_size
-    oracle = OracleTokens(hidden)
+    oracle = OracleTokens(hidden, thirds=args.object_thirds)
     hook_state: dict = {"scenes": None}
 
     if not args.tower:

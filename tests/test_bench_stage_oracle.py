@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from blip3o.train.config import apply_overrides, preset
+from blip3o.world.language import COLUMNS, ROWS, object_location
 from blip3o.world.sampler import sample_scene
+from blip3o.world.scene import COLORS, SHAPES
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,28 @@ def test_oracle_token_holds_each_object_in_the_cell_of_its_centre() -> None:
         r, c = divmod(index, 4)
         rest = tokens[index] - oracle.row[r] - oracle.col[c]
         assert torch.allclose(rest, oracle.empty, atol=1e-6) == (index not in filled)
+
+
+def test_oracle_objects_carry_their_thirds_when_asked() -> None:
+    torch.manual_seed(0)
+    oracle = ORACLE.OracleTokens(8, thirds=True)
+    scene = sample_scene(np.random.default_rng(3))
+    tokens = oracle([scene])  # (16, 8)
+    obj = scene.objects[0]
+    index = min(int(obj.center[1] // 16), 3) * 4 + min(int(obj.center[0] // 16), 3)
+    others = [
+        o
+        for o in scene.objects[1:]
+        if ORACLE.GRID * min(int(o.center[1] // 16), 3) + min(int(o.center[0] // 16), 3) == index
+    ]
+    assert not others  # this scene's first object has its cell to itself
+    row, col = object_location(obj, scene.size)
+    expected = (
+        oracle.row[index // 4] + oracle.col[index % 4] + oracle.shape[SHAPES.index(obj.shape)]
+        + oracle.colour[list(COLORS).index(obj.color)] + oracle.third_row[ROWS.index(row)]
+        + oracle.third_col[COLUMNS.index(col)]
+    )  # fmt: skip
+    torch.testing.assert_close(tokens[index], expected)
 
 
 def test_shape_sentences_name_the_colour_of_each_shape_seen_once() -> None:
