@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -42,7 +41,13 @@ from torch import nn
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
-from blip3o.world.language import COLUMNS, ROWS, object_location
+from blip3o.world.language import (
+    COLUMNS,
+    ROWS,
+    color_question_shape,
+    object_location,
+    relation_question_parts,
+)
 from blip3o.world.scene import COLORS, SHAPES, Scene
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
@@ -108,22 +113,16 @@ def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
 
 
-# ShapesVQA's relation templates (world/language._ask_relation): colour, shape, relation, colour, shape.
-RELATION_QUESTION = re.compile(
-    r"the (\w+) (\w+) (?:positioned |is )?(left of|right of|above|below) the (\w+) (\w+)\?$"
-)
-
-
 def relation_steps(question: str, answer: str, scene: Scene) -> str:
     """A relation answer with its steps written out, each a lookup the model practises elsewhere (the where of
     a named object, in thirds as the captions and where-questions give it):
     "is the red circle left of the blue star?" -> "red circle top left, blue star middle right, so yes".
     Other questions keep their answer. The thirds decide 0.947 of ShapesVQA's relation answers (the rest lie
     near a threshold of GenEval's rule), so this caps relations there."""
-    match = RELATION_QUESTION.search(question)
-    if match is None:
+    parts = relation_question_parts(question)
+    if parts is None:
         return answer
-    colour_a, shape_a, _, colour_b, shape_b = match.groups()
+    colour_a, shape_a, _, colour_b, shape_b = parts
 
     def where(colour: str, shape: str) -> str:
         obj = next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
@@ -132,17 +131,13 @@ def relation_steps(question: str, answer: str, scene: Scene) -> str:
     return f"{colour_a} {shape_a} {where(colour_a, shape_a)}, {colour_b} {shape_b} {where(colour_b, shape_b)}, so {answer}"
 
 
-COLOUR_QUESTION = re.compile(r"^(?:what|which) (?:is the )?colou?r (?:is|of) the (\w+)\?$")
-
-
 def colour_steps(question: str, answer: str, scene: Scene) -> str:
     """A colour-of-a-shape answer through the shape's place: "what colour is the star?" -> "star top left, so
     blue". The first step is a lookup by shape (as counting a shape is), the second one by place (as every
     caption's "In the top left, there is a blue star" is). Other questions keep their answer."""
-    match = COLOUR_QUESTION.search(question)
-    if match is None:
+    shape = color_question_shape(question)
+    if shape is None:
         return answer
-    shape = match.group(1)
     obj = next(o for o in scene.objects if o.shape == shape)
     return f"{shape} {' '.join(object_location(obj, scene.size))}, so {answer}"
 

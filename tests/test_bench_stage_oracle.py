@@ -1,4 +1,5 @@
-"""bench/stage_speed.py (its overrides) and bench/oracle_tokens.py (where the oracle puts each object)."""
+"""bench/stage_speed.py (its overrides), bench/oracle_tokens.py (where the oracle puts each object, spelled-out
+answers) and bench/relation_ceiling.py (grid cells of a relation question's objects)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import load_script
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = load_script(ROOT / "bench" / "stage_speed.py")
 ORACLE = load_script(ROOT / "bench" / "oracle_tokens.py")
+CEILING = load_script(ROOT / "bench" / "relation_ceiling.py")
 
 
 def test_stage_overrides_rebuild_the_run_and_change_only_the_timed_stage() -> None:
@@ -94,3 +96,12 @@ def test_relation_steps_spell_out_where_each_object_is_and_keep_the_answer_last(
     }
     ORACLE.spell_out(batch, [scene, scene], ORACLE.relation_steps)
     assert batch["answers"] == [spelled, [spelled, "two"]]
+
+
+def test_relation_key_names_the_grid_cells_of_both_objects_by_box_centre() -> None:
+    scene = sample_scene(np.random.default_rng(0))  # blue triangle top right, red square middle right
+    question = "is the blue triangle below the red square?"
+    key = CEILING.relation_key(scene, question, 3)
+    assert key == ((2, 0), (2, 1), "below")
+    assert CEILING.relation_key(scene, "what colour is the square?", 3) is None
+    assert CEILING.relation_key(scene, question, 1) == ((0, 0), (0, 0), "below")

@@ -8,7 +8,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from blip3o.world.language import QA_KINDS, annotate, normalize_answer
+from blip3o.world.language import (
+    QA_KINDS,
+    annotate,
+    color_question_shape,
+    normalize_answer,
+    relation_question_parts,
+)
 from blip3o.world.sampler import ObjectSpec, sample_scene
 from blip3o.world.scene import COLOR_NAMES, SHAPES, Scene, relations_between
 
@@ -270,3 +276,25 @@ def test_location_questions_place_each_unique_object_and_are_not_a_vqa_kind():
     assert "location" not in QA_KINDS
     answers = Counter(q.answer for _ in range(300) for q in location_questions(sample_scene(rng)))
     assert len(answers) == 9 and all(len(a.split()) == 2 for a in answers)
+
+
+def test_relation_and_colour_questions_parse_back_to_what_they_ask():
+    parsed = {"relation": 0, "color": 0}
+    for i in range(300):
+        scene, ann = annotated(5, i)
+        for qa in ann.qa:
+            parts, shape = relation_question_parts(qa.question), color_question_shape(qa.question)
+            assert (parts is not None) == (qa.kind == "relation"), qa.question
+            assert (shape is not None) == (qa.kind == "color"), qa.question
+            if parts is not None:
+                colour_a, shape_a, relation, colour_b, shape_b = parts
+                a, b = (
+                    next(o for o in scene.objects if (o.color, o.shape) == (c, s))
+                    for c, s in ((colour_a, shape_a), (colour_b, shape_b))
+                )
+                assert (relation in relations_between(a.box, b.box)) == (qa.answer == "yes")
+                parsed["relation"] += 1
+            if shape is not None:
+                assert [o.color for o in scene.objects if o.shape == shape] == [qa.answer]
+                parsed["color"] += 1
+    assert min(parsed.values()) > 50, parsed

@@ -422,6 +422,25 @@ def _ask_relation(f: _Facts, rng: np.random.Generator, used: set) -> QAPair | No
     return QAPair(question, answer, "relation")
 
 
+# The inverse of _ask_relation's and _ask_color's templates, for tools that rewrite or analyse those questions.
+_RELATION_QUESTION = re.compile(
+    r"the (\w+) (\w+) (?:positioned |is )?(left of|right of|above|below) the (\w+) (\w+)\?$"
+)
+_COLOR_QUESTION = re.compile(r"^(?:what|which) (?:is the )?colou?r (?:is|of) the (\w+)\?$")
+
+
+def relation_question_parts(question: str) -> tuple[str, str, str, str, str] | None:
+    """(colour A, shape A, relation, colour B, shape B) of a relation question; None for any other text."""
+    match = _RELATION_QUESTION.search(question)
+    return None if match is None else match.groups()
+
+
+def color_question_shape(question: str) -> str | None:
+    """The shape a colour question asks about ("what colour is the star?" -> "star"); None for other text."""
+    match = _COLOR_QUESTION.search(question)
+    return None if match is None else match.group(1)
+
+
 def location_questions(scene: Scene) -> list[QAPair]:
     """Where-questions: "where is the red circle?" -> "top left" (row, column in thirds of the canvas) for every
     object that is the only one of its colour and shape. A training-only kind: ShapesVQA (`QA_KINDS`) does not
