@@ -8,6 +8,7 @@
     ... --location-questions    # "where is the red circle?" -> "top left" joins each image's questions
     ... --relation-steps        # relation answers spelled out: "red circle top left, blue star middle
                                 # right, so yes" (scored on the word after the last "so")
+    ... --relation-holds        # ... and the relations that hold: "..., red circle left of blue star, so yes"
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
 
@@ -29,6 +30,7 @@ tokens; if they are learned, the tower's tokens are (docs/bench/understanding_po
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -46,9 +48,10 @@ from blip3o.world.language import (
     ROWS,
     color_question_shape,
     object_location,
+    relation_phrase,
     relation_question_parts,
 )
-from blip3o.world.scene import COLORS, SHAPES, Scene
+from blip3o.world.scene import COLORS, SHAPES, Scene, relations_between
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
 CELL = 16  # pixels per merged token
@@ -113,22 +116,34 @@ def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
 
 
-def relation_steps(question: str, answer: str, scene: Scene) -> str:
+def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False) -> str:
     """A relation answer with its steps written out, each a lookup the model practises elsewhere (the where of
     a named object, in thirds as the captions and where-questions give it):
     "is the red circle left of the blue star?" -> "red circle top left, blue star middle right, so yes".
     Other questions keep their answer. The thirds decide 0.947 of ShapesVQA's relation answers (the rest lie
-    near a threshold of GenEval's rule), so this caps relations there."""
+    near a threshold of GenEval's rule), so this caps relations there.
+
+    holds: also write which relations hold, as the captions' relation sentences do ("..., red circle above
+    and left of blue star, so no"; "by" where none does). Why: with the places alone the answer is an XOR of
+    the asked relation and the places' order (each alone says nothing about yes / no), which this language
+    model does not learn even from text (session 45); which relations hold depends on the places directly,
+    and the final word is then a match of the asked relation against that list, as existence questions are."""
     parts = relation_question_parts(question)
     if parts is None:
         return answer
     colour_a, shape_a, _, colour_b, shape_b = parts
-
-    def where(colour: str, shape: str) -> str:
-        obj = next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
-        return " ".join(object_location(obj, scene.size))
-
-    return f"{colour_a} {shape_a} {where(colour_a, shape_a)}, {colour_b} {shape_b} {where(colour_b, shape_b)}, so {answer}"
+    a, b = (
+        next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
+        for colour, shape in ((colour_a, shape_a), (colour_b, shape_b))
+    )
+    name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
+    steps = [
+        f"{name_a} {' '.join(object_location(a, scene.size))}",
+        f"{name_b} {' '.join(object_location(b, scene.size))}",
+    ]
+    if holds:
+        steps.append(f"{name_a} {relation_phrase(relations_between(a.box, b.box)) or 'by'} {name_b}")
+    return f"{', '.join(steps)}, so {answer}"
 
 
 def colour_steps(question: str, answer: str, scene: Scene) -> str:
@@ -185,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         "--relation-steps", action="store_true", help="train relation answers spelled out (relation_steps)"
     )
     parser.add_argument(
+        "--relation-holds", action="store_true", help="relation steps also list the relations that hold"
+    )
+    parser.add_argument(
         "--object-thirds", action="store_true", help="oracle objects also carry the third they lie in"
     )
     parser.add_argument(
@@ -239,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
                            args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns,
                            location_questions=args.location_questions)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
-        if args.relation_steps:
-            spell_out(batch, hook_state["scenes"], relation_steps)
+        if args.relation_steps or args.relation_holds:
+            spell_out(
+                batch, hook_state["scenes"], functools.partial(relation_steps, holds=args.relation_holds)
+            )
         if args.colour_steps:
             spell_out(batch, hook_state["scenes"], colour_steps)
         if args.shape_sentences:
@@ -262,13 +282,13 @@ def main(argv: list[str] | None = None) -> None:
                 backbone,
                 hook_state,
                 scored,
-                max_new_tokens=24 if args.relation_steps or args.colour_steps else 8,
+                max_new_tokens=24 if args.relation_steps or args.relation_holds or args.colour_steps else 8,
             )
             if final:  # every reply as the model wrote it, steps included, for reading its errors
                 with open(args.out / "replies.jsonl", "w") as out:
                     for it in scored:
                         out.write(json.dumps({**it.to_dict(), "reply": replies[it.id]}) + "\n")
-            if args.relation_steps or args.colour_steps:
+            if args.relation_steps or args.relation_holds or args.colour_steps:
                 replies = {key: final_answer(reply) for key, reply in replies.items()}
             scores = score_answers(scored, replies)
             record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),

@@ -81,6 +81,9 @@ def test_relation_steps_spell_out_where_each_object_is_and_keep_the_answer_last(
     question = "is the blue triangle below the red square?"
     spelled = ORACLE.relation_steps(question, "no", scene)
     assert spelled == "blue triangle top right, red square middle right, so no"
+    assert ORACLE.relation_steps(question, "no", scene, holds=True) == (
+        "blue triangle top right, red square middle right, blue triangle above red square, so no"
+    )
     assert ORACLE.final_answer(spelled) == "no" and ORACLE.final_answer("two") == "two"
     assert ORACLE.relation_steps("what colour is the square?", "red", scene) == "red"
     for asked in (
