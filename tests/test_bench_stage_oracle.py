@@ -1,5 +1,5 @@
 """bench/stage_speed.py (its overrides), bench/oracle_tokens.py (where the oracle puts each object, spelled-out
-answers) and bench/relation_ceiling.py (grid cells of a relation question's objects)."""
+answers) bench/relation_ceiling.py (grid cells of a relation question's objects) and bench/relation_text.py (its tasks)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEED = load_script(ROOT / "bench" / "stage_speed.py")
 ORACLE = load_script(ROOT / "bench" / "oracle_tokens.py")
 CEILING = load_script(ROOT / "bench" / "relation_ceiling.py")
+RELATION_TEXT = load_script(ROOT / "bench" / "relation_text.py")
 
 
 def test_stage_overrides_rebuild_the_run_and_change_only_the_timed_stage() -> None:
@@ -108,3 +109,14 @@ def test_relation_key_names_the_grid_cells_of_both_objects_by_box_centre() -> No
     assert key == ((2, 0), (2, 1), "below")
     assert CEILING.relation_key(scene, "what colour is the square?", 3) is None
     assert CEILING.relation_key(scene, question, 1) == ((0, 0), (0, 0), "below")
+
+
+def test_relation_text_tasks_write_the_places_and_label_each_task() -> None:
+    scene = sample_scene(np.random.default_rng(0))  # blue triangle top right, red square middle right
+    question = "is the blue triangle below the red square?"
+    places = "blue triangle top right, red square middle right."
+    assert RELATION_TEXT.example(question, "no", scene, "relation") == (f"{places} {question}", "no")
+    assert RELATION_TEXT.example(question, "no", scene, "column_order") == (places, "no")  # same column
+    listed = RELATION_TEXT.example(question, "no", scene, "holds_listed")
+    assert listed == (f"{places} blue triangle above red square. {question}", "no")
+    assert RELATION_TEXT.example("what colour is the square?", "red", scene, "relation") is None
