@@ -359,6 +359,8 @@ class Backbone(nn.Module):
             for module in self.vlm.modules():
                 if not hasattr(module, "original_inv_freq"):
                     continue
+                if module.rope_type not in ("default", "axial"):  # scaled variants have their own init
+                    raise NotImplementedError(f"reset_rotary: rope_type {module.rope_type!r}")
                 compute = getattr(module, "compute_axial_rope_parameters", None)
                 compute = compute or module.compute_default_rope_parameters
                 frequencies, _ = compute(module.config)  # (rotary dim / 2,)
