@@ -47,6 +47,7 @@ from blip3o.world.language import (
     COLUMNS,
     ROWS,
     color_question_shape,
+    named_object,
     object_location,
     relation_phrase,
     relation_question_parts,
@@ -132,10 +133,7 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
     if parts is None:
         return answer
     colour_a, shape_a, _, colour_b, shape_b = parts
-    a, b = (
-        next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
-        for colour, shape in ((colour_a, shape_a), (colour_b, shape_b))
-    )
+    a, b = named_object(scene, colour_a, shape_a), named_object(scene, colour_b, shape_b)
     name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
     steps = [
         f"{name_a} {' '.join(object_location(a, scene.size))}",
@@ -243,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    spelled = args.relation_steps or args.relation_holds or args.colour_steps  # answers end "so <word>"
     examples, _ = load_shards(args.data)
     items = vqa_set()
     subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
@@ -282,13 +281,13 @@ def main(argv: list[str] | None = None) -> None:
                 backbone,
                 hook_state,
                 scored,
-                max_new_tokens=24 if args.relation_steps or args.relation_holds or args.colour_steps else 8,
+                max_new_tokens=24 if spelled else 8,
             )
             if final:  # every reply as the model wrote it, steps included, for reading its errors
                 with open(args.out / "replies.jsonl", "w") as out:
                     for it in scored:
                         out.write(json.dumps({**it.to_dict(), "reply": replies[it.id]}) + "\n")
-            if args.relation_steps or args.relation_holds or args.colour_steps:
+            if spelled:
                 replies = {key: final_answer(reply) for key, reply in replies.items()}
             scores = score_answers(scored, replies)
             record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),

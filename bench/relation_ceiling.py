@@ -18,7 +18,7 @@ from pathlib import Path
 
 from blip3o.eval.vqa import vqa_scene, vqa_set
 from blip3o.train.data import load_shards
-from blip3o.world.language import relation_question_parts
+from blip3o.world.language import named_object, relation_question_parts
 from blip3o.world.scene import Scene
 
 
@@ -30,7 +30,7 @@ def relation_key(scene: Scene, question: str, grid: int) -> tuple | None:
     colour_a, shape_a, relation, colour_b, shape_b = parts
 
     def cell(colour: str, shape: str) -> tuple[int, int]:
-        obj = next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
+        obj = named_object(scene, colour, shape)
         cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
         return min(int(cx * grid / scene.size), grid - 1), min(int(cy * grid / scene.size), grid - 1)
 

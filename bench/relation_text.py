@@ -32,6 +32,7 @@ from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import load_shards
 from blip3o.world.language import (
     COLUMNS,
+    named_object,
     object_location,
     relation_phrase,
     relation_question_parts,
@@ -47,10 +48,7 @@ def example(question: str, answer: str, scene: Scene, task: str) -> tuple[str, s
     if parts is None:
         return None
     colour_a, shape_a, _, colour_b, shape_b = parts
-    a, b = (
-        next(o for o in scene.objects if (o.color, o.shape) == (colour, shape))
-        for colour, shape in ((colour_a, shape_a), (colour_b, shape_b))
-    )
+    a, b = named_object(scene, colour_a, shape_a), named_object(scene, colour_b, shape_b)
     (row_a, col_a), (row_b, col_b) = object_location(a, scene.size), object_location(b, scene.size)
     name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
     places = f"{name_a} {row_a} {col_a}, {name_b} {row_b} {col_b}."

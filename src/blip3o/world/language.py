@@ -435,6 +435,12 @@ def relation_question_parts(question: str) -> tuple[str, str, str, str, str] | N
     return None if match is None else match.groups()
 
 
+def named_object(scene: Scene, color: str, shape: str) -> SceneObject:
+    """The scene's object of this colour and shape: the one a relation question names (it asks only about
+    objects unique by both). StopIteration if there is none."""
+    return next(o for o in scene.objects if (o.color, o.shape) == (color, shape))
+
+
 def color_question_shape(question: str) -> str | None:
     """The shape a colour question asks about ("what colour is the star?" -> "star"); None for other text."""
     match = _COLOR_QUESTION.search(question)
