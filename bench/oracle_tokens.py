@@ -9,6 +9,7 @@
     ... --relation-steps        # relation answers spelled out: "red circle top left, blue star middle
                                 # right, so yes" (scored on the word after the last "so")
     ... --relation-holds        # ... and the relations that hold: "..., red circle left of blue star, so yes"
+    ... --relation-truth        # ... and the one that holds on the asked axis ("level with" where none does)
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
 
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
-from blip3o.models.blip3o import Blip3o
+from blip3o.models.backbone import Backbone
 from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
 from blip3o.world.language import (
     COLUMNS,
@@ -49,6 +50,7 @@ from blip3o.world.language import (
     color_question_shape,
     named_object,
     object_location,
+    relation_on_axis,
     relation_phrase,
     relation_question_parts,
 )
@@ -75,8 +77,8 @@ class OracleTokens(nn.Module):
         self.third_col = nn.Parameter(torch.randn(3, hidden)) if thirds else None
 
     def forward(self, scenes: list[Scene]) -> torch.Tensor:
-        rows = torch.arange(GRID).repeat_interleave(GRID)  # (16,)
-        cols = torch.arange(GRID).repeat(GRID)  # (16,)
+        rows = torch.arange(GRID, device=self.row.device).repeat_interleave(GRID)  # (16,)
+        cols = torch.arange(GRID, device=self.row.device).repeat(GRID)  # (16,)
         out = []
         for scene in scenes:
             cells = self.row[rows] + self.col[cols]  # (16, H)
@@ -117,7 +119,7 @@ def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
 
 
-def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False) -> str:
+def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False) -> str:
     """A relation answer with its steps written out, each a lookup the model practises elsewhere (the where of
     a named object, in thirds as the captions and where-questions give it):
     "is the red circle left of the blue star?" -> "red circle top left, blue star middle right, so yes".
@@ -128,11 +130,16 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
     and left of blue star, so no"; "by" where none does). Why: with the places alone the answer is an XOR of
     the asked relation and the places' order (each alone says nothing about yes / no), which this language
     model does not learn even from text (session 45); which relations hold depends on the places directly,
-    and the final word is then a match of the asked relation against that list, as existence questions are."""
+    and the final word is then a match of the asked relation against that list, as existence questions are.
+    In text that match stays at 0.770 (bench/relation_text.py --task holds_listed).
+
+    truth: instead write the one relation that holds on the asked axis ("..., red circle right of blue star,
+    so no"; `relation_on_axis`): first-order given the places, and the final word is then a match of two
+    words, which text learns in 250 steps (bench/relation_text.py --task truth_then_answer)."""
     parts = relation_question_parts(question)
     if parts is None:
         return answer
-    colour_a, shape_a, _, colour_b, shape_b = parts
+    colour_a, shape_a, asked, colour_b, shape_b = parts
     a, b = named_object(scene, colour_a, shape_a), named_object(scene, colour_b, shape_b)
     name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
     steps = [
@@ -141,6 +148,8 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
     ]
     if holds:
         steps.append(f"{name_a} {relation_phrase(relations_between(a.box, b.box)) or 'by'} {name_b}")
+    if truth:
+        steps.append(f"{name_a} {relation_on_axis(asked, relations_between(a.box, b.box))} {name_b}")
     return f"{', '.join(steps)}, so {answer}"
 
 
@@ -175,7 +184,9 @@ def answer_all(backbone, hook_state: dict, items, batch: int = 64, max_new_token
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="a vision-stage export (fresh language model)")
+    parser.add_argument(
+        "model", type=Path, help="a vision-stage export or its backbone/ (fresh language model)"
+    )
     parser.add_argument("data", type=Path, help="the run's shard folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6000)
@@ -201,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         "--relation-holds", action="store_true", help="relation steps also list the relations that hold"
     )
     parser.add_argument(
+        "--relation-truth",
+        action="store_true",
+        help="relation steps also name the relation on the asked axis",
+    )
+    parser.add_argument(
         "--object-thirds", action="store_true", help="oracle objects also carry the third they lie in"
     )
     parser.add_argument(
@@ -214,14 +230,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tower", action="store_true", help="control: keep the vision tower's own tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    backbone = Blip3o.from_pretrained(args.model).backbone
+    backbone_dir = args.model / "backbone" if (args.model / "backbone").is_dir() else args.model
+    backbone = Backbone.from_pretrained(backbone_dir)
     hidden = backbone.config.hidden_size
-    oracle = OracleTokens(hidden, thirds=args.object_thirds)
+    backbone.to(args.device)
+    oracle = OracleTokens(hidden, thirds=args.object_thirds).to(args.device)
     hook_state: dict = {"scenes": None}
 
     if not args.tower:
@@ -241,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    spelled = args.relation_steps or args.relation_holds or args.colour_steps  # answers end "so <word>"
+    spelled_relations = args.relation_steps or args.relation_holds or args.relation_truth
+    spelled = spelled_relations or args.colour_steps  # answers end "so <word>"
     examples, _ = load_shards(args.data)
     items = vqa_set()
     subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
@@ -256,10 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                            args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns,
                            location_questions=args.location_questions)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
-        if args.relation_steps or args.relation_holds:
-            spell_out(
-                batch, hook_state["scenes"], functools.partial(relation_steps, holds=args.relation_holds)
-            )
+        if spelled_relations:
+            rewrite = functools.partial(relation_steps, holds=args.relation_holds, truth=args.relation_truth)
+            spell_out(batch, hook_state["scenes"], rewrite)
         if args.colour_steps:
             spell_out(batch, hook_state["scenes"], colour_steps)
         if args.shape_sentences:

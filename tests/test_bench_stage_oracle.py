@@ -85,6 +85,10 @@ def test_relation_steps_spell_out_where_each_object_is_and_keep_the_answer_last(
     assert ORACLE.relation_steps(question, "no", scene, holds=True) == (
         "blue triangle top right, red square middle right, blue triangle above red square, so no"
     )
+    left = "is the blue triangle left of the red square?"  # neither left of nor right of holds
+    assert ORACLE.relation_steps(left, "no", scene, truth=True) == (
+        "blue triangle top right, red square middle right, blue triangle level with red square, so no"
+    )
     assert ORACLE.final_answer(spelled) == "no" and ORACLE.final_answer("two") == "two"
     assert ORACLE.relation_steps("what colour is the square?", "red", scene) == "red"
     for asked in (
@@ -115,8 +119,17 @@ def test_relation_text_tasks_write_the_places_and_label_each_task() -> None:
     scene = sample_scene(np.random.default_rng(0))  # blue triangle top right, red square middle right
     question = "is the blue triangle below the red square?"
     places = "blue triangle top right, red square middle right."
-    assert RELATION_TEXT.example(question, "no", scene, "relation") == (f"{places} {question}", "no")
-    assert RELATION_TEXT.example(question, "no", scene, "column_order") == (places, "no")  # same column
+    assert RELATION_TEXT.example(question, "no", scene, "relation") == (f"{places} {question} =", "no")
+    assert RELATION_TEXT.example(question, "no", scene, "column_order") == (
+        f"{places} =",
+        "no",
+    )  # same column
     listed = RELATION_TEXT.example(question, "no", scene, "holds_listed")
-    assert listed == (f"{places} blue triangle above red square. {question}", "no")
+    assert listed == (f"{places} blue triangle above red square. {question} =", "no")
+    # The truth on the asked axis (above / below here) is "above"; asked "left of", neither holds.
+    assert RELATION_TEXT.example(question, "no", scene, "axis_truth") == (f"{places} {question} :", "above")
+    then = RELATION_TEXT.example(question, "no", scene, "truth_then_answer")
+    assert then == (f"{places} {question} blue triangle above red square =", "no")
+    mixed = RELATION_TEXT.training_rows([(scene, [(question, "no")])], "relation_mixed")
+    assert [answer for _, answer in mixed] == ["no", "above"]
     assert RELATION_TEXT.example("what colour is the square?", "red", scene, "relation") is None

@@ -13,6 +13,7 @@ from blip3o.world.language import (
     annotate,
     color_question_shape,
     normalize_answer,
+    relation_on_axis,
     relation_question_parts,
 )
 from blip3o.world.sampler import ObjectSpec, sample_scene
@@ -298,3 +299,25 @@ def test_relation_and_colour_questions_parse_back_to_what_they_ask():
                 assert [o.color for o in scene.objects if o.shape == shape] == [qa.answer]
                 parsed["color"] += 1
     assert min(parsed.values()) > 50, parsed
+
+
+def test_relation_on_axis_decides_every_relation_answer_and_names_the_level_case():
+    seen = Counter()
+    for i in range(300):
+        scene, ann = annotated(5, i)
+        for qa in ann.qa:
+            parts = relation_question_parts(qa.question)
+            if parts is None:
+                continue
+            asked = parts[2]
+            a, b = (
+                next(o for o in scene.objects if (o.color, o.shape) == cs) for cs in (parts[:2], parts[3:])
+            )
+            truth = relation_on_axis(asked, relations_between(a.box, b.box))
+            assert (truth == asked) == (qa.answer == "yes"), (qa.question, truth)
+            seen[truth] += 1
+    assert set(seen) == {"above", "below", "left of", "right of", "level with"}, seen
+    assert relation_on_axis("below", {"left of"}) == "level with"
+    assert relation_on_axis("left of", {"right of", "above"}) == "right of"
+    with pytest.raises(ValueError, match="unknown relation"):
+        relation_on_axis("near", set())
