@@ -10,6 +10,8 @@
                                 # right, so yes" (scored on the word after the last "so")
     ... --relation-holds        # ... and the relations that hold: "..., red circle left of blue star, so yes"
     ... --relation-truth        # ... and the one that holds on the asked axis ("level with" where none does)
+    ... --axis-questions        # plain answers, with each relation question's twin "is the red circle left or
+                                # right of the blue star?" -> "left" joining the image's questions
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
 
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         "--location-questions", action="store_true", help="add where-questions to each image's questions"
     )
     parser.add_argument(
+        "--axis-questions", action="store_true", help="add the axis twin of each relation question"
+    )
+    parser.add_argument(
         "--relation-steps", action="store_true", help="train relation answers spelled out (relation_steps)"
     )
     parser.add_argument(
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = rng.integers(len(examples), size=args.batch).tolist()
         batch = make_batch("understanding", examples, rows, [step * args.batch + i for i in range(args.batch)],
                            args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns,
-                           location_questions=args.location_questions)  # fmt: skip
+                           location_questions=args.location_questions,
+                           axis_questions=args.axis_questions)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
         if spelled_relations:
             rewrite = functools.partial(relation_steps, holds=args.relation_holds, truth=args.relation_truth)

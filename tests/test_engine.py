@@ -687,6 +687,15 @@ def test_make_batch_qa_share_and_hard_negatives() -> None:
         make_batch(
             "understanding", no_scenes, rows, positions, seed=0, short_prob=0.3, location_questions=True
         )
+    axis_rows = [i for i, e in enumerate(examples) if any(" of the " in q or "above" in q for q, _ in e.qa)]
+    twins = make_batch("understanding", examples, axis_rows * 8, list(range(8 * len(axis_rows))), seed=0,
+                       short_prob=0.3, qa_share=1.0, axis_questions=True)  # fmt: skip
+    asked = [(p, a) for p, a in zip(twins["prompts"], twins["answers"], strict=True) if " or " in p]
+    assert asked and {a for _, a in asked} <= {"left", "right", "above", "below", "level"}
+    with pytest.raises(DataError, match="axis_questions needs the scene"):
+        make_batch("understanding", no_scenes, rows, positions, seed=0, short_prob=0.3, axis_questions=True)
+    with pytest.raises(ConfigError, match="axis_questions"):
+        apply_overrides(preset("tiny-test"), ["stages.generation.axis_questions=true"])
     plain = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3)
     hard = make_batch("clip", examples, rows, positions, seed=0, short_prob=0.3, hard_negatives=True)
     assert "negative_captions" not in plain

@@ -321,3 +321,22 @@ def test_relation_on_axis_decides_every_relation_answer_and_names_the_level_case
     assert relation_on_axis("left of", {"right of", "above"}) == "right of"
     with pytest.raises(ValueError, match="unknown relation"):
         relation_on_axis("near", set())
+
+
+def test_axis_questions_twin_each_relation_question_with_the_order_that_decides_it():
+    from blip3o.world.language import AXIS_ANSWERS, axis_questions
+
+    twinned = 0
+    for i in range(300):
+        scene, ann = annotated(5, i)
+        relation = [qa for qa in ann.qa if qa.kind == "relation"]
+        twins = axis_questions(scene, [qa.question for qa in ann.qa])
+        assert len(twins) == len(relation)
+        for qa, twin in zip(relation, twins, strict=True):
+            asked = relation_question_parts(qa.question)[2]
+            assert twin.kind == "axis" and twin.kind not in QA_KINDS
+            assert relation_question_parts(twin.question) is None  # never read as a relation question
+            assert (twin.answer == AXIS_ANSWERS[asked]) == (qa.answer == "yes"), (qa, twin)
+            assert ("left or right of" in twin.question) == (asked in ("left of", "right of"))
+            twinned += 1
+    assert twinned > 100

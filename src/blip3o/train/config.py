@@ -74,6 +74,10 @@ class StageConfig:
     # understanding / joint: add "where is the <object>?" (row and column) to each image's questions, a kind
     # ShapesVQA does not ask (world/language.location_questions)
     location_questions: bool = False
+    # understanding / joint: add, for each of an image's relation questions, its first-order twin "is the red
+    # circle left or right of the blue star?" -> "left" / "right" / "level" (world/language.axis_questions), a
+    # training-only kind. Without it the yes / no of a relation is an XOR this language model never starts on.
+    axis_questions: bool = False
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
     freeze_vision: bool = False
@@ -170,6 +174,7 @@ class StageConfig:
         understanding_only = {
             "qa_turns": self.qa_turns > 1,
             "location_questions": self.location_questions,
+            "axis_questions": self.axis_questions,
             "freeze_vision": self.freeze_vision,
         }
         for key, is_set in understanding_only.items():

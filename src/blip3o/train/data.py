@@ -18,6 +18,7 @@ from PIL import Image
 
 from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
 from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.language import axis_questions as axis_questions_of
 from blip3o.world.language import location_questions as location_questions_of
 from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
@@ -157,13 +158,15 @@ def make_batch(
     hard_negatives: bool = False,
     qa_turns: int = 1,
     location_questions: bool = False,
+    axis_questions: bool = False,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
     Understanding samples are a question about the image with probability `qa_share`, else a short or long
     caption (half each). With `qa_turns` > 1 a question sample is a conversation of up to that many of the
     image's questions, in a random order (one forward pass then trains several answers). `location_questions`
-    adds "where is the <object>?" to each image's questions (from its scene; `world.language.location_questions`).
+    adds "where is the <object>?" to each image's questions (from its scene; `world.language.location_questions`),
+    `axis_questions` the first-order twin of each of its relation questions (`world.language.axis_questions`).
     `hard_negatives` adds, per sample, its caption with one shape swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
@@ -175,6 +178,10 @@ def make_batch(
             if ex.scene is None:
                 raise DataError("location_questions needs the scene of every example (shards hold it)")
             qa = qa + [(q.question, q.answer) for q in location_questions_of(ex.scene)]
+        if axis_questions:
+            if ex.scene is None:
+                raise DataError("axis_questions needs the scene of every example (shards hold it)")
+            qa = qa + [(q.question, q.answer) for q in axis_questions_of(ex.scene, [q for q, _ in ex.qa])]
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()
