@@ -52,7 +52,8 @@ from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import Scene, relations_between
 
 TASKS = ("relation", "column_order", "holds_listed", "axis_truth", "truth_then_answer", "relation_mixed")
-# axis_truth's one answer word per truth (one token each in the miniature's tokenizer).
+# axis_truth's one answer word per truth: world.language.AXIS_ANSWERS, but "with" for "level with", since the
+# scoring here reads one logit per word and " level" is three tokens in the miniature's tokenizer.
 AXIS_TRUTH_WORD = {
     "left of": "left",
     "right of": "right",
