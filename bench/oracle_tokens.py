@@ -14,6 +14,7 @@
                                 # right of the blue star?" -> "left" joining the image's questions
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
+    ... --tower --cell-embeddings  # the tower's tokens plus the oracle's learned row and column embeddings
 
 Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
 clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
@@ -111,6 +112,21 @@ def use_oracle_tokens(backbone, oracle: OracleTokens, state: dict) -> None:
         return output
 
     backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+
+
+def add_cell_embeddings(backbone, oracle: OracleTokens) -> None:
+    """Add the oracle's learned row and column embeddings of each merged cell to the tower's own tokens: where a
+    token is, as strongly and linearly as the oracle gives it, with the tower's content left as it is."""
+    rows = torch.arange(GRID).repeat_interleave(GRID)  # (16,)
+    cols = torch.arange(GRID).repeat(GRID)  # (16,)
+
+    def add_cells(module, inputs, kwargs, output):
+        tokens = output.pooler_output  # (B * 16, H)
+        cells = oracle.row[rows.to(tokens.device)] + oracle.col[cols.to(tokens.device)]  # (16, H)
+        output.pooler_output = tokens + cells.repeat(tokens.shape[0] // (GRID * GRID), 1).to(tokens.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(add_cells, with_kwargs=True)
 
 
 def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
@@ -233,10 +249,15 @@ def main(argv: list[str] | None = None) -> None:
         "--save", action="store_true", help="write OUT/backbone and OUT/oracle.safetensors at the end"
     )
     parser.add_argument("--tower", action="store_true", help="control: keep the vision tower's own tokens")
+    parser.add_argument(
+        "--cell-embeddings", action="store_true", help="with --tower: add learned row / column embeddings"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.cell_embeddings and not args.tower:
+        parser.error("--cell-embeddings adds to the tower's tokens: give --tower too")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,12 +271,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.tower:
         use_oracle_tokens(backbone, oracle, hook_state)
+    elif args.cell_embeddings:
+        add_cell_embeddings(backbone, oracle)
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
-    params = [p for p in backbone.parameters() if p.requires_grad] + (
-        [] if args.tower else list(oracle.parameters())
-    )
+    if not args.tower:
+        extra = list(oracle.parameters())
+    elif args.cell_embeddings:
+        extra = [oracle.row, oracle.col]
+    else:
+        extra = []
+    params = [p for p in backbone.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = min(200, args.steps // 10)
 

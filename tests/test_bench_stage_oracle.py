@@ -47,6 +47,24 @@ def test_oracle_token_holds_each_object_in_the_cell_of_its_centre() -> None:
         assert torch.allclose(rest, oracle.empty, atol=1e-6) == (index not in filled)
 
 
+def test_cell_embeddings_add_each_cells_row_and_column_to_every_image_of_the_tower_output() -> None:
+    from types import SimpleNamespace
+
+    class Tower(torch.nn.Module):  # stands in for the vision tower: returns its input as the merged tokens
+        def forward(self, x):
+            return SimpleNamespace(pooler_output=x)
+
+    torch.manual_seed(0)
+    oracle, backbone = ORACLE.OracleTokens(8), SimpleNamespace(vision_tower=Tower())
+    ORACLE.add_cell_embeddings(backbone, oracle)
+    tokens = torch.randn(2 * 16, 8)  # two images' merged tokens, raster order
+    added = (backbone.vision_tower(tokens).pooler_output - tokens).reshape(2, 4, 4, 8)
+    for r in range(4):
+        for c in range(4):
+            for image in range(2):
+                assert torch.allclose(added[image, r, c], oracle.row[r] + oracle.col[c], atol=1e-6)
+
+
 def test_oracle_objects_carry_their_thirds_when_asked() -> None:
     torch.manual_seed(0)
     oracle = ORACLE.OracleTokens(8, thirds=True)
