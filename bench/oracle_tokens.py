@@ -46,6 +46,7 @@ from torch import nn
 
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.backbone import Backbone
+from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
 from blip3o.world.language import (
     COLUMNS,
@@ -262,8 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    backbone_dir = args.model / "backbone" if (args.model / "backbone").is_dir() else args.model
-    backbone = Backbone.from_pretrained(backbone_dir)
+    if (args.model / "backbone").is_dir():
+        # A whole model folder loads as a whole, as before session 46: building its other components draws from
+        # torch's generator, so the oracle's embeddings below start where the earlier arms' did.
+        backbone = Blip3o.from_pretrained(args.model).backbone
+    else:
+        backbone = Backbone.from_pretrained(args.model)
     hidden = backbone.config.hidden_size
     backbone.to(args.device)
     oracle = OracleTokens(hidden, thirds=args.object_thirds).to(args.device)
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                 backbone,
                 hook_state,
                 scored,
-                max_new_tokens=24 if spelled else 8,
+                max_new_tokens=40 if spelled else 8,
             )
             if final:  # every reply as the model wrote it, steps included, for reading its errors
                 with open(args.out / "replies.jsonl", "w") as out:
