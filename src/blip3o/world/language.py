@@ -111,9 +111,9 @@ def relation_on_axis(asked: str, holds: set[str]) -> str:
     "above" or "below"), or "level with" where neither does. Given where two objects are, this is first-order
     (one comparison decides it), where a yes / no answer to the asked relation is an XOR of it and the asked
     direction (bench/relation_text.py)."""
-    pair = ("left of", "right of") if asked in ("left of", "right of") else ("above", "below")
     if asked not in _RELATION_ORDER:
         raise ValueError(f"unknown relation {asked!r}; known: {', '.join(_RELATION_ORDER)}")
+    pair = ("left of", "right of") if asked in ("left of", "right of") else ("above", "below")
     return next((r for r in pair if r in holds), "level with")
 
 
