@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Oracle-harness arms over several seeds at once on one lent GPU (bench/oracle_tokens.py --device cuda), because
-# one arm per setting cannot rank settings: the lookup by shape arrives at a step that varies with the start
-# (docs/bench/understanding_position_trials.txt, session 46), and on this CPU an arm takes ~45 min.
+# Oracle-harness arms over several seeds at once on one lent GPU (bench/oracle_tokens.py --device cuda). Why: the
+# arms turn on whether the lookup by shape arrives within 4,000 steps (a jump, 0.47 -> 0.97 count of a shape in
+# one arm, never in others; docs/bench/understanding_position_trials.txt), how much that varies with the seed has
+# never been measured, and on this CPU one arm takes ~45 min.
 # Usage there: bash bench/gpu_oracle_arms.sh BACKBONE OUTDIR SECONDS SEEDS -- ORACLE_TOKENS_FLAGS...
 #   e.g. bash bench/gpu_oracle_arms.sh .gpu/backbone $OUT 420 "0 1 2 3" -- --relation-truth --relation-steps
 # BACKBONE: a backbone folder with a fresh language model (a clip- or vision-stage export's backbone/), carried.
