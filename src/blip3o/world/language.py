@@ -489,7 +489,8 @@ def axis_questions(scene: Scene, asked: list[str]) -> list[QAPair]:
     Why: given where both objects are, the yes / no of a relation question is an XOR of the asked direction and
     the objects' order on that axis, which gives gradient descent no first-order signal (the miniature's language
     model stays at chance on it for 3,000 text-only steps); the twin's answer is that order itself. Mixed in, it
-    lets the plain yes / no be learned (bench/relation_text.py --task relation_mixed: 0.933 against 0.53)."""
+    lets the plain yes / no be learned in text (bench/relation_text.py --task relation_mixed: 0.933 against
+    0.53); with images that is not shown yet (docs/bench/understanding_position_trials.txt, session 46)."""
     twins = []
     for question in asked:
         parts = relation_question_parts(question)
