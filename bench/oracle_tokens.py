@@ -152,7 +152,7 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
     and the final word is then a match of the asked relation against that list, as existence questions are.
     In text that match stays at 0.770 (bench/relation_text.py --task holds_listed).
 
-    truth: instead write the one relation that holds on the asked axis ("..., red circle right of blue star,
+    truth: write the one relation that holds on the asked axis ("..., red circle right of blue star,
     so no"; `relation_on_axis`): first-order given the places, and the final word is then a match of two
     words, which text learns in 250 steps (bench/relation_text.py --task truth_then_answer)."""
     parts = relation_question_parts(question)
