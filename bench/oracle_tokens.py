@@ -80,12 +80,16 @@ class OracleTokens(nn.Module):
         self.third_row = nn.Parameter(torch.randn(3, hidden)) if thirds else None
         self.third_col = nn.Parameter(torch.randn(3, hidden)) if thirds else None
 
-    def forward(self, scenes: list[Scene]) -> torch.Tensor:
+    def cells(self) -> torch.Tensor:
+        """(16, H): each merged cell's row embedding plus its column embedding, in raster order."""
         rows = torch.arange(GRID, device=self.row.device).repeat_interleave(GRID)  # (16,)
         cols = torch.arange(GRID, device=self.row.device).repeat(GRID)  # (16,)
+        return self.row[rows] + self.col[cols]
+
+    def forward(self, scenes: list[Scene]) -> torch.Tensor:
+        cells = self.cells()  # (16, H), the same for every scene
         out = []
         for scene in scenes:
-            cells = self.row[rows] + self.col[cols]  # (16, H)
             content = [self.empty] * (GRID * GRID)
             for obj in scene.objects:
                 cx, cy = obj.center
@@ -118,12 +122,10 @@ def use_oracle_tokens(backbone, oracle: OracleTokens, state: dict) -> None:
 def add_cell_embeddings(backbone, oracle: OracleTokens) -> None:
     """Add the oracle's learned row and column embeddings of each merged cell to the tower's own tokens: where a
     token is, as strongly and linearly as the oracle gives it, with the tower's content left as it is."""
-    rows = torch.arange(GRID).repeat_interleave(GRID)  # (16,)
-    cols = torch.arange(GRID).repeat(GRID)  # (16,)
 
     def add_cells(module, inputs, kwargs, output):
         tokens = output.pooler_output  # (B * 16, H)
-        cells = oracle.row[rows.to(tokens.device)] + oracle.col[cols.to(tokens.device)]  # (16, H)
+        cells = oracle.cells()  # (16, H)
         output.pooler_output = tokens + cells.repeat(tokens.shape[0] // (GRID * GRID), 1).to(tokens.dtype)
         return output
 

@@ -40,6 +40,7 @@ from blip3o.eval.vqa import vqa_scene, vqa_set
 from blip3o.models.backbone import Backbone
 from blip3o.train.data import load_shards
 from blip3o.world.language import (
+    AXIS_ANSWERS,
     COLUMNS,
     named_object,
     object_location,
@@ -54,13 +55,7 @@ from blip3o.world.scene import Scene, relations_between
 TASKS = ("relation", "column_order", "holds_listed", "axis_truth", "truth_then_answer", "relation_mixed")
 # axis_truth's one answer word per truth: world.language.AXIS_ANSWERS, but "with" for "level with", since the
 # scoring here reads one logit per word and " level" is three tokens in the miniature's tokenizer.
-AXIS_TRUTH_WORD = {
-    "left of": "left",
-    "right of": "right",
-    "above": "above",
-    "below": "below",
-    "level with": "with",
-}
+AXIS_TRUTH_WORD = {**AXIS_ANSWERS, "level with": "with"}
 
 
 def example(question: str, answer: str, scene: Scene, task: str) -> tuple[str, str] | None:
