@@ -15,6 +15,8 @@
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
     ... --tower --cell-embeddings  # the tower's tokens plus the oracle's learned row and column embeddings
+    ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
+                                # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
 
 Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
 clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
@@ -48,6 +50,7 @@ from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.backbone import Backbone
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
+from blip3o.train.scene_supervision import SceneEmbeddingTable
 from blip3o.world.language import (
     COLUMNS,
     ROWS,
@@ -103,8 +106,9 @@ class OracleTokens(nn.Module):
         return torch.cat(out)  # (B * 16, H)
 
 
-def use_oracle_tokens(backbone, oracle: OracleTokens, state: dict) -> None:
-    """Make the backbone's vision tower return `oracle(state["scenes"])` in place of its merged tokens; set
+def use_oracle_tokens(backbone, oracle, state: dict) -> None:
+    """Make the backbone's vision tower return `oracle(state["scenes"])` ((B * 16, H): an `OracleTokens` or any
+    function of the scenes) in place of its merged tokens; set
     state["scenes"] to the scenes of the images before each forward."""
 
     def replace_tokens(module, inputs, kwargs, output):
@@ -255,12 +259,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cell-embeddings", action="store_true", help="with --tower: add learned row / column embeddings"
     )
+    parser.add_argument(
+        "--fixed-table",
+        action="store_true",
+        help="perfect tokens from the fixed SceneEmbeddingTable (not learned): a scene-embedding tower's target",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.cell_embeddings and not args.tower:
         parser.error("--cell-embeddings adds to the tower's tokens: give --tower too")
+    if args.fixed_table and (args.tower or args.object_thirds):
+        parser.error("--fixed-table replaces the tower's tokens and always carries the thirds")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -276,14 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     oracle = OracleTokens(hidden, thirds=args.object_thirds).to(args.device)
     hook_state: dict = {"scenes": None}
 
-    if not args.tower:
+    if args.fixed_table:
+        table = SceneEmbeddingTable(hidden, GRID).to(args.device)
+        use_oracle_tokens(backbone, lambda scenes: table.targets(scenes, GRID).flatten(0, 1), hook_state)
+    elif not args.tower:
         use_oracle_tokens(backbone, oracle, hook_state)
     elif args.cell_embeddings:
         add_cell_embeddings(backbone, oracle)
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
-    if not args.tower:
+    if args.fixed_table:
+        extra = []
+    elif not args.tower:
         extra = list(oracle.parameters())
     elif args.cell_embeddings:
         extra = [oracle.row, oracle.col]

@@ -24,6 +24,7 @@ from blip3o.train.scene_supervision import (
     PATCH_LABEL_GROUPS,
     PATCH_LABEL_VALUES,
     SceneCellHead,
+    SceneEmbeddingTable,
     cell_centres,
     clip_patch_labels,
     object_label_detections,
@@ -139,6 +140,57 @@ def test_position_head_is_optional_and_scores_its_cells() -> None:
         SceneCellHead(16, position_weight=-1.0)
 
 
+def test_scene_embedding_target_sums_the_cell_and_its_objects() -> None:
+    """Each cell's target: its row + column vectors, plus shape + colour + third-row + third-column vectors of the
+    object whose box centre lies in it, or the empty vector; fixed by the seed."""
+    scene = Scene(
+        background=(128, 128, 128),
+        objects=(
+            _object("star", "red", 56.0, 8.0, 7.0),  # cell (0, 3); thirds: top, right
+            _object(
+                "circle", "blue", 20.0, 40.0, 6.0
+            ),  # cell (2, 1); thirds: middle (40 < 42.7), left (20 < 21.3)
+        ),
+    )
+    table = SceneEmbeddingTable(hidden_size=12)
+    cell_row, cell_col, shape, colour, third_row, third_col, empty = table.parts()
+    target = table.targets([scene, scene], grid=4)  # (2, 16, 12)
+    assert target.shape == (2, 16, 12) and torch.equal(target[0], target[1])
+    star = shape[SHAPES.index("star")] + colour[COLOR_NAMES.index("red")] + third_row[0] + third_col[2]
+    circle = shape[SHAPES.index("circle")] + colour[COLOR_NAMES.index("blue")] + third_row[1] + third_col[0]
+    torch.testing.assert_close(target[0, 3], cell_row[0] + cell_col[3] + star)
+    torch.testing.assert_close(target[0, 9], cell_row[2] + cell_col[1] + circle)
+    torch.testing.assert_close(target[0, 14], cell_row[3] + cell_col[2] + empty[0])
+    # Fixed: the same seed gives the same vectors; a buffer, so it is saved with the head and never trained.
+    assert torch.equal(SceneEmbeddingTable(12).table, table.table)
+    assert "table" in dict(table.named_buffers()) and not list(table.parameters())
+    with pytest.raises(ValueError, match="4x4 grid"):
+        table.targets([scene], grid=2)
+
+
+def test_scene_embedding_loss_is_zero_on_its_target_and_optional() -> None:
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(3)]
+    assert SceneCellHead(16).embeddings is None  # off by default: older checkpoints load
+    head = SceneCellHead(16, embedding_weight=0.5)
+    plain = SceneCellHead(16)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("embeddings.")})
+    target = head.embeddings.targets(scenes, 4)  # (3, 16, 16)
+    exact, metrics = head.loss(target, scenes)
+    assert metrics["embedding_error"] == 0.0
+    torch.testing.assert_close(exact, plain.loss(target, scenes)[0])
+    zeros, metrics = head.loss(torch.zeros_like(target), scenes)
+    assert metrics["embedding_error"] == pytest.approx(1.0)
+    torch.testing.assert_close(
+        zeros, plain.loss(torch.zeros_like(target), scenes)[0] + 0.5 * target.pow(2).mean()
+    )
+    with pytest.raises(ValueError, match="embedding_weight"):
+        SceneCellHead(16, embedding_weight=-1.0)
+    with pytest.raises(ConfigError, match="scene_embedding_weight"):
+        StageConfig("und", "understanding", steps=1, batch_size=1, scene_embedding_weight=1.0)
+    with pytest.raises(ConfigError, match="scene_embedding_weight"):
+        StageConfig("vision", "vision", steps=1, batch_size=1, scene_embedding_weight=-1.0)
+
+
 def test_vision_stage_trains_only_the_vision_tower_and_learns_a_fixed_batch() -> None:
     torch.manual_seed(0)
     model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
@@ -158,6 +210,22 @@ def test_vision_stage_trains_only_the_vision_tower_and_learns_a_fixed_batch() ->
     assert changed and all(n.startswith("backbone.vlm.model.visual.") for n in changed)
     # The head is scaffolding: nothing of it is in the model's weights.
     assert not any("scene_head" in n for n in model.state_dict())
+
+
+def test_vision_stage_with_scene_embedding_regresses_the_merged_tokens() -> None:
+    """The stage hands the merged tokens the language model reads to the target: its error is reported, and with
+    the tokens set to the target the stage's loss is the classifiers' alone."""
+    model = Blip3o.from_config(tiny_config(tokenizer_corpus_scenes=200), seed=0)
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(2)]
+    batch = {"images": [render(s) for s in scenes], "scenes": scenes}
+    module = StageModule(model, "vision", scene_embedding_weight=1.0)
+    loss, metrics = module(batch)
+    assert metrics["embedding_error"] > 0.0 and torch.isfinite(loss)
+    tokens = model.backbone.vision_tokens(batch["images"])  # (B, N, H)
+    target = module.scene_head.embeddings.targets(scenes, 4)
+    expected = module.scene_head.loss(tokens, scenes)[0]
+    torch.testing.assert_close(loss, expected)
+    assert expected > module.scene_head.loss(target, scenes)[0]
 
 
 def test_freeze_vision_keeps_the_tower_out_of_stage_one() -> None:

@@ -340,6 +340,7 @@ EXTRA_LOSSES = {
     "slot_binding_weight": "slot-binding",
     "count_weight": "count",
     "cell_position_weight": "cell-position",
+    "scene_embedding_weight": "scene-embedding",
 }
 
 

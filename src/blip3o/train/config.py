@@ -97,6 +97,11 @@ class StageConfig:
     # better than by shape (0.72-0.77). Tried at 10 (session 43): shape's share rose to 0.35, colour-of-a-named-
     # shape did not move after 8,000 understanding steps (docs/bench/understanding_position_trials.txt); off.
     scene_cosine_scale: float = 0.0
+    # vision: weight of a loss that makes every merged token regress a fixed object-centric embedding of its cell
+    # (scene_supervision.SceneEmbeddingTable: fixed random row, column, shape, colour and third-of-canvas vectors,
+    # summed), i.e. the perfect tokens of bench/oracle_tokens.py, on which the language model reads where objects
+    # are and looks them up by shape, and on the tower's own tokens does neither. 0: off.
+    scene_embedding_weight: float = 0.0
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.
     slot_label_weight: float = 0.0
@@ -194,6 +199,12 @@ class StageConfig:
             )
         if self.cell_position_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: cell_position_weight applies to vision stages only")
+        if self.scene_embedding_weight < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: scene_embedding_weight must be >= 0, got {self.scene_embedding_weight}"
+            )
+        if self.scene_embedding_weight and self.kind != "vision":
+            raise ConfigError(f"stage {self.name!r}: scene_embedding_weight applies to vision stages only")
         if self.scene_cosine_scale < 0:
             raise ConfigError(
                 f"stage {self.name!r}: scene_cosine_scale must be >= 0, got {self.scene_cosine_scale}"

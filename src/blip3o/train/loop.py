@@ -287,6 +287,7 @@ def train_stage(
             stage.count_weight,
             stage.count_by,
             scene_cosine_scale=stage.scene_cosine_scale,
+            scene_embedding_weight=stage.scene_embedding_weight,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

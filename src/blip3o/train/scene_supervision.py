@@ -18,6 +18,17 @@ and the language model can then find "the red circle" but not read off where it 
 questions sit at chance. With the loss (weight 1, 3000 steps) the probe reads 0.93 / 0.94, but relation
 questions stayed at chance after an 8,000-step stage 1 (0.487 against 0.507, full set), so the recipe leaves
 it off: the language model is what fails to compare positions at this size.
+
+Optionally (`StageConfig.scene_embedding_weight`), every token also regresses, directly (no head in between), a
+fixed object-centric embedding of its cell (`SceneEmbeddingTable`): the sum of fixed random vectors for its row
+and column and, for each object whose box centre lies in it, its shape, its colour and the third of the canvas
+(row, column) that centre lies in, or an "empty" vector. Those are the perfect tokens of bench/oracle_tokens.py,
+on which the same language model learns to write where objects are (291/300 relation answers with all four places
+right, session 45) and to look them up by shape, where on the tower's own tokens it reads no place at all (0/300)
+and no shape lookup. Why a regression of the tokens themselves: a linear head only needs the information to be
+there, however small; the language model needs it as plain as in the oracle (shape explains 16% of a linearly
+supervised token's variance). Why thirds: the captions and where-answers name thirds, which the 4 x 4 cells do not
+resolve (16 px against 21.3 px).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from torch import nn
 
 from blip3o.models.clip import ClipConfig
 from blip3o.world.judge import Detection
+from blip3o.world.language import COLUMNS, ROWS, object_location
 from blip3o.world.render import make_object, render_object_mask, unit_extent
 from blip3o.world.sampler import jitter_color, keep_inside, sample_background
 from blip3o.world.scene import (
@@ -254,6 +266,51 @@ def clip_patch_labels(config: ClipConfig, scenes: list[Scene] | None) -> torch.T
     return torch.stack([labels(s, config.patch_grid) for s in scenes])  # (B, N, 19)
 
 
+class SceneEmbeddingTable(nn.Module):
+    """Fixed random vectors (RMS 1 each, from a fixed seed) whose sums are the object-centric target of each cell:
+    `targets(scenes, grid)` -> (B, grid * grid, H). A buffer, not a parameter: the target must not move towards the
+    tokens; saved with the stage's head, so a resumed stage regresses the same target."""
+
+    def __init__(self, hidden_size: int, grid: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        self.grid = grid
+        # Rows of the table, in order: grid cell rows, grid cell columns, shapes, colours, 3 thirds of rows,
+        # 3 thirds of columns, empty.
+        self.sizes = (grid, grid, len(SHAPES), len(COLOR_NAMES), len(ROWS), len(COLUMNS), 1)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("table", torch.randn(sum(self.sizes), hidden_size, generator=generator))
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.table, self.sizes)
+
+    def targets(self, scenes: list[Scene], grid: int) -> torch.Tensor:
+        """(B, grid * grid, H) target tokens of `scenes`, raster order."""
+        if grid != self.grid:
+            raise ValueError(
+                f"this table was built for a {self.grid}x{self.grid} grid, the tokens form {grid}x{grid}"
+            )
+        cell_row, cell_col, shape, colour, third_row, third_col, empty = self.parts()
+        index = torch.arange(grid * grid, device=self.table.device)
+        cells = cell_row[index // grid] + cell_col[index % grid]  # (N, H)
+        out = []
+        for scene in scenes:
+            objects = torch.zeros_like(cells)  # (N, H)
+            filled = torch.zeros(grid * grid, dtype=torch.bool)
+            for obj in scene.objects:
+                row, col = box_centre_cell(obj, scene.size, grid)
+                where_row, where_col = object_location(obj, scene.size)
+                objects[row * grid + col] += (
+                    shape[SHAPES.index(obj.shape)]
+                    + colour[COLOR_NAMES.index(obj.color)]
+                    + third_row[ROWS.index(where_row)]
+                    + third_col[COLUMNS.index(where_col)]
+                )
+                filled[row * grid + col] = True
+            objects[~filled.to(objects.device)] = empty[0]
+            out.append(cells + objects)
+        return torch.stack(out)  # (B, N, H)
+
+
 def cell_centres(grid: int) -> torch.Tensor:
     """(grid * grid, 2) centre of each cell in raster order, as (x, y) in [-1, 1] (y grows downward)."""
     index = torch.arange(grid * grid)
@@ -263,13 +320,21 @@ def cell_centres(grid: int) -> torch.Tensor:
 
 class SceneCellHead(nn.Module):
     """Linear shape and colour classifiers over each merged vision token, and optionally a linear regressor
-    of the token's own cell centre (only built when `position_weight` > 0, so older checkpoints still load)."""
+    of the token's own cell centre (only built when `position_weight` > 0, so older checkpoints still load), and
+    optionally the fixed scene-embedding target the tokens regress directly (only when `embedding_weight` > 0)."""
 
-    def __init__(self, hidden_size: int, position_weight: float = 0.0, cosine_scale: float = 0.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        position_weight: float = 0.0,
+        cosine_scale: float = 0.0,
+        embedding_weight: float = 0.0,
+    ):
         super().__init__()
-        if position_weight < 0 or cosine_scale < 0:
+        if position_weight < 0 or cosine_scale < 0 or embedding_weight < 0:
             raise ValueError(
-                f"position_weight and cosine_scale must be >= 0, got {position_weight}, {cosine_scale}"
+                "position_weight, cosine_scale and embedding_weight must be >= 0, got "
+                f"{position_weight}, {cosine_scale}, {embedding_weight}"
             )
         # 0: linear classifiers; > 0: cosine ones (StageConfig.scene_cosine_scale), built without a bias so that
         # no parameter goes unused (DDP would refuse one).
@@ -278,6 +343,8 @@ class SceneCellHead(nn.Module):
         self.colour = nn.Linear(hidden_size, NO_OBJECT_COLOR + 1, bias=not cosine_scale)
         self.position_weight = position_weight
         self.position = nn.Linear(hidden_size, 2) if position_weight > 0 else None
+        self.embedding_weight = embedding_weight
+        self.embeddings = SceneEmbeddingTable(hidden_size) if embedding_weight > 0 else None
 
     def logits(self, head: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
         """(B * N, classes) logits of one classifier for tokens `flat` (B * N, H)."""
@@ -315,4 +382,10 @@ class SceneCellHead(nn.Module):
                 cell = ((predicted + 1) / 2 * grid).floor().clamp(0, grid - 1)  # (B * N, 2)
                 true_cell = ((centres + 1) / 2 * grid).floor()  # (B * N, 2)
                 metrics["position_acc"] = (cell == true_cell).all(dim=1).float().mean()
+        if self.embeddings is not None:
+            target = self.embeddings.targets(scenes, grid).to(flat.device)  # (B, N, H)
+            error = F.mse_loss(tokens.float(), target)
+            loss = loss + self.embedding_weight * error
+            # Relative error: 0 when the tokens are the target, 1 for tokens of zeros.
+            metrics["embedding_error"] = error.detach() / target.pow(2).mean()
         return loss, metrics

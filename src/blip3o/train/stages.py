@@ -212,6 +212,7 @@ class StageModule(nn.Module):
         count_weight: float = 0.0,
         count_by: str = "objects",
         scene_cosine_scale: float = 0.0,
+        scene_embedding_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -220,7 +221,10 @@ class StageModule(nn.Module):
         self.understanding_average = understanding_average
         if kind == "vision":
             self.scene_head = SceneCellHead(
-                model.config.backbone.hidden_size, cell_position_weight, scene_cosine_scale
+                model.config.backbone.hidden_size,
+                cell_position_weight,
+                scene_cosine_scale,
+                scene_embedding_weight,
             ).to(model.device)
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.generated_pairs = generated_pairs
