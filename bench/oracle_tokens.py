@@ -55,12 +55,14 @@ from blip3o.world.language import (
     COLUMNS,
     ROWS,
     color_question_shape,
+    location_questions,
     named_object,
     object_location,
     relation_on_axis,
     relation_phrase,
     relation_question_parts,
 )
+from blip3o.world.render import render
 from blip3o.world.scene import COLORS, SHAPES, Scene, relations_between
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
@@ -192,6 +194,36 @@ def colour_steps(question: str, answer: str, scene: Scene) -> str:
 def final_answer(reply: str) -> str:
     """The words after the last "so " of a spelled-out answer; a plain answer as it is."""
     return reply.rsplit(" so ", 1)[-1]
+
+
+def where_accuracy(backbone, hook_state: dict, n_images: int = 150, batch: int = 64) -> dict[str, float]:
+    """Where-questions ("where is the red circle?" -> "top left", `location_questions`) on the first `n_images`
+    ShapesVQA images: the share answered right in both words, in the row word and in the column word. Not a
+    ShapesVQA kind, but the plainest test of whether the language model reads an object's place from the tokens
+    (an arm trained with --location-questions has practised it)."""
+    rows = [
+        (scene, qa) for scene in (vqa_scene(i) for i in range(n_images)) for qa in location_questions(scene)
+    ]
+    both = row = column = 0
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        hook_state["scenes"] = [scene for scene, _ in chunk]
+        replies = backbone.understand(
+            [render(scene) for scene, _ in chunk], [qa.question for _, qa in chunk], 8
+        )
+        for (_, qa), reply in zip(chunk, replies, strict=True):
+            said, truth = reply.split()[:2], qa.answer.split()
+            both, row, column = (
+                both + (said == truth),
+                row + (said[:1] == truth[:1]),
+                column + (said[1:] == truth[1:]),
+            )
+    return {
+        "both": both / len(rows),
+        "row": row / len(rows),
+        "column": column / len(rows),
+        "questions": len(rows),
+    }
 
 
 def answer_all(backbone, hook_state: dict, items, batch: int = 64, max_new_tokens: int = 8) -> dict[str, str]:
@@ -368,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
             record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),
                       "overall": scores["overall"], "per_kind": scores["per_kind"],
                       "minutes": (time.time() - start) / 60}  # fmt: skip
+            if final:
+                record["where"] = where_accuracy(backbone, hook_state)
+                print(f"where-questions: {record['where']}", flush=True)
             with open(log_path, "a") as log:
                 log.write(json.dumps(record) + "\n")
             kinds = " ".join(f"{k} {v:.3f}" for k, v in scores["per_kind"].items())

@@ -151,3 +151,33 @@ def test_relation_text_tasks_write_the_places_and_label_each_task() -> None:
     mixed = RELATION_TEXT.training_rows([(scene, [(question, "no")])], "relation_mixed")
     assert [answer for _, answer in mixed] == ["no", "above"]
     assert RELATION_TEXT.example("what colour is the square?", "red", scene, "relation") is None
+
+
+def test_where_accuracy_scores_each_word_of_the_place() -> None:
+    """A reader that answers every where-question right scores 1 on all three figures; one that always says the
+    right row and a wrong column scores 1 on rows and 0 on columns and both; the scenes reach the hook state."""
+    from blip3o.eval.vqa import vqa_scene
+    from blip3o.world.language import location_questions
+
+    class Reader:
+        """Answers from the scenes the harness puts in the hook state, as the oracle's tokens would carry them."""
+
+        def __init__(self, wrong_column: bool) -> None:
+            self.wrong_column = wrong_column
+
+        def understand(self, images, questions, max_new_tokens):
+            assert len(images) == len(questions) == len(state["scenes"])
+            replies = []
+            for scene, question in zip(state["scenes"], questions, strict=True):
+                answer = {qa.question: qa.answer for qa in location_questions(scene)}[question]
+                row, column = answer.split()
+                other = next(c for c in COLUMNS if c != column)
+                replies.append(f"{row} {other}" if self.wrong_column else f"{answer} extra words")
+            return replies
+
+    assert location_questions(vqa_scene(0))  # the first images do hold where-questions
+    state: dict = {"scenes": None}
+    right = ORACLE.where_accuracy(Reader(False), state, n_images=4, batch=3)
+    assert (right["both"], right["row"], right["column"]) == (1.0, 1.0, 1.0) and right["questions"] > 3
+    rows_only = ORACLE.where_accuracy(Reader(True), state, n_images=4, batch=3)
+    assert (rows_only["both"], rows_only["row"], rows_only["column"]) == (0.0, 1.0, 0.0)
