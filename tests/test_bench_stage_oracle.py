@@ -181,3 +181,17 @@ def test_where_accuracy_scores_each_word_of_the_place() -> None:
     assert (right["both"], right["row"], right["column"]) == (1.0, 1.0, 1.0) and right["questions"] > 3
     rows_only = ORACLE.where_accuracy(Reader(True), state, n_images=4, batch=3)
     assert (rows_only["both"], rows_only["row"], rows_only["column"]) == (0.0, 1.0, 0.0)
+
+
+def test_scene_embedding_probe_reads_the_exact_target_back_and_not_noise() -> None:
+    from blip3o.train.scene_supervision import SceneEmbeddingTable
+
+    probe = load_script(ROOT / "bench" / "scene_embedding_probe.py")
+    scenes = [sample_scene(np.random.default_rng([3, i])) for i in range(20)]
+    table = SceneEmbeddingTable(64)
+    exact = probe.decode_cells(table.targets(scenes, 4), table, scenes)
+    n = exact["object cells"]
+    assert n > 20 and all(exact[k] == n for k in ("shape", "colour", "row", "column", "place", "all"))
+    assert exact["read empty"] == exact["empty cells"] > 0
+    noise = probe.decode_cells(torch.randn(20, 16, 64) * 3, table, scenes)
+    assert noise["all"] < n / 4
