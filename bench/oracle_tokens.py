@@ -15,6 +15,7 @@
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
     ... --tower --cell-embeddings  # the tower's tokens plus the oracle's learned row and column embeddings
+    ... --tower --train-merger  # the tower's tokens, its patch merger (the last MLP) trained with the language model
     ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
                                 # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
 
@@ -292,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         "--cell-embeddings", action="store_true", help="with --tower: add learned row / column embeddings"
     )
     parser.add_argument(
+        "--train-merger",
+        action="store_true",
+        help="with --tower: train the tower's patch merger with the language model (the rest stays frozen)",
+    )
+    parser.add_argument(
         "--fixed-table",
         action="store_true",
         help="perfect tokens from the fixed SceneEmbeddingTable (not learned): a scene-embedding tower's target",
@@ -302,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cell_embeddings and not args.tower:
         parser.error("--cell-embeddings adds to the tower's tokens: give --tower too")
+    if args.train_merger and not args.tower:
+        parser.error("--train-merger trains the tower's own merger: give --tower too")
     if args.fixed_table and (args.tower or args.object_thirds):
         parser.error("--fixed-table replaces the tower's tokens and always carries the thirds")
     torch.set_num_threads(args.threads)
@@ -329,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
+    if args.train_merger:
+        # The merged tokens may then move towards what the language model reads best, as the oracle's learned
+        # embeddings do, while the tower below keeps what its vision stage taught it.
+        backbone.vision_tower.merger.requires_grad_(True)
     if args.fixed_table:
         extra = []
     elif not args.tower:
