@@ -16,6 +16,7 @@
     ... --object-thirds         # each oracle object also carries the third (row, column) it lies in
     ... --tower --cell-embeddings  # the tower's tokens plus the oracle's learned row and column embeddings
     ... --tower --train-merger  # the tower's tokens, its patch merger (the last MLP) trained with the language model
+    ... --tower --token-adapter # the tower's tokens plus a learned linear map of them (zero at the start)
     ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
                                 # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
 
@@ -137,6 +138,19 @@ def add_cell_embeddings(backbone, oracle: OracleTokens) -> None:
         return output
 
     backbone.vision_tower.register_forward_hook(add_cells, with_kwargs=True)
+
+
+def add_token_adapter(backbone, adapter: nn.Linear) -> None:
+    """Add `adapter(tokens)` to the tower's merged tokens: with a zero-initialised adapter the tokens start as the
+    tower made them and may move towards what the language model reads best, as the oracle's learned embeddings
+    do, while the frozen tower keeps its content."""
+
+    def adapt(module, inputs, kwargs, output):
+        tokens = output.pooler_output  # (B * 16, H)
+        output.pooler_output = tokens + adapter(tokens.float()).to(tokens.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(adapt, with_kwargs=True)
 
 
 def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
@@ -298,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         help="with --tower: train the tower's patch merger with the language model (the rest stays frozen)",
     )
     parser.add_argument(
+        "--token-adapter",
+        action="store_true",
+        help="with --tower: add a learned, zero-initialised linear map of the tokens to them",
+    )
+    parser.add_argument(
         "--fixed-table",
         action="store_true",
         help="perfect tokens from the fixed SceneEmbeddingTable (not learned): a scene-embedding tower's target",
@@ -308,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cell_embeddings and not args.tower:
         parser.error("--cell-embeddings adds to the tower's tokens: give --tower too")
+    if args.token_adapter and not args.tower:
+        parser.error("--token-adapter adapts the tower's tokens: give --tower too")
     if args.train_merger and not args.tower:
         parser.error("--train-merger trains the tower's own merger: give --tower too")
     if args.fixed_table and (args.tower or args.object_thirds):
@@ -334,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         use_oracle_tokens(backbone, oracle, hook_state)
     elif args.cell_embeddings:
         add_cell_embeddings(backbone, oracle)
+    adapter = None
+    if args.token_adapter:  # built only when asked: its init draws from torch's generator
+        adapter = nn.Linear(hidden, hidden).to(args.device)
+        nn.init.zeros_(adapter.weight)
+        nn.init.zeros_(adapter.bias)
+        add_token_adapter(backbone, adapter)
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
@@ -347,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = list(oracle.parameters())
     elif args.cell_embeddings:
         extra = [oracle.row, oracle.col]
+    elif args.token_adapter:
+        extra = list(adapter.parameters())
     else:
         extra = []
     params = [p for p in backbone.parameters() if p.requires_grad] + extra

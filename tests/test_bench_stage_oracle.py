@@ -195,3 +195,21 @@ def test_scene_embedding_probe_reads_the_exact_target_back_and_not_noise() -> No
     assert exact["read empty"] == exact["empty cells"] > 0
     noise = probe.decode_cells(torch.randn(20, 16, 64) * 3, table, scenes)
     assert noise["all"] < n / 4
+
+
+def test_token_adapter_starts_as_the_identity_and_adds_its_map() -> None:
+    from types import SimpleNamespace
+
+    class Tower(torch.nn.Module):  # stands in for the vision tower: returns its input as the merged tokens
+        def forward(self, x):
+            return SimpleNamespace(pooler_output=x)
+
+    adapter, backbone = torch.nn.Linear(8, 8), SimpleNamespace(vision_tower=Tower())
+    torch.nn.init.zeros_(adapter.weight)
+    torch.nn.init.zeros_(adapter.bias)
+    ORACLE.add_token_adapter(backbone, adapter)
+    tokens = torch.randn(2 * 16, 8)
+    assert torch.equal(backbone.vision_tower(tokens).pooler_output, tokens)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(8))
+    torch.testing.assert_close(backbone.vision_tower(tokens).pooler_output, 2 * tokens)
