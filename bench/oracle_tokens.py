@@ -127,30 +127,28 @@ def use_oracle_tokens(backbone, oracle, state: dict) -> None:
     backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
 
 
+def add_to_tokens(backbone, extra) -> None:
+    """Add `extra(tokens)` ((B * 16, H) -> (B * 16, H)) to the tower's merged tokens on every forward."""
+
+    def add(module, inputs, kwargs, output):
+        tokens = output.pooler_output  # (B * 16, H)
+        output.pooler_output = tokens + extra(tokens).to(tokens.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(add, with_kwargs=True)
+
+
 def add_cell_embeddings(backbone, oracle: OracleTokens) -> None:
     """Add the oracle's learned row and column embeddings of each merged cell to the tower's own tokens: where a
     token is, as strongly and linearly as the oracle gives it, with the tower's content left as it is."""
-
-    def add_cells(module, inputs, kwargs, output):
-        tokens = output.pooler_output  # (B * 16, H)
-        cells = oracle.cells()  # (16, H)
-        output.pooler_output = tokens + cells.repeat(tokens.shape[0] // (GRID * GRID), 1).to(tokens.dtype)
-        return output
-
-    backbone.vision_tower.register_forward_hook(add_cells, with_kwargs=True)
+    add_to_tokens(backbone, lambda tokens: oracle.cells().repeat(tokens.shape[0] // (GRID * GRID), 1))
 
 
 def add_token_adapter(backbone, adapter: nn.Linear) -> None:
     """Add `adapter(tokens)` to the tower's merged tokens: with a zero-initialised adapter the tokens start as the
     tower made them and may move towards what the language model reads best, as the oracle's learned embeddings
     do, while the frozen tower keeps its content."""
-
-    def adapt(module, inputs, kwargs, output):
-        tokens = output.pooler_output  # (B * 16, H)
-        output.pooler_output = tokens + adapter(tokens.float()).to(tokens.dtype)
-        return output
-
-    backbone.vision_tower.register_forward_hook(adapt, with_kwargs=True)
+    add_to_tokens(backbone, lambda tokens: adapter(tokens.float()))
 
 
 def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
@@ -216,23 +214,25 @@ def where_accuracy(backbone, hook_state: dict, n_images: int = 150, batch: int =
     ShapesVQA images: the share answered right in both words, in the row word and in the column word. Not a
     ShapesVQA kind, but the plainest test of whether the language model reads an object's place from the tokens
     (an arm trained with --location-questions has practised it)."""
+    scenes = [vqa_scene(i) for i in range(n_images)]
+    images = [render(scene) for scene in scenes]  # each image once, whatever its number of questions
     rows = [
-        (scene, qa) for scene in (vqa_scene(i) for i in range(n_images)) for qa in location_questions(scene)
+        (scene, image, qa)
+        for scene, image in zip(scenes, images, strict=True)
+        for qa in location_questions(scene)
     ]
     both = row = column = 0
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        hook_state["scenes"] = [scene for scene, _ in chunk]
+        hook_state["scenes"] = [scene for scene, _, _ in chunk]
         replies = backbone.understand(
-            [render(scene) for scene, _ in chunk], [qa.question for _, qa in chunk], 8
+            [image for _, image, _ in chunk], [qa.question for _, _, qa in chunk], 8
         )
-        for (_, qa), reply in zip(chunk, replies, strict=True):
+        for (_, _, qa), reply in zip(chunk, replies, strict=True):
             said, truth = reply.split()[:2], qa.answer.split()
-            both, row, column = (
-                both + (said == truth),
-                row + (said[:1] == truth[:1]),
-                column + (said[1:] == truth[1:]),
-            )
+            both += said == truth
+            row += said[:1] == truth[:1]
+            column += said[1:] == truth[1:]
     return {
         "both": both / len(rows),
         "row": row / len(rows),
@@ -348,19 +348,22 @@ def main(argv: list[str] | None = None) -> None:
     oracle = OracleTokens(hidden, thirds=args.object_thirds).to(args.device)
     hook_state: dict = {"scenes": None}
 
+    extra: list = []  # what trains besides the language model, set beside the hook that uses it
     if args.fixed_table:
         table = SceneEmbeddingTable(hidden, GRID).to(args.device)
         use_oracle_tokens(backbone, lambda scenes: table.targets(scenes, GRID).flatten(0, 1), hook_state)
     elif not args.tower:
         use_oracle_tokens(backbone, oracle, hook_state)
+        extra += list(oracle.parameters())
     elif args.cell_embeddings:
         add_cell_embeddings(backbone, oracle)
-    adapter = None
+        extra += [oracle.row, oracle.col]
     if args.token_adapter:  # built only when asked: its init draws from torch's generator
         adapter = nn.Linear(hidden, hidden).to(args.device)
         nn.init.zeros_(adapter.weight)
         nn.init.zeros_(adapter.bias)
         add_token_adapter(backbone, adapter)
+        extra += list(adapter.parameters())
     backbone.requires_grad_(False)
     backbone.vlm.requires_grad_(True)
     backbone.vision_tower.requires_grad_(False)
@@ -368,16 +371,6 @@ def main(argv: list[str] | None = None) -> None:
         # The merged tokens may then move towards what the language model reads best, as the oracle's learned
         # embeddings do, while the tower below keeps what its vision stage taught it.
         backbone.vision_tower.merger.requires_grad_(True)
-    if args.fixed_table:
-        extra = []
-    elif not args.tower:
-        extra = list(oracle.parameters())
-    elif args.cell_embeddings:
-        extra = [oracle.row, oracle.col]
-    elif args.token_adapter:
-        extra = list(adapter.parameters())
-    else:
-        extra = []
     params = [p for p in backbone.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = min(200, args.steps // 10)
