@@ -17,6 +17,7 @@
     ... --tower --cell-embeddings  # the tower's tokens plus the oracle's learned row and column embeddings
     ... --tower --train-merger  # the tower's tokens, its patch merger (the last MLP) trained with the language model
     ... --tower --token-adapter # the tower's tokens plus a learned linear map of them (zero at the start)
+    ... --only-relations        # train on relation questions alone (and their twins with --axis-questions)
     ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
                                 # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
 
@@ -38,6 +39,7 @@ tokens; if they are learned, the tower's tokens are (docs/bench/understanding_po
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -51,7 +53,7 @@ from torch import nn
 from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.backbone import Backbone
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.data import LONG_CAPTION_PROMPT, load_shards, make_batch
+from blip3o.train.data import LONG_CAPTION_PROMPT, Example, load_shards, make_batch
 from blip3o.train.scene_supervision import SceneEmbeddingTable
 from blip3o.world.language import (
     COLUMNS,
@@ -321,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="perfect tokens from the fixed SceneEmbeddingTable (not learned): a scene-embedding tower's target",
     )
+    parser.add_argument(
+        "--only-relations",
+        action="store_true",
+        help="questions: relation ones only (and their axis twins), from the images that have one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -384,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     spelled_relations = args.relation_steps or args.relation_holds or args.relation_truth
     spelled = spelled_relations or args.colour_steps  # answers end "so <word>"
     examples, _ = load_shards(args.data)
+    if args.only_relations:
+        examples = relation_examples(examples)
+        print(f"--only-relations: {len(examples)} images with relation questions", flush=True)
     items = vqa_set()
     subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
     rng = np.random.default_rng(args.seed)
@@ -444,6 +454,17 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)  # fmt: skip
     if args.save:
         save(backbone, oracle, args.out)
+
+
+def relation_examples(examples: list[Example]) -> list[Example]:
+    """The examples that have relation questions, each with those alone: the relation is then all a question
+    sample trains (with --axis-questions, beside its first-order twin), not one kind in seven."""
+    kept = []
+    for ex in examples:
+        qa = [(q, a) for q, a in ex.qa if relation_question_parts(q) is not None]
+        if qa:
+            kept.append(dataclasses.replace(ex, qa=qa))
+    return kept
 
 
 def spell_out(batch: dict, scenes: list[Scene], rewrite) -> None:

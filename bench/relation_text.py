@@ -58,8 +58,12 @@ TASKS = ("relation", "column_order", "holds_listed", "axis_truth", "truth_then_a
 AXIS_TRUTH_WORD = {**AXIS_ANSWERS, "level with": "with"}
 
 
-def example(question: str, answer: str, scene: Scene, task: str) -> tuple[str, str] | None:
-    """(text, target word) of one relation question; None for any other question."""
+def example(
+    question: str, answer: str, scene: Scene, task: str, all_objects: bool = False
+) -> tuple[str, str] | None:
+    """(text, target word) of one relation question; None for any other question. With `all_objects` the places
+    of every object in the scene are written (in the scene's own order), so A and B must be found by name, as
+    in an image, where otherwise only theirs are, A first."""
     parts = relation_question_parts(question)
     if parts is None:
         return None
@@ -68,6 +72,11 @@ def example(question: str, answer: str, scene: Scene, task: str) -> tuple[str, s
     (row_a, col_a), (row_b, col_b) = object_location(a, scene.size), object_location(b, scene.size)
     name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
     places = f"{name_a} {row_a} {col_a}, {name_b} {row_b} {col_b}."
+    if all_objects:
+        places = ", ".join(
+            f"{o.color} {o.shape} {' '.join(object_location(o, scene.size))}" for o in scene.objects
+        )
+        places += "."
     if task == "column_order":
         return f"{places} =", "yes" if COLUMNS.index(col_a) < COLUMNS.index(col_b) else "no"
     if task == "holds_listed":
@@ -88,9 +97,11 @@ def sample_scenes(n: int, seed: int) -> list[tuple[Scene, list[tuple[str, str]]]
     return [(scene, [(qa.question, qa.answer) for qa in questions(scene, rng)]) for scene in scenes]
 
 
-def training_rows(examples: list[tuple[Scene, list[tuple[str, str]]]], task: str) -> list[tuple[str, str]]:
+def training_rows(
+    examples: list[tuple[Scene, list[tuple[str, str]]]], task: str, all_objects: bool = False
+) -> list[tuple[str, str]]:
     tasks = ("relation", "axis_truth") if task == "relation_mixed" else (task,)
-    rows = [example(q, a, scene, t) for scene, qa in examples for q, a in qa for t in tasks]
+    rows = [example(q, a, scene, t, all_objects) for scene, qa in examples for q, a in qa for t in tasks]
     return [row for row in rows if row is not None]
 
 
@@ -111,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", type=Path, nargs="?", help="the run's shard folder (or give --fresh-scenes)")
     parser.add_argument("--fresh-scenes", type=int, default=0, help="train on this many newly sampled scenes")
     parser.add_argument("--task", choices=TASKS, default="relation")
+    parser.add_argument(
+        "--all-objects", action="store_true", help="write every object's place, not only A's and B's"
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -129,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         examples = [(ex.scene, ex.qa) for ex in load_shards(args.data)[0]]
     else:
         examples = sample_scenes(args.fresh_scenes, seed=1)
-    train = training_rows(examples, args.task)
+    train = training_rows(examples, args.task, args.all_objects)
     test_task = "relation" if args.task == "relation_mixed" else args.task
     test = [
-        example(it.question, it.answer, vqa_scene(it.image_index, it.seed), test_task) for it in vqa_set()
+        example(it.question, it.answer, vqa_scene(it.image_index, it.seed), test_task, args.all_objects)
+        for it in vqa_set()
     ]
     test = [row for row in test if row is not None]
     words = sorted({answer for _, answer in train + test})

@@ -153,6 +153,31 @@ def test_relation_text_tasks_write_the_places_and_label_each_task() -> None:
     assert RELATION_TEXT.example("what colour is the square?", "red", scene, "relation") is None
 
 
+def test_relation_text_all_objects_writes_every_place_in_scene_order() -> None:
+    rng = np.random.default_rng(3)
+    scene = next(s for s in (sample_scene(rng) for _ in range(50)) if len(s.objects) >= 3)
+    a, b = (
+        scene.objects[-1],
+        scene.objects[0],
+    )  # B listed before A: the order says nothing about which is asked
+    question = f"is the {a.color} {a.shape} left of the {b.color} {b.shape}?"
+    text, answer = RELATION_TEXT.example(question, "yes", scene, "relation", all_objects=True)
+    listed = [f"{o.color} {o.shape} {' '.join(object_location(o, scene.size))}" for o in scene.objects]
+    assert (text, answer) == (f"{', '.join(listed)}. {question} =", "yes")
+    pair = RELATION_TEXT.example(question, "yes", scene, "relation")[0]
+    assert pair.startswith(f"{a.color} {a.shape} ") and pair.count(",") == 1
+
+
+def test_relation_examples_keep_only_relation_questions_of_the_images_that_have_them() -> None:
+    examples = [
+        ORACLE.Example(None, "s", "l", [("how many shapes are there?", "two"), ("is the red circle above the blue star?", "no")]),
+        ORACLE.Example(None, "s", "l", [("what colour is the star?", "blue")]),
+    ]  # fmt: skip
+    kept = ORACLE.relation_examples(examples)
+    assert [ex.qa for ex in kept] == [[("is the red circle above the blue star?", "no")]]
+    assert examples[0].qa[0] == ("how many shapes are there?", "two")  # the input is left as it was
+
+
 def test_where_accuracy_scores_each_word_of_the_place() -> None:
     """A reader that answers every where-question right scores 1 on all three figures; one that always says the
     right row and a wrong column scores 1 on rows and 0 on columns and both; the scenes reach the hook state."""
