@@ -18,6 +18,8 @@
     ... --tower --train-merger  # the tower's tokens, its patch merger (the last MLP) trained with the language model
     ... --tower --token-adapter # the tower's tokens plus a learned linear map of them (zero at the start)
     ... --only-relations        # train on relation questions alone (and their twins with --axis-questions)
+    ... --relation-share 0.3    # each sample is, with this chance, a relation-only one (its relation questions and
+                                # twins) from an image that has them; the rest as usual
     ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
                                 # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
 
@@ -328,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="questions: relation ones only (and their axis twins), from the images that have one",
     )
+    parser.add_argument(
+        "--relation-share",
+        type=float,
+        default=0.0,
+        help="chance that a sample is a relation-only one (as --only-relations) instead of the usual mix",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -338,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--token-adapter adapts the tower's tokens: give --tower too")
     if args.train_merger and not args.tower:
         parser.error("--train-merger trains the tower's own merger: give --tower too")
+    if not 0.0 <= args.relation_share <= 1.0:
+        parser.error(f"--relation-share is a chance in [0, 1], got {args.relation_share}")
+    if args.relation_share and args.only_relations:
+        parser.error("--only-relations already makes every sample a relation-only one")
     if args.fixed_table and (args.tower or args.object_thirds):
         parser.error("--fixed-table replaces the tower's tokens and always carries the thirds")
     torch.set_num_threads(args.threads)
@@ -394,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only_relations:
         examples = relation_examples(examples)
         print(f"--only-relations: {len(examples)} images with relation questions", flush=True)
+    n_usual = len(examples)
+    if args.relation_share:  # the relation-only copies follow the usual examples; rows past n_usual draw them
+        examples = examples + relation_examples(examples)
     items = vqa_set()
     subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
     rng = np.random.default_rng(args.seed)
@@ -402,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     losses, start = [], time.time()
     for step in range(1, args.steps + 1):
         backbone.train()
-        rows = rng.integers(len(examples), size=args.batch).tolist()
+        rows = draw_rows(rng, n_usual, len(examples), args.batch, args.relation_share)
         batch = make_batch("understanding", examples, rows, [step * args.batch + i for i in range(args.batch)],
                            args.seed, 0.5, qa_share=args.qa_share, qa_turns=args.qa_turns,
                            location_questions=args.location_questions,
@@ -465,6 +480,19 @@ def relation_examples(examples: list[Example]) -> list[Example]:
         if qa:
             kept.append(dataclasses.replace(ex, qa=qa))
     return kept
+
+
+def draw_rows(
+    rng: np.random.Generator, n_usual: int, n_all: int, batch: int, relation_share: float
+) -> list[int]:
+    """`batch` rows of the examples: each, with chance `relation_share`, one of the relation-only copies (rows
+    n_usual .. n_all - 1), else a usual one. A share of 0 draws exactly what the script drew before it had one."""
+    rows = rng.integers(n_usual, size=batch).tolist()
+    if relation_share:
+        relation_rows = rng.integers(n_usual, n_all, size=batch).tolist()
+        chosen = rng.random(batch) < relation_share
+        rows = [r if c else u for u, r, c in zip(rows, relation_rows, chosen, strict=True)]
+    return rows
 
 
 def spell_out(batch: dict, scenes: list[Scene], rewrite) -> None:

@@ -178,6 +178,15 @@ def test_relation_examples_keep_only_relation_questions_of_the_images_that_have_
     assert examples[0].qa[0] == ("how many shapes are there?", "two")  # the input is left as it was
 
 
+def test_draw_rows_takes_relation_only_copies_at_the_asked_share() -> None:
+    before = np.random.default_rng(5).integers(100, size=64).tolist()
+    assert ORACLE.draw_rows(np.random.default_rng(5), 100, 160, 64, 0.0) == before
+    assert all(r >= 100 for r in ORACLE.draw_rows(np.random.default_rng(5), 100, 160, 64, 1.0))
+    rows = ORACLE.draw_rows(np.random.default_rng(5), 100, 160, 4000, 0.3)
+    share = np.mean([r >= 100 for r in rows])
+    assert 0.27 < share < 0.33 and max(rows) < 160
+
+
 def test_where_accuracy_scores_each_word_of_the_place() -> None:
     """A reader that answers every where-question right scores 1 on all three figures; one that always says the
     right row and a wrong column scores 1 on rows and 0 on columns and both; the scenes reach the hook state."""
