@@ -62,14 +62,12 @@ from blip3o.world.language import (
     ROWS,
     color_question_shape,
     location_questions,
-    named_object,
     object_location,
-    relation_on_axis,
-    relation_phrase,
     relation_question_parts,
 )
+from blip3o.world.reasoning import final_answer, relation_steps
 from blip3o.world.render import render
-from blip3o.world.scene import COLORS, SHAPES, Scene, relations_between
+from blip3o.world.scene import COLORS, SHAPES, Scene
 
 GRID = 4  # merged tokens per side (64 px images, patch 8, merge 2)
 CELL = 16  # pixels per merged token
@@ -163,40 +161,6 @@ def shape_sentences(scene: Scene, rng: np.random.Generator) -> str:
     return "".join(f" The {unique[i].shape} is {unique[i].color}." for i in rng.permutation(len(unique)))
 
 
-def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False) -> str:
-    """A relation answer with its steps written out, each a lookup the model practises elsewhere (the where of
-    a named object, in thirds as the captions and where-questions give it):
-    "is the red circle left of the blue star?" -> "red circle top left, blue star middle right, so yes".
-    Other questions keep their answer. The thirds decide 0.947 of ShapesVQA's relation answers (the rest lie
-    near a threshold of GenEval's rule), so this caps relations there.
-
-    holds: also write which relations hold, as the captions' relation sentences do ("..., red circle above
-    and left of blue star, so no"; "by" where none does). Why: with the places alone the answer is an XOR of
-    the asked relation and the places' order (each alone says nothing about yes / no), which this language
-    model does not learn even from text (session 45); which relations hold depends on the places directly,
-    and the final word is then a match of the asked relation against that list, as existence questions are.
-    In text that match stays at 0.770 (bench/relation_text.py --task holds_listed).
-
-    truth: write the one relation that holds on the asked axis ("..., red circle right of blue star,
-    so no"; `relation_on_axis`): first-order given the places, and the final word is then a match of two
-    words, which text learns in 250 steps (bench/relation_text.py --task truth_then_answer)."""
-    parts = relation_question_parts(question)
-    if parts is None:
-        return answer
-    colour_a, shape_a, asked, colour_b, shape_b = parts
-    a, b = named_object(scene, colour_a, shape_a), named_object(scene, colour_b, shape_b)
-    name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
-    steps = [
-        f"{name_a} {' '.join(object_location(a, scene.size))}",
-        f"{name_b} {' '.join(object_location(b, scene.size))}",
-    ]
-    if holds:
-        steps.append(f"{name_a} {relation_phrase(relations_between(a.box, b.box)) or 'by'} {name_b}")
-    if truth:
-        steps.append(f"{name_a} {relation_on_axis(asked, relations_between(a.box, b.box))} {name_b}")
-    return f"{', '.join(steps)}, so {answer}"
-
-
 def colour_steps(question: str, answer: str, scene: Scene) -> str:
     """A colour-of-a-shape answer through the shape's place: "what colour is the star?" -> "star top left, so
     blue". The first step is a lookup by shape (as counting a shape is), the second one by place (as every
@@ -206,11 +170,6 @@ def colour_steps(question: str, answer: str, scene: Scene) -> str:
         return answer
     obj = next(o for o in scene.objects if o.shape == shape)
     return f"{shape} {' '.join(object_location(obj, scene.size))}, so {answer}"
-
-
-def final_answer(reply: str) -> str:
-    """The words after the last "so " of a spelled-out answer; a plain answer as it is."""
-    return reply.rsplit(" so ", 1)[-1]
 
 
 def where_accuracy(backbone, hook_state: dict, n_images: int = 150, batch: int = 64) -> dict[str, float]:

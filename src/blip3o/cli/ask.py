@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip3o.cli.generate import MODEL_HELP, CliError, check_prompts, load_model, report
+from blip3o.world.reasoning import final_answer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="?", help="question about the image")
     p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument("--batch", type=Path, help='JSON-lines file of {"image": ..., "question": ...}')
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=48, help="longest reply in tokens, steps included (default 48)"
+    )
+    p.add_argument(
+        "--steps",
+        action="store_true",
+        help='print the whole reply, with any steps written before the answer ("..., so no"), not only the answer',
+    )
     p.add_argument("--batch-size", type=int, default=32, help="questions answered at once (default 32)")
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
@@ -133,8 +141,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         answers = model.understand(
             images[i : i + args.batch_size], questions[i : i + args.batch_size], args.max_new_tokens
         )
-        for record, answer in zip(records[i : i + args.batch_size], answers, strict=True):
-            print(answer.strip() if args.batch is None else json.dumps({**record, "answer": answer.strip()}))
+        for record, reply in zip(records[i : i + args.batch_size], answers, strict=True):
+            answer = reply.strip() if args.steps else final_answer(reply.strip())
+            print(answer if args.batch is None else json.dumps({**record, "answer": answer}))
     if args.batch is not None:  # stdout is the answers file; the summary goes to stderr
         print(f"answered {len(records)} question(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"questions in the set (default {VQA_QUESTIONS}, the reported one; another size is another set)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="with --model: questions at once (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="with --model: longest answer (default 16)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=48,
+        help="with --model: longest reply, steps included (default 48)",
+    )
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="with --model: default cuda if any"
     )

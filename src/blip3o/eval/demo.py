@@ -35,6 +35,7 @@ from blip3o.eval.self_check import generate_self_checked
 from blip3o.viz import image_grid
 from blip3o.world.language import normalize_answer
 from blip3o.world.prompts import load_eval_prompts
+from blip3o.world.reasoning import final_answer
 from blip3o.world.render import render
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ DEMO_PROMPTS = 16
 DEMO_SCENES = 8
 QUESTIONS_PER_SCENE = 2
 DEMO_WORLD_SEED = 8_000_003  # far from the training seeds (small numbers) and ShapesVQA's 2_000_003
-MAX_NEW_TOKENS = 16  # as `blip3o eval vqa`
+MAX_NEW_TOKENS = 48  # as `blip3o eval vqa`: room for a relation reply's steps (world/reasoning.py)
 GRID_FILE, REPORT_FILE, SUMMARY_FILE = "grid.png", "report.html", "summary.json"
 CELL = 160  # grid pixels per image (64 px upscaled, nearest neighbour)
 NOTE = (
@@ -147,7 +148,13 @@ def ask_about_scenes(model: Blip3o, seed: int) -> list[Answered]:
     replies = model.understand([a[1] for a in asked], [a[2] for a in asked], MAX_NEW_TOKENS)
     return [
         Answered(
-            i, image, q, kind, expected, reply.strip(), normalize_answer(reply) == normalize_answer(expected)
+            i,
+            image,
+            q,
+            kind,
+            expected,
+            reply.strip(),
+            normalize_answer(final_answer(reply)) == normalize_answer(expected),
         )
         for (i, image, q, kind, expected), reply in zip(asked, replies, strict=True)
     ]

@@ -427,7 +427,7 @@ def vqa_with_model(
     seeds: Sequence[int] = (0,),
     n_questions: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 48,
     progress: bool = False,
 ) -> dict:
     """Answer the ShapesVQA set (all VQA_QUESTIONS, or the n_questions-question set) with

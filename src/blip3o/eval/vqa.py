@@ -9,7 +9,9 @@ Questions are taken image by image, at most one per kind per image and at most `
 image, most-needed kinds first, until every kind has its quota: the kinds end up exactly balanced
 (`n_questions / 7` each, the remainder going to the first kinds of `QA_KINDS`).
 
-Scoring is exact match after `normalize_answer` on both sides; a question without an answer counts wrong.
+Scoring is exact match after `normalize_answer` on both sides; a question without an answer counts wrong. A
+reply that writes steps before its answer ("red cross bottom left, ..., so no") is scored on its final answer,
+what follows the last ", so " (`world.reasoning.final_answer`); a reply without steps is its own answer.
 Answer files are JSON lines, one `{"id": ..., "answer": ...}` per line.
 """
 
@@ -26,6 +28,7 @@ from PIL import Image
 
 from blip3o.data.shards import generate_sample
 from blip3o.world.language import QA_KINDS, QAPair, normalize_answer
+from blip3o.world.reasoning import final_answer
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import Scene
@@ -139,7 +142,7 @@ def score_answers(items: list[VQAItem], answers: Mapping[str, str]) -> dict:
         given = answers.get(it.id)
         if given is None:
             missing += 1
-        elif normalize_answer(given) == normalize_answer(it.answer):
+        elif normalize_answer(final_answer(given)) == normalize_answer(it.answer):
             right[it.kind] += 1
     ids = {it.id for it in items}
     n, correct = len(items), sum(right.values())

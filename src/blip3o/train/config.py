@@ -78,6 +78,15 @@ class StageConfig:
     # circle left or right of the blue star?" -> "left" / "right" / "level" (world/language.axis_questions), a
     # training-only kind. Without it the yes / no of a relation is an XOR this language model never starts on.
     axis_questions: bool = False
+    # understanding / joint: train relation answers with their steps written out (world/reasoning.relation_steps,
+    # truth form): "red cross bottom left, purple circle middle centre, red cross left of purple circle, so no";
+    # evaluation scores the part after the last ", so " (world/reasoning.final_answer). Session 48: on fixed
+    # object-centric tokens, relation questions alone, ShapesVQA's relations 0.953 (plain answers: chance).
+    relation_steps: bool = False
+    # understanding / joint: chance that a question sample asks only its image's relation questions (plus their
+    # twins and where-questions when those are on), where the image has any: relations are one kind in seven
+    # and, spelled out, need more practice than the rest (bench/oracle_tokens.py --relation-share). 0: off.
+    relation_share: float = 0.0
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
     freeze_vision: bool = False
@@ -177,10 +186,16 @@ class StageConfig:
             )
         if not 0.0 <= self.qa_share <= 1.0:
             raise ConfigError(f"stage {self.name!r}: qa_share must be in [0, 1]")
+        if not 0.0 <= self.relation_share <= 1.0:
+            raise ConfigError(
+                f"stage {self.name!r}: relation_share must be in [0, 1], got {self.relation_share}"
+            )
         understanding_only = {
             "qa_turns": self.qa_turns > 1,
             "location_questions": self.location_questions,
             "axis_questions": self.axis_questions,
+            "relation_steps": self.relation_steps,
+            "relation_share": self.relation_share > 0,
             "freeze_vision": self.freeze_vision,
         }
         for key, is_set in understanding_only.items():

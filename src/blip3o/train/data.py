@@ -20,8 +20,9 @@ from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.language import axis_questions as axis_questions_of
 from blip3o.world.language import location_questions as location_questions_of
-from blip3o.world.language import swap_shape_word
+from blip3o.world.language import relation_question_parts, swap_shape_word
 from blip3o.world.prompts import load_train_prompts
+from blip3o.world.reasoning import relation_steps as spell_relation
 from blip3o.world.render import render
 from blip3o.world.scene import Scene
 
@@ -159,6 +160,8 @@ def make_batch(
     qa_turns: int = 1,
     location_questions: bool = False,
     axis_questions: bool = False,
+    relation_steps: bool = False,
+    relation_share: float = 0.0,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
@@ -167,13 +170,19 @@ def make_batch(
     image's questions, in a random order (one forward pass then trains several answers). `location_questions`
     adds "where is the <object>?" to each image's questions (from its scene; `world.language.location_questions`),
     `axis_questions` the first-order twin of each of its relation questions (`world.language.axis_questions`).
-    `hard_negatives` adds, per sample, its caption with one shape swapped.
+    `relation_share` is the chance that a question sample keeps only its image's relation questions (where it has
+    any; its twins and where-questions are added after), `relation_steps` writes each relation answer's steps out
+    (`world.reasoning.relation_steps`, truth form). `hard_negatives` adds, per sample, its caption with one shape
+    swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
         ex = examples[row]
         rng = np.random.default_rng([seed, pos, 7])
         qa = ex.qa
+        # Its own generator, so a share of 0 leaves every other per-sample draw as it was.
+        if relation_share and np.random.default_rng([seed, pos, 17]).random() < relation_share:
+            qa = [(q, a) for q, a in qa if relation_question_parts(q) is not None] or qa
         if location_questions:
             if ex.scene is None:
                 raise DataError("location_questions needs the scene of every example (shards hold it)")
@@ -182,6 +191,10 @@ def make_batch(
             if ex.scene is None:
                 raise DataError("axis_questions needs the scene of every example (shards hold it)")
             qa = qa + [(q.question, q.answer) for q in axis_questions_of(ex.scene, [q for q, _ in ex.qa])]
+        if relation_steps:
+            if ex.scene is None:
+                raise DataError("relation_steps needs the scene of every example (shards hold it)")
+            qa = [(q, spell_relation(q, a, ex.scene, truth=True)) for q, a in qa]
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()
