@@ -81,7 +81,9 @@ class StageConfig:
     # understanding / joint: train relation answers with their steps written out (world/reasoning.relation_steps,
     # truth form): "red cross bottom left, purple circle middle centre, red cross left of purple circle, so no";
     # evaluation scores the part after the last ", so " (world/reasoning.final_answer). Session 48: on fixed
-    # object-centric tokens, relation questions alone, ShapesVQA's relations 0.953 (plain answers: chance).
+    # object-centric tokens, relation questions alone, ShapesVQA's relations 0.953 (plain answers: chance); and
+    # 2,000 such steps, then 4,000 of the mix with relation_share 0.3: ShapesVQA 0.980 (bench/oracle_tokens.py;
+    # not yet run on a tower's tokens or in a recipe, so off in every preset).
     relation_steps: bool = False
     # understanding / joint: chance that a question sample asks only its image's relation questions (plus their
     # twins and where-questions when those are on), where the image has any: relations are one kind in seven
