@@ -63,9 +63,8 @@ from blip3o.world.language import (
     color_question_shape,
     location_questions,
     object_location,
-    relation_question_parts,
 )
-from blip3o.world.reasoning import final_answer, relation_steps
+from blip3o.world.reasoning import ANSWER_MARKER, final_answer, relation_questions, relation_steps
 from blip3o.world.render import render
 from blip3o.world.scene import COLORS, SHAPES, Scene
 
@@ -169,7 +168,7 @@ def colour_steps(question: str, answer: str, scene: Scene) -> str:
     if shape is None:
         return answer
     obj = next(o for o in scene.objects if o.shape == shape)
-    return f"{shape} {' '.join(object_location(obj, scene.size))}, so {answer}"
+    return f"{shape} {' '.join(object_location(obj, scene.size))}{ANSWER_MARKER}{answer}"
 
 
 def where_accuracy(backbone, hook_state: dict, n_images: int = 150, batch: int = 64) -> dict[str, float]:
@@ -433,12 +432,8 @@ def main(argv: list[str] | None = None) -> None:
 def relation_examples(examples: list[Example]) -> list[Example]:
     """The examples that have relation questions, each with those alone: the relation is then all a question
     sample trains (with --axis-questions, beside its first-order twin), not one kind in seven."""
-    kept = []
-    for ex in examples:
-        qa = [(q, a) for q, a in ex.qa if relation_question_parts(q) is not None]
-        if qa:
-            kept.append(dataclasses.replace(ex, qa=qa))
-    return kept
+    kept = [(ex, relation_questions(ex.qa)) for ex in examples]
+    return [dataclasses.replace(ex, qa=qa) for ex, qa in kept if qa]
 
 
 def draw_rows(

@@ -20,8 +20,9 @@ from blip3o.data.shards import ShardReadStats, iter_samples, write_shards
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.language import axis_questions as axis_questions_of
 from blip3o.world.language import location_questions as location_questions_of
-from blip3o.world.language import relation_question_parts, swap_shape_word
+from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
+from blip3o.world.reasoning import relation_questions
 from blip3o.world.reasoning import relation_steps as spell_relation
 from blip3o.world.render import render
 from blip3o.world.scene import Scene
@@ -182,7 +183,7 @@ def make_batch(
         qa = ex.qa
         # Its own generator, so a share of 0 leaves every other per-sample draw as it was.
         if relation_share and np.random.default_rng([seed, pos, 17]).random() < relation_share:
-            qa = [(q, a) for q, a in qa if relation_question_parts(q) is not None] or qa
+            qa = relation_questions(qa) or qa
         if location_questions:
             if ex.scene is None:
                 raise DataError("location_questions needs the scene of every example (shards hold it)")

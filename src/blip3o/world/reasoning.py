@@ -37,6 +37,11 @@ def final_answer(reply: str) -> str:
     return reply.rsplit(ANSWER_MARKER, 1)[-1]
 
 
+def relation_questions(qa: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The relation questions among (question, answer) pairs, in their order."""
+    return [(q, a) for q, a in qa if relation_question_parts(q) is not None]
+
+
 def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False) -> str:
     """A relation answer with its steps written out; any other question keeps its answer.
 
