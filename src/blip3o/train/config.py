@@ -112,7 +112,8 @@ class StageConfig:
     # (scene_supervision.SceneEmbeddingTable: fixed random row, column, shape, colour and third-of-canvas vectors,
     # summed), the perfect tokens of bench/oracle_tokens.py held fixed. Session 47, 9,000 steps at 1: a 4,000-step
     # stage 1 on its tokens reached ShapesVQA 0.811 (colour of a named shape 0.940, count of a shape 0.847) where the
-    # recipe's tower gave 0.740, but places stay unread (where-questions 0.39). Off until a recipe chain is run.
+    # recipe's tower gave 0.740, but places stay unread (where-questions 0.39; session 48: the target itself is read,
+    # 1.000, but a 5,000-step tower's tokens still are not, 0.397). Off until a recipe chain is run.
     scene_embedding_weight: float = 0.0
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.

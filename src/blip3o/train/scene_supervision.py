@@ -31,8 +31,11 @@ captions and where-answers name thirds, which the 4 x 4 cells do not resolve (16
 Measured (session 47, docs/bench/understanding_position_trials.txt): after 9,000 steps at weight 1 the tokens read
 back shape 0.986, colour 0.998, place in thirds 0.956 (bench/scene_embedding_probe.py), and a 4,000-step stage 1 on
 them (bench/oracle_tokens.py --tower) reaches ShapesVQA 0.811, the colour of a named shape 0.940 and the count of a
-shape 0.847 (the recipe's tower: 0.740 / 0.607 / 0.473). Places are still not read (where-questions 0.394): on the
-fixed target itself no better (0.408), against 0.922 for the oracle whose embeddings learn.
+shape 0.847 (the recipe's tower: 0.740 / 0.607 / 0.473). Places are still not read (where-questions 0.394).
+Session 48: on the fixed target itself, with relation answers spelled out (world/reasoning.py) and relation
+questions trained first, places are read (where-questions 1.000) and ShapesVQA reaches 0.980; on a 5,000-step
+tower's tokens the same short curriculum gave 0.611 (where 0.397): the language model reads the target, not yet
+the tower's approximation of it.
 """
 
 from __future__ import annotations
