@@ -22,6 +22,11 @@
                                 # twins) from an image that has them; the rest as usual
     ... --fixed-table           # perfect tokens that do not learn: the fixed target a vision stage with
                                 # StageConfig.scene_embedding_weight regresses (scene_supervision.SceneEmbeddingTable)
+    ... --fixed-table --tower-share 0.5  # each training image reads the tower's own tokens with this chance
+    ... --fixed-table --eval-tower       # evaluations read the tower's own tokens (what a trained model sees)
+    ... --vision-from runs/y/vision/model  # the vision tower of another model (e.g. a LM trained on the table,
+                                # then read through a trained tower)
+    ... --steps 0               # no training: evaluate MODEL as it is (on the full set)
 
 Stage 1's data and most of its recipe (batch 16, lr 1e-3 with 200 warm-up steps and cosine decay, AdamW, grad
 clip 1, 80% questions / 20% captions, one question per sample) train the language model of MODEL (a
@@ -123,6 +128,25 @@ def use_oracle_tokens(backbone, oracle, state: dict) -> None:
                 f"oracle tokens {tuple(tokens.shape)} vs tower {tuple(output.pooler_output.shape)}"
             )
         output.pooler_output = tokens.to(output.pooler_output.dtype)
+        return output
+
+    backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
+
+
+def use_table_or_tower(backbone, table: SceneEmbeddingTable, state: dict) -> None:
+    """Make the backbone's vision tower return the fixed table's target of state["scenes"], except for the images
+    where state["tower"] (one bool per image, or one for all) is true: those keep the tower's own tokens. How a language model
+    trained on the target reads a trained tower's approximation of it, and whether mixing the two teaches it."""
+
+    def replace_tokens(module, inputs, kwargs, output):
+        tokens = output.pooler_output  # (B * 16, H)
+        target = table.targets(state["scenes"], GRID).flatten(0, 1).to(tokens)  # (B * 16, H)
+        n_images = tokens.shape[0] // (GRID * GRID)
+        tower = [state["tower"]] * n_images if isinstance(state["tower"], bool) else state["tower"]
+        keep = torch.tensor(tower, device=tokens.device).repeat_interleave(GRID * GRID)  # (B * 16,)
+        if target.shape != tokens.shape or keep.shape[0] != tokens.shape[0]:
+            raise RuntimeError(f"table tokens {tuple(target.shape)} vs tower {tuple(tokens.shape)}")
+        output.pooler_output = torch.where(keep[:, None], tokens, target)
         return output
 
     backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)
@@ -294,6 +318,22 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="chance that a sample is a relation-only one (as --only-relations) instead of the usual mix",
     )
+    parser.add_argument(
+        "--tower-share",
+        type=float,
+        default=0.0,
+        help="with --fixed-table: chance that a training image reads the tower's own tokens instead",
+    )
+    parser.add_argument(
+        "--eval-tower",
+        action="store_true",
+        help="with --fixed-table: evaluations read the tower's own tokens",
+    )
+    parser.add_argument(
+        "--vision-from",
+        type=Path,
+        help="a model folder (or backbone folder) whose vision tower replaces MODEL's",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -310,25 +350,30 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--only-relations already makes every sample a relation-only one")
     if args.fixed_table and (args.tower or args.object_thirds):
         parser.error("--fixed-table replaces the tower's tokens and always carries the thirds")
+    if (args.tower_share or args.eval_tower) and not args.fixed_table:
+        parser.error(
+            "--tower-share and --eval-tower mix the fixed table with the tower: give --fixed-table too"
+        )
+    if not 0.0 <= args.tower_share <= 1.0:
+        parser.error(f"--tower-share is a chance in [0, 1], got {args.tower_share}")
+    if args.steps < 0:
+        parser.error(f"--steps must be >= 0 (0: evaluate only), got {args.steps}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if (args.model / "backbone").is_dir():
-        # A whole model folder loads as a whole, as before session 46: building its other components draws from
-        # torch's generator, so the oracle's embeddings below start where the earlier arms' did.
-        backbone = Blip3o.from_pretrained(args.model).backbone
-    else:
-        backbone = Backbone.from_pretrained(args.model)
+    backbone = load_backbone(args.model)
+    if args.vision_from:
+        backbone.vision_tower.load_state_dict(load_backbone(args.vision_from).vision_tower.state_dict())
     hidden = backbone.config.hidden_size
     backbone.to(args.device)
     oracle = OracleTokens(hidden, thirds=args.object_thirds).to(args.device)
-    hook_state: dict = {"scenes": None}
+    hook_state: dict = {"scenes": None, "tower": False}
 
     extra: list = []  # what trains besides the language model, set beside the hook that uses it
     if args.fixed_table:
         table = SceneEmbeddingTable(hidden, GRID).to(args.device)
-        use_oracle_tokens(backbone, lambda scenes: table.targets(scenes, GRID).flatten(0, 1), hook_state)
+        use_table_or_tower(backbone, table, hook_state)
     elif not args.tower:
         use_oracle_tokens(backbone, oracle, hook_state)
         extra += list(oracle.parameters())
@@ -370,9 +415,39 @@ def main(argv: list[str] | None = None) -> None:
     items = vqa_set()
     subset = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: args.eval_subset]]
     rng = np.random.default_rng(args.seed)
+    tower_rng = np.random.default_rng([args.seed, 23])  # its own stream: a share of 0 draws as before
     log_path = args.out / "log.jsonl"
     log_path.write_text("")
     losses, start = [], time.time()
+
+    def evaluate(step: int, final: bool) -> None:
+        backbone.eval()
+        hook_state["tower"] = args.eval_tower
+        scored = items if final else subset
+        replies = answer_all(backbone, hook_state, scored, max_new_tokens=40 if spelled else 8)
+        if final:  # every reply as the model wrote it, steps included, for reading its errors
+            with open(args.out / "replies.jsonl", "w") as out:
+                for it in scored:
+                    out.write(json.dumps({**it.to_dict(), "reply": replies[it.id]}) + "\n")
+        if spelled:
+            replies = {key: final_answer(reply) for key, reply in replies.items()}
+        scores = score_answers(scored, replies)
+        recent = losses[-args.eval_every :]
+        record = {"step": step, "loss": float(np.mean(recent)) if recent else None, "questions": len(scored),
+                  "overall": scores["overall"], "per_kind": scores["per_kind"],
+                  "minutes": (time.time() - start) / 60}  # fmt: skip
+        if final:
+            record["where"] = where_accuracy(backbone, hook_state)
+            print(f"where-questions: {record['where']}", flush=True)
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        kinds = " ".join(f"{k} {v:.3f}" for k, v in scores["per_kind"].items())
+        loss_text = f"{record['loss']:.4f}" if recent else "-"
+        print(
+            f"step {step}: loss {loss_text} | VQA ({len(scored)}) {scores['overall']:.3f} | {kinds}",
+            flush=True,
+        )
+
     for step in range(1, args.steps + 1):
         backbone.train()
         rows = draw_rows(rng, n_usual, len(examples), args.batch, args.relation_share)
@@ -381,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
                            location_questions=args.location_questions,
                            axis_questions=args.axis_questions)  # fmt: skip
         hook_state["scenes"] = [examples[r].scene for r in rows]
+        hook_state["tower"] = (
+            (tower_rng.random(args.batch) < args.tower_share).tolist() if args.tower_share else False
+        )
         if spelled_relations:
             rewrite = functools.partial(relation_steps, holds=args.relation_holds, truth=args.relation_truth)
             spell_out(batch, hook_state["scenes"], rewrite)
@@ -397,36 +475,20 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            backbone.eval()
-            final = step == args.steps
-            scored = items if final else subset
-            replies = answer_all(
-                backbone,
-                hook_state,
-                scored,
-                max_new_tokens=40 if spelled else 8,
-            )
-            if final:  # every reply as the model wrote it, steps included, for reading its errors
-                with open(args.out / "replies.jsonl", "w") as out:
-                    for it in scored:
-                        out.write(json.dumps({**it.to_dict(), "reply": replies[it.id]}) + "\n")
-            if spelled:
-                replies = {key: final_answer(reply) for key, reply in replies.items()}
-            scores = score_answers(scored, replies)
-            record = {"step": step, "loss": float(np.mean(losses[-args.eval_every :])), "questions": len(scored),
-                      "overall": scores["overall"], "per_kind": scores["per_kind"],
-                      "minutes": (time.time() - start) / 60}  # fmt: skip
-            if final:
-                record["where"] = where_accuracy(backbone, hook_state)
-                print(f"where-questions: {record['where']}", flush=True)
-            with open(log_path, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            kinds = " ".join(f"{k} {v:.3f}" for k, v in scores["per_kind"].items())
-            print(f"step {step}: loss {record['loss']:.4f} | VQA ({len(scored)}) {scores['overall']:.3f} | {kinds}",
-                  flush=True)  # fmt: skip
+        if step % args.eval_every == 0 and step != args.steps:
+            evaluate(step, final=False)
+    evaluate(args.steps, final=True)
     if args.save:
         save(backbone, oracle, args.out)
+
+
+def load_backbone(path: Path) -> Backbone:
+    """The backbone of a model folder, or a backbone folder."""
+    if (path / "backbone").is_dir():
+        # A whole model folder loads as a whole, as before session 46: building its other components draws from
+        # torch's generator, so the oracle's embeddings start where the earlier arms' did.
+        return Blip3o.from_pretrained(path).backbone
+    return Backbone.from_pretrained(path)
 
 
 def relation_examples(examples: list[Example]) -> list[Example]:

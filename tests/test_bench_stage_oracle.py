@@ -247,3 +247,27 @@ def test_token_adapter_starts_as_the_identity_and_adds_its_map() -> None:
     with torch.no_grad():
         adapter.weight.copy_(torch.eye(8))
     torch.testing.assert_close(backbone.vision_tower(tokens).pooler_output, 2 * tokens)
+
+
+def test_table_or_tower_gives_each_image_the_target_unless_it_is_marked_for_the_tower() -> None:
+    from types import SimpleNamespace
+
+    from blip3o.train.scene_supervision import SceneEmbeddingTable
+
+    class Tower(torch.nn.Module):  # stands in for the vision tower: returns its input as the merged tokens
+        def forward(self, x):
+            return SimpleNamespace(pooler_output=x)
+
+    table, backbone = SceneEmbeddingTable(8, 4), SimpleNamespace(vision_tower=Tower())
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(3)]
+    state = {"scenes": scenes, "tower": [False, True, False]}
+    ORACLE.use_table_or_tower(backbone, table, state)
+    tower_tokens = torch.randn(3 * 16, 8)  # three images' merged tokens, raster order
+    out = backbone.vision_tower(tower_tokens).pooler_output.reshape(3, 16, 8)
+    target = table.targets(scenes, 4)  # (3, 16, 8)
+    assert torch.equal(out[0], target[0]) and torch.equal(out[2], target[2])
+    assert torch.equal(out[1], tower_tokens.reshape(3, 16, 8)[1])
+    state["tower"] = True  # one flag for every image: what --eval-tower sets
+    assert torch.equal(backbone.vision_tower(tower_tokens).pooler_output, tower_tokens)
+    state["tower"] = False
+    assert torch.equal(backbone.vision_tower(tower_tokens).pooler_output.reshape(3, 16, 8), target)

@@ -115,6 +115,14 @@ class StageConfig:
     # recipe's tower gave 0.740, but places stay unread (where-questions 0.39; session 48: the target itself is read,
     # 1.000, but a 5,000-step tower's tokens still are not, 0.397). Off until a recipe chain is run.
     scene_embedding_weight: float = 0.0
+    # understanding: chance that a training image's vision tokens are the fixed scene-embedding target itself
+    # (scene_supervision.SceneEmbeddingTable, what a vision stage with scene_embedding_weight regresses) instead of
+    # the frozen tower's approximation of it; evaluation and inference always read the tower. Why: a language
+    # model learns to read the crisp target far faster than the tower's soft version of it, and what it learns
+    # carries over (session 49, bench/oracle_tokens.py: an LM trained 2,000 relation steps on the target read a
+    # 5,000-step tower's places right in 251 of 300 replies; one trained the same steps on that tower, 151).
+    # Needs freeze_vision and an earlier vision stage with scene_embedding_weight. 0: off.
+    target_tokens: float = 0.0
     # generation / instruct: weight of the scaffolding loss that makes slot k of the DiT's condition resampler
     # name the caption's k-th object (train/slot_supervision.py; needs model.dit.condition_slots > 0). 0: off.
     slot_label_weight: float = 0.0
@@ -224,6 +232,15 @@ class StageConfig:
             )
         if self.scene_embedding_weight and self.kind != "vision":
             raise ConfigError(f"stage {self.name!r}: scene_embedding_weight applies to vision stages only")
+        if not 0.0 <= self.target_tokens <= 1.0:
+            raise ConfigError(
+                f"stage {self.name!r}: target_tokens must be in [0, 1], got {self.target_tokens}"
+            )
+        if self.target_tokens and (self.kind != "understanding" or not self.freeze_vision):
+            raise ConfigError(
+                f"stage {self.name!r}: target_tokens applies to understanding stages with freeze_vision only "
+                "(the tower it stands in for must not train)"
+            )
         if self.scene_cosine_scale < 0:
             raise ConfigError(
                 f"stage {self.name!r}: scene_cosine_scale must be >= 0, got {self.scene_cosine_scale}"
@@ -355,6 +372,13 @@ class RunConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for index, stage in enumerate(self.stages):
+            if stage.target_tokens and not any(
+                s.kind == "vision" and s.scene_embedding_weight for s in self.stages[:index]
+            ):
+                raise ConfigError(
+                    f"stage {stage.name!r}: target_tokens stands in for a tower trained towards the scene-embedding "
+                    "target: it needs a vision stage with scene_embedding_weight > 0 before it"
+                )
             if not stage.generated_share:
                 continue
             if (self.model.target, self.model.objective) != ("clip", "flow_matching"):

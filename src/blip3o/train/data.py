@@ -226,8 +226,9 @@ def make_batch(
         batch["negative_captions"] = negatives
     if kind in ("understanding", "joint"):
         batch["prompts"], batch["answers"] = prompts, answers
-    # Scene labels: the vision stage's, CLIP's optional patch labels, and how many objects a generation caption
-    # names before its relation sentences (the optional slot labels).
-    if kind in ("vision", "clip", "generation", "instruct"):
+    # Scene labels: the vision stage's, CLIP's optional patch labels, how many objects a generation caption
+    # names before its relation sentences (the optional slot labels), and an understanding stage's optional
+    # scene-embedding target tokens (StageConfig.target_tokens).
+    if kind in ("vision", "clip", "generation", "instruct", "understanding"):
         batch["scenes"] = [examples[row].scene for row in rows]
     return batch

@@ -288,6 +288,7 @@ def train_stage(
             stage.count_by,
             scene_cosine_scale=stage.scene_cosine_scale,
             scene_embedding_weight=stage.scene_embedding_weight,
+            target_tokens=stage.target_tokens,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -41,6 +41,8 @@ the tower's approximation of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -316,6 +318,30 @@ class SceneEmbeddingTable(nn.Module):
             objects[~filled.to(objects.device)] = empty[0]
             out.append(cells + objects)
         return torch.stack(out)  # (B, N, H)
+
+
+@contextmanager
+def vision_tokens_replaced(tower: nn.Module, tokens: torch.Tensor, use: torch.Tensor) -> Iterator[None]:
+    """Within this block, the tower's merged tokens of the images where `use` (B,) is true are `tokens` (B, N, H)
+    instead (StageConfig.target_tokens: the scene-embedding target for a frozen tower trained towards it). A
+    forward hook, so the model code stays as it is; removed on leaving, also on an error."""
+
+    def replace(module, args, kwargs, output):
+        merged = output.pooler_output  # (B * N, H), images in batch order
+        if merged.shape != tokens.flatten(0, 1).shape:
+            raise ValueError(
+                f"replacement tokens {tuple(tokens.shape)} do not match the tower's {tuple(merged.shape)} "
+                f"(B * N, H) merged tokens"
+            )
+        keep = use.to(merged.device).repeat_interleave(tokens.shape[1])  # (B * N,)
+        output.pooler_output = torch.where(keep[:, None], tokens.flatten(0, 1).to(merged), merged)
+        return output
+
+    handle = tower.register_forward_hook(replace, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def cell_centres(grid: int) -> torch.Tensor:

@@ -22,7 +22,13 @@ from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
 from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights, scene_counts
-from blip3o.train.scene_supervision import SceneCellHead, clip_patch_labels, object_label_scene
+from blip3o.train.scene_supervision import (
+    SceneCellHead,
+    SceneEmbeddingTable,
+    clip_patch_labels,
+    object_label_scene,
+    vision_tokens_replaced,
+)
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 from blip3o.world.render import render
@@ -112,6 +118,12 @@ def sample_stream(seed: int, stream: int) -> torch.Generator:
     """A generator of a sample's own, for one kind of draw: seeded from (its seed, `stream`), so draws of different
     kinds made from the same sample seed do not repeat one another."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+
+
+def target_token_draws(seeds: list[int], share: float) -> torch.Tensor:
+    """(B,) bool: which images of a batch read the scene-embedding target (StageConfig.target_tokens), each drawn
+    from its sample's own seed (as `per_sample_draws`), so ranks and resumes see the same choice."""
+    return torch.tensor([bool(torch.rand(1, generator=sample_stream(seed, 3)) < share) for seed in seeds])
 
 
 def condition_noise_draws(shape: tuple[int, ...], seeds: list[int], max_std: float) -> torch.Tensor:
@@ -213,6 +225,7 @@ class StageModule(nn.Module):
         count_by: str = "objects",
         scene_cosine_scale: float = 0.0,
         scene_embedding_weight: float = 0.0,
+        target_tokens: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -226,6 +239,10 @@ class StageModule(nn.Module):
                 scene_cosine_scale,
                 scene_embedding_weight,
             ).to(model.device)
+        # understanding: the share of images that read the scene-embedding target in place of the tower's tokens
+        self.target_tokens = target_tokens
+        if target_tokens > 0:
+            self.target_table = SceneEmbeddingTable(model.config.backbone.hidden_size).to(model.device)
         self.generated_share, self.generated_max_sigma = generated_share, generated_max_sigma
         self.generated_pairs = generated_pairs
         self.slot_label_weight, self.slot_position_weight = slot_label_weight, slot_position_weight
@@ -305,10 +322,21 @@ class StageModule(nn.Module):
             tokens = m.backbone.vision_tokens(batch["images"])  # (B, N, H)
             return self.scene_head.loss(tokens, batch["scenes"])
         if kind == "understanding":
-            loss = m.backbone.understanding_loss(
-                batch["images"], batch["prompts"], batch["answers"], self.understanding_average
-            )
-            return loss, {}
+            if not self.target_tokens:
+                loss = m.backbone.understanding_loss(
+                    batch["images"], batch["prompts"], batch["answers"], self.understanding_average
+                )
+                return loss, {}
+            use = target_token_draws(batch["seeds"], self.target_tokens)  # (B,)
+            scenes = batch.get("scenes")
+            if not scenes or any(s is None for s in scenes):
+                raise ValueError("target_tokens needs one scene per image (shards written with their scenes)")
+            target = self.target_table.targets(scenes, self.target_table.grid)  # (B, N, H)
+            with vision_tokens_replaced(m.backbone.vision_tower, target, use):
+                loss = m.backbone.understanding_loss(
+                    batch["images"], batch["prompts"], batch["answers"], self.understanding_average
+                )
+            return loss, {"target_share": use.float().mean()}
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, L, H): word tokens (if any), then query states
