@@ -97,3 +97,28 @@ def test_target_tokens_config_needs_a_frozen_tower_trained_towards_the_target() 
         ["stages.vision.scene_embedding_weight=1", "stages.understanding.target_tokens=1.0"],
     )
     assert config.stage("understanding").target_tokens == 1.0
+
+
+def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -> None:
+    old, new = preset("shapes-object"), preset("shapes-object-v2")
+    names = [s.name for s in new.stages]
+    old_names = [s.name for s in old.stages]
+    at = old_names.index("understanding")
+    assert names == [*old_names[:at], "understanding_relations", *old_names[at:]]
+    assert new.stage("vision").scene_embedding_weight == 1.0 and new.stage("vision").steps == 9000
+    relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
+    for stage in (relations, understanding):
+        assert (
+            stage.target_tokens == 1.0
+            and stage.freeze_vision
+            and stage.relation_steps
+            and stage.qa_turns == 8
+        )
+    assert relations.relation_share == 1.0 and relations.qa_share == 1.0
+    assert understanding.relation_share == 0.3 and understanding.location_questions
+    # The generation side and the model are the bundle's recipe unchanged.
+    assert new.model == old.model
+    assert [s for s in new.stages if s.kind not in ("vision", "understanding")] == [
+        s for s in old.stages if s.kind not in ("vision", "understanding")
+    ]
+    assert type(new).from_dict(new.to_dict()) == new  # what a run saves, it resumes with
