@@ -85,9 +85,11 @@ class StageConfig:
     # 2,000 such steps, then 4,000 of the mix with relation_share 0.3: ShapesVQA 0.980 (bench/oracle_tokens.py;
     # not yet run on a tower's tokens or in a recipe, so off in every preset).
     relation_steps: bool = False
-    # understanding / joint: chance that a question sample asks only its image's relation questions (plus their
-    # twins and where-questions when those are on), where the image has any: relations are one kind in seven
-    # and, spelled out, need more practice than the rest (bench/oracle_tokens.py --relation-share). 0: off.
+    # understanding / joint: chance that a sample asks only relation questions (plus their twins and where-questions
+    # when those are on): its image's, or, where its image has none, those of an image that has some (taken whole,
+    # chosen by the sample's position). Relations are one kind in seven and, spelled out, need more practice than
+    # the rest (bench/oracle_tokens.py --relation-share). Until session 49 a sample whose image had none kept its
+    # usual questions, so ~35% of a share fell back (runs/s49/v2, v2b, v2c were trained so). 0: off.
     relation_share: float = 0.0
     # understanding / joint: keep the vision tower frozen (as LLaVA-style stage 1 does), e.g. after a "vision"
     # stage, whose shape encoding the language-model loss otherwise wears away (bench/vision_probe.py)
