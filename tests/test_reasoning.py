@@ -11,7 +11,7 @@ import pytest
 from blip3o.cli import ask
 from blip3o.eval.vqa import score_answers, vqa_set
 from blip3o.train.config import ConfigError, apply_overrides, preset
-from blip3o.train.data import DataError, Example, make_batch, rows_with_relations
+from blip3o.train.data import DataError, Example, make_batch
 from blip3o.world.language import annotate, relation_question_parts
 from blip3o.world.reasoning import final_answer, relation_steps
 from blip3o.world.render import render
@@ -99,31 +99,6 @@ def test_relation_share_keeps_only_relation_questions_at_its_chance() -> None:
     some = batch(0.5)
     relation_only = np.mean([all(relation_question_parts(q) for q in p) for p in some["prompts"]])
     assert 0.35 < relation_only < 0.75  # about half, plus conversations that drew relations alone anyway
-
-
-def test_relation_only_samples_of_images_without_relations_take_an_image_that_has_some() -> None:
-    examples = _examples()
-    pool = rows_with_relations(examples)
-    without = [i for i in range(len(examples)) if i not in pool]
-    assert (
-        pool
-        and without
-        and pool == [i for i, e in enumerate(examples) if any(relation_question_parts(q) for q, _ in e.qa)]
-    )
-    rows = without * 10
-    positions = list(range(100, 100 + len(rows)))
-    only = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=1.0,
-                      qa_turns=8, relation_share=1.0)  # fmt: skip
-    # Every sample asks relation questions only, about an image that has them, and carries that image whole.
-    assert all(relation_question_parts(q) is not None for q, _ in _turns(only))
-    taken = [next(r for r in pool if examples[r].scene == scene) for scene in only["scenes"]]
-    assert [examples[r].image for r in taken] == only["images"]
-    assert len(set(taken)) > 1  # drawn, not always the same one
-    # Drawn from each sample's position: the same positions give the same batch, given the pool or not.
-    again = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=1.0,
-                       qa_turns=8, relation_share=1.0, relation_rows=pool)  # fmt: skip
-    assert again == only
-    assert rows == without * 10  # the caller's rows are left as they were
 
 
 def test_stage_config_takes_relation_options_on_understanding_stages_only() -> None:

@@ -108,12 +108,8 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     assert new.stage("vision").scene_embedding_weight == 1.0 and new.stage("vision").steps == 9000
     relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
     for stage in (relations, understanding):
-        assert (
-            stage.target_tokens == 1.0
-            and stage.freeze_vision
-            and stage.relation_steps
-            and stage.qa_turns == 8
-        )
+        assert stage.freeze_vision and stage.relation_steps and stage.qa_turns == 8
+    assert (relations.target_tokens, understanding.target_tokens) == (1.0, 0.5)
     assert relations.relation_share == 1.0 and relations.qa_share == 1.0
     assert understanding.relation_share == 0.3 and understanding.location_questions
     # The generation side and the model are the bundle's recipe unchanged.

@@ -149,11 +149,6 @@ class BatchPlan:
         return out
 
 
-def rows_with_relations(examples: list[Example]) -> list[int]:
-    """The rows whose examples have relation questions: where `make_batch`'s relation-only samples come from."""
-    return [i for i, ex in enumerate(examples) if relation_questions(ex.qa)]
-
-
 def make_batch(
     kind: str,
     examples: list[Example],
@@ -168,7 +163,6 @@ def make_batch(
     axis_questions: bool = False,
     relation_steps: bool = False,
     relation_share: float = 0.0,
-    relation_rows: list[int] | None = None,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
@@ -177,28 +171,19 @@ def make_batch(
     image's questions, in a random order (one forward pass then trains several answers). `location_questions`
     adds "where is the <object>?" to each image's questions (from its scene; `world.language.location_questions`),
     `axis_questions` the first-order twin of each of its relation questions (`world.language.axis_questions`).
-    `relation_share` is the chance that a sample is a relation-only one: it keeps only its image's relation
-    questions (its twins and where-questions are added after), and where its image has none it takes, whole, an
-    example that has some (drawn by its position from `relation_rows`, the rows with relation questions:
-    `rows_with_relations`, computed here when not given), so the share is what it says. `relation_steps` writes each relation answer's steps out
+    `relation_share` is the chance that a question sample keeps only its image's relation questions (where it has
+    any; its twins and where-questions are added after), `relation_steps` writes each relation answer's steps out
     (`world.reasoning.relation_steps`, truth form). `hard_negatives` adds, per sample, its caption with one shape
     swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
-    rows = list(rows)  # a relation-only sample may take another row (relation_share)
-    if relation_share and relation_rows is None:
-        relation_rows = rows_with_relations(examples)
-    for i, pos in enumerate(positions):
-        ex = examples[rows[i]]
+    for row, pos in zip(rows, positions, strict=True):
+        ex = examples[row]
         rng = np.random.default_rng([seed, pos, 7])
         qa = ex.qa
         # Its own generator, so a share of 0 leaves every other per-sample draw as it was.
-        relation_rng = np.random.default_rng([seed, pos, 17])
-        if relation_share and relation_rng.random() < relation_share:
-            if not relation_questions(qa) and relation_rows:
-                rows[i] = relation_rows[int(relation_rng.integers(len(relation_rows)))]
-                ex = examples[rows[i]]
-            qa = relation_questions(ex.qa) or ex.qa
+        if relation_share and np.random.default_rng([seed, pos, 17]).random() < relation_share:
+            qa = relation_questions(qa) or qa
         if location_questions:
             if ex.scene is None:
                 raise DataError("location_questions needs the scene of every example (shards hold it)")

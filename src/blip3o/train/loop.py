@@ -40,15 +40,7 @@ from blip3o.train.checkpoint import (
     save_training_state,
 )
 from blip3o.train.config import ConfigError, RunConfig, StageConfig
-from blip3o.train.data import (
-    BatchPlan,
-    DataError,
-    ensure_shards,
-    instruct_examples,
-    load_shards,
-    make_batch,
-    rows_with_relations,
-)
+from blip3o.train.data import BatchPlan, DataError, ensure_shards, instruct_examples, load_shards, make_batch
 from blip3o.train.evaluate import evaluate_run
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
 from blip3o.train.parallelize import (
@@ -274,8 +266,6 @@ def train_stage(
     set_trainable(model, kind, stage.freeze_vision, stage.freeze_language)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
-    # Found once per stage, not per batch: one regex per question of every example.
-    relation_rows = rows_with_relations(examples) if stage.relation_share else None
     # Stage heads (the slot label head, the vision stage's scene head) start from the stage's seed, not from what
     # the process drew before it: a run resumed at this stage and an uninterrupted one build the same heads.
     with torch.random.fork_rng(devices=[]):
@@ -353,7 +343,6 @@ def train_stage(
                 qa_share=stage.qa_share, hard_negatives=stage.hard_negatives, qa_turns=stage.qa_turns,
                 location_questions=stage.location_questions, axis_questions=stage.axis_questions,
                 relation_steps=stage.relation_steps, relation_share=stage.relation_share,
-                relation_rows=relation_rows,
             )  # fmt: skip
             sync = micro == stage.grad_accum - 1 or config.distributed != "ddp"
             with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
