@@ -61,7 +61,7 @@ from blip3o.eval.vqa import score_answers, vqa_images, vqa_scene, vqa_set
 from blip3o.models.backbone import Backbone
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.data import LONG_CAPTION_PROMPT, Example, load_shards, make_batch
-from blip3o.train.scene_supervision import SceneEmbeddingTable
+from blip3o.train.scene_supervision import SceneEmbeddingTable, replace_merged_tokens
 from blip3o.world.language import (
     COLUMNS,
     ROWS,
@@ -139,14 +139,11 @@ def use_table_or_tower(backbone, table: SceneEmbeddingTable, state: dict) -> Non
     trained on the target reads a trained tower's approximation of it, and whether mixing the two teaches it."""
 
     def replace_tokens(module, inputs, kwargs, output):
-        tokens = output.pooler_output  # (B * 16, H)
-        target = table.targets(state["scenes"], GRID).flatten(0, 1).to(tokens)  # (B * 16, H)
-        n_images = tokens.shape[0] // (GRID * GRID)
-        tower = [state["tower"]] * n_images if isinstance(state["tower"], bool) else state["tower"]
-        keep = torch.tensor(tower, device=tokens.device).repeat_interleave(GRID * GRID)  # (B * 16,)
-        if target.shape != tokens.shape or keep.shape[0] != tokens.shape[0]:
-            raise RuntimeError(f"table tokens {tuple(target.shape)} vs tower {tuple(tokens.shape)}")
-        output.pooler_output = torch.where(keep[:, None], tokens, target)
+        scenes = state["scenes"]
+        tower = [state["tower"]] * len(scenes) if isinstance(state["tower"], bool) else state["tower"]
+        on_table = ~torch.tensor(tower, dtype=torch.bool)  # (B,)
+        target = table.targets(scenes, GRID)  # (B, 16, H)
+        output.pooler_output = replace_merged_tokens(output.pooler_output, target, on_table)  # (B * 16, H)
         return output
 
     backbone.vision_tower.register_forward_hook(replace_tokens, with_kwargs=True)

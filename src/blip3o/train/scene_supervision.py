@@ -322,6 +322,18 @@ class SceneEmbeddingTable(nn.Module):
         return torch.stack(out)  # (B, N, H)
 
 
+def replace_merged_tokens(merged: torch.Tensor, tokens: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """The tower's merged tokens `merged` (B * N, H), images in batch order, with those of the images where `use`
+    (B,) is true taken from `tokens` (B, N, H)."""
+    if merged.shape != tokens.flatten(0, 1).shape:
+        raise ValueError(
+            f"replacement tokens {tuple(tokens.shape)} do not match the tower's {tuple(merged.shape)} "
+            f"(B * N, H) merged tokens"
+        )
+    keep = use.to(merged.device).repeat_interleave(tokens.shape[1])  # (B * N,)
+    return torch.where(keep[:, None], tokens.flatten(0, 1).to(merged), merged)  # (B * N, H)
+
+
 @contextmanager
 def vision_tokens_replaced(tower: nn.Module, tokens: torch.Tensor, use: torch.Tensor) -> Iterator[None]:
     """Within this block, the tower's merged tokens of the images where `use` (B,) is true are `tokens` (B, N, H)
@@ -329,14 +341,7 @@ def vision_tokens_replaced(tower: nn.Module, tokens: torch.Tensor, use: torch.Te
     forward hook, so the model code stays as it is; removed on leaving, also on an error."""
 
     def replace(module, args, kwargs, output):
-        merged = output.pooler_output  # (B * N, H), images in batch order
-        if merged.shape != tokens.flatten(0, 1).shape:
-            raise ValueError(
-                f"replacement tokens {tuple(tokens.shape)} do not match the tower's {tuple(merged.shape)} "
-                f"(B * N, H) merged tokens"
-            )
-        keep = use.to(merged.device).repeat_interleave(tokens.shape[1])  # (B * N,)
-        output.pooler_output = torch.where(keep[:, None], tokens.flatten(0, 1).to(merged), merged)
+        output.pooler_output = replace_merged_tokens(output.pooler_output, tokens, use)
         return output
 
     handle = tower.register_forward_hook(replace, with_kwargs=True)

@@ -10,6 +10,7 @@ it also renders, as the image to draw, the scene CLIP's label head reads in each
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -322,21 +323,22 @@ class StageModule(nn.Module):
             tokens = m.backbone.vision_tokens(batch["images"])  # (B, N, H)
             return self.scene_head.loss(tokens, batch["scenes"])
         if kind == "understanding":
-            if not self.target_tokens:
+            replaced, metrics = contextlib.nullcontext(), {}
+            if self.target_tokens:
+                use = target_token_draws(batch["seeds"], self.target_tokens)  # (B,)
+                scenes = batch.get("scenes")
+                if not scenes or any(s is None for s in scenes):
+                    raise ValueError(
+                        "target_tokens needs one scene per image (shards written with their scenes)"
+                    )
+                target = self.target_table.targets(scenes, self.target_table.grid)  # (B, N, H)
+                replaced = vision_tokens_replaced(m.backbone.vision_tower, target, use)
+                metrics = {"target_share": use.float().mean()}
+            with replaced:
                 loss = m.backbone.understanding_loss(
                     batch["images"], batch["prompts"], batch["answers"], self.understanding_average
                 )
-                return loss, {}
-            use = target_token_draws(batch["seeds"], self.target_tokens)  # (B,)
-            scenes = batch.get("scenes")
-            if not scenes or any(s is None for s in scenes):
-                raise ValueError("target_tokens needs one scene per image (shards written with their scenes)")
-            target = self.target_table.targets(scenes, self.target_table.grid)  # (B, N, H)
-            with vision_tokens_replaced(m.backbone.vision_tower, target, use):
-                loss = m.backbone.understanding_loss(
-                    batch["images"], batch["prompts"], batch["answers"], self.understanding_average
-                )
-            return loss, {"target_share": use.float().mean()}
+            return loss, metrics
         # generation, instruct, joint
         x0 = m.encode_target(batch["images"])  # (B, C, h, w), no grad
         cond = m.condition(batch["captions"])  # (B, L, H): word tokens (if any), then query states
