@@ -10,6 +10,7 @@
                                 # right, so yes" (scored on the word after the last "so")
     ... --relation-holds        # ... and the relations that hold: "..., red circle left of blue star, so yes"
     ... --relation-truth        # ... and the one that holds on the asked axis ("level with" where none does)
+    ... --relation-truth --relation-compare  # ... and the asked relation again: "..., asked left of, so no"
     ... --axis-questions        # plain answers, with each relation question's twin "is the red circle left or
                                 # right of the blue star?" -> "left" joining the image's questions
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         help="relation steps also name the relation on the asked axis",
     )
     parser.add_argument(
+        "--relation-compare",
+        action="store_true",
+        help="with --relation-truth: write the asked relation again just before the answer",
+    )
+    parser.add_argument(
         "--object-thirds", action="store_true", help="oracle objects also carry the third they lie in"
     )
     parser.add_argument(
@@ -355,6 +361,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tower-share is a chance in [0, 1], got {args.tower_share}")
     if args.steps < 0:
         parser.error(f"--steps must be >= 0 (0: evaluate only), got {args.steps}")
+    if args.relation_compare and not args.relation_truth:
+        parser.error(
+            "--relation-compare writes the asked relation beside the one that holds: give --relation-truth"
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +467,12 @@ def main(argv: list[str] | None = None) -> None:
             (tower_rng.random(args.batch) < args.tower_share).tolist() if args.tower_share else False
         )
         if spelled_relations:
-            rewrite = functools.partial(relation_steps, holds=args.relation_holds, truth=args.relation_truth)
+            rewrite = functools.partial(
+                relation_steps,
+                holds=args.relation_holds,
+                truth=args.relation_truth,
+                compare=args.relation_compare,
+            )
             spell_out(batch, hook_state["scenes"], rewrite)
         if args.colour_steps:
             spell_out(batch, hook_state["scenes"], colour_steps)

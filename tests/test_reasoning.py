@@ -33,6 +33,18 @@ def test_relation_steps_write_places_and_the_axis_truth_before_the_answer() -> N
     assert relation_steps("what colour is the square?", "red", SCENE, truth=True) == "red"
 
 
+def test_relation_compare_writes_the_asked_relation_last_and_needs_the_truth() -> None:
+    below = "is the blue triangle below the red square?"
+    assert relation_steps(below, "no", SCENE, truth=True, compare=True) == (
+        "blue triangle top right, red square middle right, blue triangle above red square, asked below, so no"
+    )
+    above = "is the blue triangle above the red square?"
+    assert final_answer(relation_steps(above, "yes", SCENE, truth=True, compare=True)) == "yes"
+    assert relation_steps("what colour is the square?", "red", SCENE, truth=True, compare=True) == "red"
+    with pytest.raises(ValueError, match="truth"):
+        relation_steps(below, "no", SCENE, compare=True)
+
+
 def test_final_answer_is_what_follows_the_last_so() -> None:
     assert final_answer("blue triangle top right, red square middle right, so no") == "no"
     assert final_answer("red") == "red" and final_answer("") == ""
@@ -77,6 +89,13 @@ def test_make_batch_spells_out_relation_answers_and_leaves_the_rest() -> None:
     relations = [(p, s) for p, s in pairs if relation_question_parts(p[0]) is not None]
     assert relations and all(s[1].count(", ") == 3 and final_answer(s[1]) == p[1] for p, s in relations)
     assert all(p == s for p, s in pairs if relation_question_parts(p[0]) is None)
+    compared = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=1.0,
+                          qa_turns=8, relation_steps=True, relation_compare=True)  # fmt: skip
+    for (_, (_, s)), (q, c) in zip(pairs, _turns(compared), strict=True):
+        parts = relation_question_parts(q)
+        assert c == (s if parts is None else s.replace(", so ", f", asked {parts[2]}, so "))
+    with pytest.raises(ValueError, match="give relation_steps"):
+        make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, relation_compare=True)
     with pytest.raises(DataError, match="relation_steps needs the scene"):
         make_batch("understanding", [dataclasses.replace(e, scene=None) for e in examples], rows, positions,
                    seed=0, short_prob=0.3, relation_steps=True)  # fmt: skip
@@ -113,6 +132,10 @@ def test_stage_config_takes_relation_options_on_understanding_stages_only() -> N
         apply_overrides(preset("tiny-test"), ["stages.generation.relation_steps=true"])
     with pytest.raises(ConfigError, match="relation_share"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.relation_share=1.5"])
+    with pytest.raises(ConfigError, match="set relation_steps too"):
+        apply_overrides(preset("tiny-test"), ["stages.understanding.relation_compare=true"])
+    compare = ["stages.understanding.relation_steps=true", "stages.understanding.relation_compare=true"]
+    assert apply_overrides(preset("tiny-test"), compare).stage("understanding").relation_compare
 
 
 class _SpellingModel:

@@ -163,6 +163,7 @@ def make_batch(
     axis_questions: bool = False,
     relation_steps: bool = False,
     relation_share: float = 0.0,
+    relation_compare: bool = False,
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
@@ -173,7 +174,8 @@ def make_batch(
     `axis_questions` the first-order twin of each of its relation questions (`world.language.axis_questions`).
     `relation_share` is the chance that a question sample keeps only its image's relation questions (where it has
     any; its twins and where-questions are added after), `relation_steps` writes each relation answer's steps out
-    (`world.reasoning.relation_steps`, truth form). `hard_negatives` adds, per sample, its caption with one shape
+    (`world.reasoning.relation_steps`, truth form; `relation_compare`: with the asked relation again before the
+    answer). `hard_negatives` adds, per sample, its caption with one shape
     swapped.
     """
     images, captions, prompts, answers, negatives = [], [], [], [], []
@@ -192,10 +194,14 @@ def make_batch(
             if ex.scene is None:
                 raise DataError("axis_questions needs the scene of every example (shards hold it)")
             qa = qa + [(q.question, q.answer) for q in axis_questions_of(ex.scene, [q for q, _ in ex.qa])]
+        if relation_compare and not relation_steps:
+            raise ValueError(
+                "relation_compare is a step of the spelled-out relation answers: give relation_steps"
+            )
         if relation_steps:
             if ex.scene is None:
                 raise DataError("relation_steps needs the scene of every example (shards hold it)")
-            qa = [(q, spell_relation(q, a, ex.scene, truth=True)) for q, a in qa]
+            qa = [(q, spell_relation(q, a, ex.scene, truth=True, compare=relation_compare)) for q, a in qa]
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()

@@ -42,7 +42,9 @@ def relation_questions(qa: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(q, a) for q, a in qa if relation_question_parts(q) is not None]
 
 
-def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False) -> str:
+def relation_steps(
+    question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False, compare: bool = False
+) -> str:
     """A relation answer with its steps written out; any other question keeps its answer.
 
     "is the red circle left of the blue star?" -> "red circle top left, blue star middle right, so yes": the
@@ -55,7 +57,12 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
 
     holds: also write every relation that holds ("red circle above and left of blue star"; "by" where none
     does), as the captions' relation sentences do. Measured worse: the match of the asked relation against
-    that list stopped at 0.770 in text (bench/relation_text.py --task holds_listed)."""
+    that list stopped at 0.770 in text (bench/relation_text.py --task holds_listed).
+
+    compare: with truth, also write the asked relation again just before the answer ("..., red circle right of
+    blue star, asked left of, so no"), so the final yes / no compares two nearby words instead of reaching back
+    into the question for the asked one (session 50: the truth form's last step said "yes" to the opposite
+    relation in every recipe run)."""
     parts = relation_question_parts(question)
     if parts is None:
         return answer
@@ -70,4 +77,10 @@ def relation_steps(question: str, answer: str, scene: Scene, holds: bool = False
         steps.append(f"{name_a} {relation_phrase(relations_between(a.box, b.box)) or 'by'} {name_b}")
     if truth:
         steps.append(f"{name_a} {relation_on_axis(asked, relations_between(a.box, b.box))} {name_b}")
+    if compare:
+        if not truth:
+            raise ValueError(
+                "compare writes the asked relation beside the one that holds: it needs truth=True"
+            )
+        steps.append(f"asked {asked}")
     return f"{', '.join(steps)}{ANSWER_MARKER}{answer}"
