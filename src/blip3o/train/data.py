@@ -178,6 +178,10 @@ def make_batch(
     answer). `hard_negatives` adds, per sample, its caption with one shape
     swapped.
     """
+    if relation_compare and not relation_steps:
+        raise ValueError(
+            "relation_compare is a step of the spelled-out relation answers: give relation_steps"
+        )
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
         ex = examples[row]
@@ -194,10 +198,6 @@ def make_batch(
             if ex.scene is None:
                 raise DataError("axis_questions needs the scene of every example (shards hold it)")
             qa = qa + [(q.question, q.answer) for q in axis_questions_of(ex.scene, [q for q, _ in ex.qa])]
-        if relation_compare and not relation_steps:
-            raise ValueError(
-                "relation_compare is a step of the spelled-out relation answers: give relation_steps"
-            )
         if relation_steps:
             if ex.scene is None:
                 raise DataError("relation_steps needs the scene of every example (shards hold it)")
