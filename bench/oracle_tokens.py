@@ -11,6 +11,7 @@
     ... --relation-holds        # ... and the relations that hold: "..., red circle left of blue star, so yes"
     ... --relation-truth        # ... and the one that holds on the asked axis ("level with" where none does)
     ... --relation-truth --relation-compare  # ... and the asked relation again: "..., asked left of, so no"
+    ... --relation-truth --relation-canonical  # "A below B?" asked as "B above A?": "B ..., A ..., B below A, so no"
     ... --axis-questions        # plain answers, with each relation question's twin "is the red circle left or
                                 # right of the blue star?" -> "left" joining the image's questions
     ... --colour-steps          # "what colour is the star?" -> "star top left, so blue"
@@ -281,6 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         help="with --relation-truth: write the asked relation again just before the answer",
     )
     parser.add_argument(
+        "--relation-canonical",
+        action="store_true",
+        help='with --relation-truth: ask "A below B" as "B above A" (the answer follows from the written relation)',
+    )
+    parser.add_argument(
         "--object-thirds", action="store_true", help="oracle objects also carry the third they lie in"
     )
     parser.add_argument(
@@ -361,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tower-share is a chance in [0, 1], got {args.tower_share}")
     if args.steps < 0:
         parser.error(f"--steps must be >= 0 (0: evaluate only), got {args.steps}")
+    if args.relation_canonical and (not args.relation_truth or args.relation_compare or args.relation_holds):
+        parser.error("--relation-canonical is a form of the truth step alone: give --relation-truth only")
     if args.relation_compare and not args.relation_truth:
         parser.error(
             "--relation-compare writes the asked relation beside the one that holds: give --relation-truth"

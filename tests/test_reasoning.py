@@ -13,7 +13,7 @@ from blip3o.eval.vqa import score_answers, vqa_set
 from blip3o.train.config import ConfigError, apply_overrides, preset
 from blip3o.train.data import DataError, Example, make_batch
 from blip3o.world.language import annotate, relation_question_parts
-from blip3o.world.reasoning import final_answer, relation_steps
+from blip3o.world.reasoning import final_answer, relation_steps, spelled_relation
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 
@@ -43,6 +43,33 @@ def test_relation_compare_writes_the_asked_relation_last_and_needs_the_truth() -
     assert relation_steps("what colour is the square?", "red", SCENE, truth=True, compare=True) == "red"
     with pytest.raises(ValueError, match="truth"):
         relation_steps(below, "no", SCENE, compare=True)
+
+
+def test_relation_canonical_asks_the_way_round_whose_relation_is_above_or_left_of() -> None:
+    below = "is the blue triangle below the red square?"  # = is the red square above the blue triangle?
+    assert spelled_relation(below, "no", SCENE, "canonical") == (
+        "red square middle right, blue triangle top right, red square below blue triangle, so no"
+    )
+    above = "is the blue triangle above the red square?"  # already that way round: as the truth form
+    assert spelled_relation(above, "yes", SCENE, "canonical") == spelled_relation(
+        above, "yes", SCENE, "truth"
+    )
+    # on many scenes the answer is a function of the written relation alone: yes where it is above / left of
+    rng = np.random.default_rng(1)
+    checked = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        for qa in annotate(scene, rng).qa:
+            if relation_question_parts(qa.question) is None:
+                continue
+            written = spelled_relation(qa.question, qa.answer, scene, "canonical").split(", ")[2]
+            assert qa.answer == ("yes" if " above " in written or " left of " in written else "no")
+            checked += 1
+    assert checked > 100
+    with pytest.raises(ValueError, match="truth step alone"):
+        relation_steps(below, "no", SCENE, truth=True, compare=True, canonical=True)
+    with pytest.raises(ValueError, match="unknown relation form"):
+        spelled_relation(below, "no", SCENE, "sideways")
 
 
 def test_final_answer_is_what_follows_the_last_so() -> None:
@@ -90,12 +117,14 @@ def test_make_batch_spells_out_relation_answers_and_leaves_the_rest() -> None:
     assert relations and all(s[1].count(", ") == 3 and final_answer(s[1]) == p[1] for p, s in relations)
     assert all(p == s for p, s in pairs if relation_question_parts(p[0]) is None)
     compared = make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, qa_share=1.0,
-                          qa_turns=8, relation_steps=True, relation_compare=True)  # fmt: skip
+                          qa_turns=8, relation_steps=True, relation_form="compare")  # fmt: skip
     for (_, (_, s)), (q, c) in zip(pairs, _turns(compared), strict=True):
         parts = relation_question_parts(q)
         assert c == (s if parts is None else s.replace(", so ", f", asked {parts[2]}, so "))
     with pytest.raises(ValueError, match="give relation_steps"):
-        make_batch("understanding", examples, rows, positions, seed=0, short_prob=0.3, relation_compare=True)
+        make_batch(
+            "understanding", examples, rows, positions, seed=0, short_prob=0.3, relation_form="compare"
+        )
     with pytest.raises(DataError, match="relation_steps needs the scene"):
         make_batch("understanding", [dataclasses.replace(e, scene=None) for e in examples], rows, positions,
                    seed=0, short_prob=0.3, relation_steps=True)  # fmt: skip
@@ -133,9 +162,12 @@ def test_stage_config_takes_relation_options_on_understanding_stages_only() -> N
     with pytest.raises(ConfigError, match="relation_share"):
         apply_overrides(preset("tiny-test"), ["stages.understanding.relation_share=1.5"])
     with pytest.raises(ConfigError, match="set relation_steps too"):
-        apply_overrides(preset("tiny-test"), ["stages.understanding.relation_compare=true"])
-    compare = ["stages.understanding.relation_steps=true", "stages.understanding.relation_compare=true"]
-    assert apply_overrides(preset("tiny-test"), compare).stage("understanding").relation_compare
+        apply_overrides(preset("tiny-test"), ["stages.understanding.relation_form=compare"])
+    with pytest.raises(ConfigError, match="relation_form must be one of"):
+        apply_overrides(preset("tiny-test"), ["stages.understanding.relation_steps=true",
+                                              "stages.understanding.relation_form=sideways"])  # fmt: skip
+    canonical = ["stages.understanding.relation_steps=true", "stages.understanding.relation_form=canonical"]
+    assert apply_overrides(preset("tiny-test"), canonical).stage("understanding").relation_form == "canonical"
 
 
 class _SpellingModel:

@@ -29,6 +29,7 @@ from blip3o.models.decoder import PixelDecoderConfig, decoder_config
 from blip3o.models.dit import DiTConfig
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
 from blip3o.train.slot_supervision import SLOT_ORDERS
+from blip3o.world.reasoning import RELATION_FORMS
 
 StageKind = Literal["clip", "decoder", "vae", "vision", "understanding", "generation", "instruct", "joint"]
 STAGE_KINDS: tuple[str, ...] = (
@@ -85,11 +86,12 @@ class StageConfig:
     # 2,000 such steps, then 4,000 of the mix with relation_share 0.3: ShapesVQA 0.980 (bench/oracle_tokens.py;
     # not yet run on a tower's tokens or in a recipe, so off in every preset).
     relation_steps: bool = False
-    # understanding / joint: with relation_steps, also write the asked relation again just before the answer
-    # ("..., red cross left of purple circle, asked right of, so no"; world/reasoning.relation_steps compare), so
-    # the last step compares two nearby words. Session 50: without it every recipe run answered "yes" when the
+    # understanding / joint: with relation_steps, the form of the spelled-out relation answers
+    # (world/reasoning.RELATION_FORMS): "truth" (above), "compare" (the asked relation written again before the
+    # answer) or "canonical" (asked the way round whose relation is "above" / "left of", so the answer follows
+    # from the written relation alone). Session 50: with "truth" every recipe run answered "yes" where the
     # relation that holds is the opposite of the asked one.
-    relation_compare: bool = False
+    relation_form: str = "truth"
     # understanding / joint: chance that a question sample asks only its image's relation questions (plus their
     # twins and where-questions when those are on), where the image has any (else its usual ones: ~35% of a share
     # falls back). Drawing an image that has some instead was tried (session 49, runs/s49/v2d): ShapesVQA 0.804
@@ -214,13 +216,16 @@ class StageConfig:
             "location_questions": self.location_questions,
             "axis_questions": self.axis_questions,
             "relation_steps": self.relation_steps,
-            "relation_compare": self.relation_compare,
             "relation_share": self.relation_share > 0,
             "freeze_vision": self.freeze_vision,
         }
-        if self.relation_compare and not self.relation_steps:
+        if self.relation_form not in RELATION_FORMS:
             raise ConfigError(
-                f"stage {self.name!r}: relation_compare writes a step of the spelled-out relation answers: "
+                f"stage {self.name!r}: relation_form must be one of {RELATION_FORMS}, got {self.relation_form!r}"
+            )
+        if self.relation_form != "truth" and not self.relation_steps:
+            raise ConfigError(
+                f"stage {self.name!r}: relation_form is the form of the spelled-out relation answers: "
                 "set relation_steps too"
             )
         for key, is_set in understanding_only.items():

@@ -22,8 +22,7 @@ from blip3o.world.language import axis_questions as axis_questions_of
 from blip3o.world.language import location_questions as location_questions_of
 from blip3o.world.language import swap_shape_word
 from blip3o.world.prompts import load_train_prompts
-from blip3o.world.reasoning import relation_questions
-from blip3o.world.reasoning import relation_steps as spell_relation
+from blip3o.world.reasoning import relation_questions, spelled_relation
 from blip3o.world.render import render
 from blip3o.world.scene import Scene
 
@@ -163,7 +162,7 @@ def make_batch(
     axis_questions: bool = False,
     relation_steps: bool = False,
     relation_share: float = 0.0,
-    relation_compare: bool = False,
+    relation_form: str = "truth",
 ) -> dict:
     """The contents one stage needs, for the given rows. Per-sample choices depend only on the position.
 
@@ -174,14 +173,11 @@ def make_batch(
     `axis_questions` the first-order twin of each of its relation questions (`world.language.axis_questions`).
     `relation_share` is the chance that a question sample keeps only its image's relation questions (where it has
     any; its twins and where-questions are added after), `relation_steps` writes each relation answer's steps out
-    (`world.reasoning.relation_steps`, truth form; `relation_compare`: with the asked relation again before the
-    answer). `hard_negatives` adds, per sample, its caption with one shape
-    swapped.
+    (`world.reasoning.relation_steps`, in `relation_form`: world.reasoning.RELATION_FORMS). `hard_negatives`
+    adds, per sample, its caption with one shape swapped.
     """
-    if relation_compare and not relation_steps:
-        raise ValueError(
-            "relation_compare is a step of the spelled-out relation answers: give relation_steps"
-        )
+    if relation_form != "truth" and not relation_steps:
+        raise ValueError("relation_form is the form of the spelled-out relation answers: give relation_steps")
     images, captions, prompts, answers, negatives = [], [], [], [], []
     for row, pos in zip(rows, positions, strict=True):
         ex = examples[row]
@@ -201,7 +197,7 @@ def make_batch(
         if relation_steps:
             if ex.scene is None:
                 raise DataError("relation_steps needs the scene of every example (shards hold it)")
-            qa = [(q, spell_relation(q, a, ex.scene, truth=True, compare=relation_compare)) for q, a in qa]
+            qa = [(q, spelled_relation(q, a, ex.scene, relation_form)) for q, a in qa]
         images.append(ex.image)
         captions.append(ex.short_caption if rng.random() < short_prob else ex.long_caption)
         task = rng.random()

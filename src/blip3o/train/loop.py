@@ -343,7 +343,7 @@ def train_stage(
                 qa_share=stage.qa_share, hard_negatives=stage.hard_negatives, qa_turns=stage.qa_turns,
                 location_questions=stage.location_questions, axis_questions=stage.axis_questions,
                 relation_steps=stage.relation_steps, relation_share=stage.relation_share,
-                relation_compare=stage.relation_compare,
+                relation_form=stage.relation_form,
             )  # fmt: skip
             sync = micro == stage.grad_accum - 1 or config.distributed != "ddp"
             with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:

@@ -30,6 +30,15 @@ from .language import (
 from .scene import Scene, relations_between
 
 ANSWER_MARKER = ", so "  # steps, then ", so ", then the answer
+RELATION_FORMS = (
+    "truth",
+    "compare",
+    "canonical",
+)  # the recipe's spelled-out forms (StageConfig.relation_form)
+_TURNED = {
+    "below": "above",
+    "right of": "left of",
+}  # "A below B" is "B above A": the canonical form's way round
 
 
 def final_answer(reply: str) -> str:
@@ -43,7 +52,13 @@ def relation_questions(qa: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def relation_steps(
-    question: str, answer: str, scene: Scene, holds: bool = False, truth: bool = False, compare: bool = False
+    question: str,
+    answer: str,
+    scene: Scene,
+    holds: bool = False,
+    truth: bool = False,
+    compare: bool = False,
+    canonical: bool = False,
 ) -> str:
     """A relation answer with its steps written out; any other question keeps its answer.
 
@@ -62,11 +77,22 @@ def relation_steps(
     compare: with truth, also write the asked relation again just before the answer ("..., red circle right of
     blue star, asked left of, so no"), so the final yes / no compares two nearby words instead of reaching back
     into the question for the asked one (session 50: the truth form's last step said "yes" to the opposite
-    relation in every recipe run)."""
+    relation in every recipe run). Recipe, 2 seeds: the last step learned in one (300 / 300), not in the other.
+
+    canonical: with truth, ask the question the way round whose relation is "above" or "left of": "is A below B?"
+    is "is B above A?" (GenEval's rule is symmetric), so the steps name B first, then A, then the relation that
+    holds for B against A on that axis: "blue star middle right, red circle top left, blue star below red circle,
+    so no". The final word is then "yes" exactly where the written relation is "above" or "left of", a function of
+    one written word (first-order), where the other forms need it compared with the asked one (an XOR); the choice
+    of which object to name first is learned as a copy the supervision spells out."""
     parts = relation_question_parts(question)
     if parts is None:
         return answer
     colour_a, shape_a, asked, colour_b, shape_b = parts
+    if canonical and (not truth or compare or holds):
+        raise ValueError("canonical is a form of the truth step alone: give truth=True, not compare or holds")
+    if canonical and asked in _TURNED:
+        colour_a, shape_a, colour_b, shape_b, asked = colour_b, shape_b, colour_a, shape_a, _TURNED[asked]
     a, b = named_object(scene, colour_a, shape_a), named_object(scene, colour_b, shape_b)
     name_a, name_b = f"{colour_a} {shape_a}", f"{colour_b} {shape_b}"
     steps = [
@@ -84,3 +110,13 @@ def relation_steps(
             )
         steps.append(f"asked {asked}")
     return f"{', '.join(steps)}{ANSWER_MARKER}{answer}"
+
+
+def spelled_relation(question: str, answer: str, scene: Scene, form: str = "truth") -> str:
+    """`relation_steps` in one of the recipe's forms (`RELATION_FORMS`): the axis truth, plus the asked relation
+    again ("compare"), or asked the way round whose relation is "above" / "left of" ("canonical")."""
+    if form not in RELATION_FORMS:
+        raise ValueError(f"unknown relation form {form!r}; known: {', '.join(RELATION_FORMS)}")
+    return relation_steps(
+        question, answer, scene, truth=True, compare=form == "compare", canonical=form == "canonical"
+    )
