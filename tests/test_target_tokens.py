@@ -109,6 +109,7 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
     for stage in (relations, understanding):
         assert stage.freeze_vision and stage.relation_steps and stage.qa_turns == 8
+        assert stage.relation_form == "canonical"  # the form whose last step both seeds learned (session 50)
     assert (relations.target_tokens, understanding.target_tokens) == (1.0, 0.5)
     assert relations.relation_share == 1.0 and relations.qa_share == 1.0
     assert understanding.relation_share == 0.3 and understanding.location_questions
