@@ -84,7 +84,8 @@ def relation_steps(
     holds for B against A on that axis: "blue star middle right, red circle top left, blue star below red circle,
     so no". The final word is then "yes" exactly where the written relation is "above" or "left of", a function of
     one written word (first-order), where the other forms need it compared with the asked one (an XOR); the choice
-    of which object to name first is learned as a copy the supervision spells out."""
+    of which object to name first is learned as a copy the supervision spells out. Recipe, 2 seeds: the final word
+    follows the written relation in 300 / 300 replies of both (shapes-object-v2 uses this form)."""
     parts = relation_question_parts(question)
     if parts is None:
         return answer
