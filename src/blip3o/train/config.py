@@ -742,11 +742,11 @@ def _shapes_object_v2() -> RunConfig:
     0.948 with half (this preset's), 0.930 with half after a 4,000-step first stage.
 
     Relation replies take the canonical form (`relation_form="canonical"`, session 50): "is A below B?" is worked out
-    as "is B above A?", so the answer follows from the written relation alone. In the truth form the last step ("yes" where
-    the written relation is the asked one) was never learned for the opposite relation (0 of ~70 in every run);
-    with the asked relation written again (compare form) it was learned in one seed of two (relation 0.707 /
-    0.933); canonical, 2 seeds: ShapesVQA 0.972 / 0.975, relation 0.937 / 0.953, the answer following the written
-    relation in 300 / 300 replies of both (runs/s50/v2g, v2h)."""
+    as "is B above A?", so the answer follows from the written relation alone. In the truth form the last step
+    ("yes" where the written relation is the asked one) was never learned for the opposite relation (0 of ~70 in
+    every run); with the asked relation written again (compare form) it was learned in one seed of two (relation
+    0.707 / 0.933); canonical, 2 seeds: ShapesVQA 0.972 / 0.975, relation 0.937 / 0.953, the answer following the
+    written relation in 300 / 300 replies of both (runs/s50/v2g, v2h)."""
     config = _shapes_object()
     names = [s.name for s in config.stages]
     vision = dataclasses.replace(config.stage("vision"), steps=9000, scene_embedding_weight=1.0)
