@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,44 @@ def test_clip_and_decoder_come_from_the_source_the_rest_is_the_runs_fresh_start(
         assert _equal_states(filled.clip, saved.clip) and _equal_states(filled.decoder, saved.decoder)
         assert _equal_states(filled.backbone, fresh.backbone) and _equal_states(filled.dit, fresh.dit)
         assert not _equal_states(filled.dit, saved.dit)
+
+
+def test_filled_stages_say_where_they_came_from_and_carry_the_sources_curves(tmp_path: Path) -> None:
+    run = preset("tiny-test")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(run.to_json())
+    Blip3o.from_config(run.model, run.seed).save_pretrained(tmp_path / "source")
+    curves = tmp_path / "curves.csv"
+    curves.write_text(
+        "stage,step,loss,grad_norm,lr,samples_per_s\n"
+        "clip,50,7.5,2.0,0.001,90\nclip,100,4.5,1.0,0.001,91\ndecoder,50,0.1,0.5,0.001,30\n"
+    )
+    tool = load_script(TOOL)
+    args = [
+        str(tmp_path / "source"),
+        str(tmp_path / "run"),
+        "--source-note",
+        "a test",
+        "--curves",
+        str(curves),
+    ]
+    assert tool.main(args) == 0
+    for stage, steps in (("clip", [50, 100]), ("decoder", [50])):
+        reused = json.loads((tmp_path / "run" / stage / "reused.json").read_text())
+        assert reused == {
+            "source": f"{tmp_path / 'source'} (a test)",
+            "tool": "tools/reuse_target.py",
+            "weights": "clip, decoder",
+            "log": f"copied from {curves}",
+        }
+        log = [json.loads(line) for line in (tmp_path / "run" / stage / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == steps
+    # Curves without a filled stage's rows: refused before anything is written.
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "config.json").write_text(run.to_json())
+    curves.write_text("stage,step,loss,grad_norm,lr,samples_per_s\nclip,50,7.5,2.0,0.001,90\n")
+    assert tool.main([str(tmp_path / "source"), str(tmp_path / "run2"), "--curves", str(curves)]) == 1
+    assert not (tmp_path / "run2" / "clip").exists()
 
 
 def test_refuses_a_different_decoder_or_a_missing_run_config(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Skip a run's CLIP and decoder stages by reusing a trained model's CLIP and pixel decoder (a recipe surgery).
 
-    python tools/reuse_target.py SOURCE_MODEL RUN_DIR [--stages clip decoder]
+    python tools/reuse_target.py SOURCE_MODEL RUN_DIR [--stages clip decoder] [--source-note TEXT]
+        [--curves SOURCE_CURVES.csv]
 
 Why: the `shapes` recipe spends its first 36 minutes on CLIP (the DiT's target encoder) and the pixel decoder.
 A change to the backbone's side (the vision or understanding stages, their data or the language model's
@@ -12,6 +13,11 @@ config.json and seed: fresh backbone, queries and DiT, the preset's tokenizer), 
 its fitted feature statistics and auxiliary heads) and decoder into it, and exports the result as each of
 RUN_DIR/<stage>/model, so `blip3o train` resumes at the next stage. It refuses a source whose CLIP, decoder or
 tokenizer differ from the run's. A float16 source (the bundle) gives float16-rounded CLIP and decoder weights.
+
+Provenance, as the other reuse tools write it (tools/stage_fill.py): each filled stage gets a `reused.json` (the
+source, with `--source-note`, this tool, and which weights), so `blip3o card` reports the stage as reused rather
+than trained; `--curves` copies each stage's rows of the source's curves (e.g. the previous model card's
+curves.csv) as its log.jsonl, which the card needs for every stage.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from stage_fill import read_run_config  # tools/ is on sys.path when this script runs
+from stage_fill import fill_stage, read_run_config, read_stage_curves  # tools/ is on sys.path when run
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.loop import export_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="trained model folder whose CLIP and decoder are reused")
     parser.add_argument("run", type=Path, help="the run folder (its config.json is read)")
     parser.add_argument("--stages", nargs="+", default=["clip", "decoder"], help="stages to fill")
+    parser.add_argument("--source-note", default="", help="where the source came from, for reused.json")
+    parser.add_argument("--curves", type=Path, help="the source's training curves (CSV), copied per stage")
     args = parser.parse_args(argv)
 
     run_config = read_run_config(args.run, "start the run once (or write its config) first")
     if run_config is None:
+        return 1
+    curves = read_stage_curves(args.curves, args.stages)
+    if curves is None:
         return 1
     model = Blip3o.from_config(run_config.model, run_config.seed)
     source = Blip3o.from_pretrained(args.source)
@@ -46,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the source's {part} config differs from the run's", file=sys.stderr)
             return 1
     model.clip, model.decoder = source.clip, source.decoder
+    note = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
+    reused = {"source": note, "tool": "tools/reuse_target.py", "weights": "clip, decoder"}
     for stage in args.stages:
-        export_model(model, args.run / stage / "model")
+        fill_stage(model, args.run, stage, reused, args.curves, curves)
         print(f"wrote {args.run / stage / 'model'} (CLIP and decoder of {args.source})")
     return 0
 
