@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from stage_fill import fill_stage, read_stage_curves  # tools/ is on sys.path when this script runs
+from stage_fill import fill_stage, read_stage_curves, reused_record  # tools/ is on sys.path when run
 
 from blip3o.models.blip3o import Blip3o
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"state dicts do not match: missing {missing}, unexpected {unexpected}", file=sys.stderr)
         return 1
     assert torch.equal(model.backbone.latent_queries, queries)
-    reused = {"source": str(args.source), "tool": "tools/reuse_backbone.py", "weights": "backbone"}
+    reused = reused_record(args.source, "", "tools/reuse_backbone.py", "backbone")
     for stage in args.stages:
         fill_stage(model, args.run, stage, reused, args.curves, curves)
         print(f"wrote {args.run / stage / 'model'} (backbone of {args.source})")

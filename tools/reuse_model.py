@@ -28,7 +28,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from stage_fill import fill_stage, read_run_config, read_stage_curves  # tools/ is on sys.path when run
+from stage_fill import (  # tools/ is on sys.path when this script runs
+    fill_stage,
+    read_run_config,
+    read_stage_curves,
+    reused_record,
+)
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError
@@ -80,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
-    source = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
-    reused = {"source": source, "tool": "tools/reuse_model.py", "weights": "all"}
+    reused = reused_record(args.source, args.source_note, "tools/reuse_model.py", "all")
     if args.condition_word_tokens is not None:
         reused["condition_word_tokens"] = args.condition_word_tokens
     for stage in args.stages:

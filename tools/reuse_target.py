@@ -26,7 +26,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from stage_fill import fill_stage, read_run_config, read_stage_curves  # tools/ is on sys.path when run
+from stage_fill import (  # tools/ is on sys.path when this script runs
+    fill_stage,
+    read_run_config,
+    read_stage_curves,
+    reused_record,
+)
 
 from blip3o.models.blip3o import Blip3o
 
@@ -56,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the source's {part} config differs from the run's", file=sys.stderr)
             return 1
     model.clip, model.decoder = source.clip, source.decoder
-    note = f"{args.source} ({args.source_note})" if args.source_note else str(args.source)
-    reused = {"source": note, "tool": "tools/reuse_target.py", "weights": "clip, decoder"}
+    reused = reused_record(args.source, args.source_note, "tools/reuse_target.py", "clip, decoder")
     for stage in args.stages:
         fill_stage(model, args.run, stage, reused, args.curves, curves)
         print(f"wrote {args.run / stage / 'model'} (CLIP and decoder of {args.source})")

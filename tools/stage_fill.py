@@ -36,6 +36,12 @@ def read_stage_curves(path: Path | None, stages: list[str]) -> dict | None:
     return curves
 
 
+def reused_record(source: Path, note: str, tool: str, weights: str) -> dict:
+    """A filled stage's reused.json: the source (with `note`, where it came from, if any), the tool and which of
+    its weights were taken."""
+    return {"source": f"{source} ({note})" if note else str(source), "tool": tool, "weights": weights}
+
+
 def fill_stage(
     model: Blip3o, run: Path, stage: str, reused: dict, curves_path: Path | None, curves: dict
 ) -> None:
