@@ -1,6 +1,7 @@
 """One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
 
-    .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3] [--pixels]
+    .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
+        [--pixels [--decoder-steps K] [--decoder-cfg W]]
 
 `bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
 category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="DiT sampling steps (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pixels", action="store_true", help="also judge the decoder's images of the tokens")
+    parser.add_argument(
+        "--decoder-steps", type=int, help="with --pixels: decoder sampling steps (default: the model's)"
+    )
+    parser.add_argument(
+        "--decoder-cfg", type=float, help="with --pixels: decoder guidance (default: the model's)"
+    )
     args = parser.parse_args(argv)
     records = [r for r in load_eval_prompts() if r["tag"] == args.category]
     if not records:
@@ -80,7 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
             for record, reading in zip(records, read_targets(model, target), strict=True):
                 tally(outcomes, args.category, record, object_label_detections(reading))
             if args.pixels:
-                images = model.decode_target(target, generator=torch.Generator().manual_seed(seed))
+                images = model.decode_target(
+                    target,
+                    args.decoder_steps,
+                    args.decoder_cfg,
+                    generator=torch.Generator().manual_seed(seed),
+                )
                 for record, image in zip(records, images, strict=True):
                     tally(pixel_outcomes, args.category, record, detect(image))
     samples = len(records) * args.seeds

@@ -122,7 +122,8 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
     model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
     fit_feature_statistics(model, [render(sample_scene(np.random.default_rng(0))) for _ in range(8)])
     model.save_pretrained(tmp_path / "object")
-    argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels"]
+    argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels",
+            "--decoder-steps", "2"]  # fmt: skip
     result = category.main(argv)
     counting = sum(r["tag"] == "counting" for r in load_eval_prompts())
     assert result["samples"] == 2 * counting
