@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from blip3o.eval.geneval import score_detections
+from blip3o.eval.geneval import detection_verdicts
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights, scene_counts
 from blip3o.train.data import instruct_examples
@@ -93,17 +93,13 @@ def build_buffer(
         passed = [True] * len(part)
         if check in ("tokens", "both"):
             readings = read_targets(model, target)  # (b, N, 19)
-            passed = [
-                p and score_detections(r, object_label_detections(x))[0]
-                for p, r, x in zip(passed, part, readings, strict=True)
-            ]
+            verdicts = detection_verdicts(part, [object_label_detections(x) for x in readings])
+            passed = [p and v for p, v in zip(passed, verdicts, strict=True)]
         if check in ("pixels", "both"):
             images = model.decode_target(target, generator=torch.Generator().manual_seed(seed + start))
             readings = read_images(model, images)  # (b, N, 19)
-            passed = [
-                p and score_detections(r, object_label_detections(x))[0]
-                for p, r, x in zip(passed, part, readings, strict=True)
-            ]
+            verdicts = detection_verdicts(part, [object_label_detections(x) for x in readings])
+            passed = [p and v for p, v in zip(passed, verdicts, strict=True)]
         for r, ok, t in zip(part, passed, target, strict=True):
             tried[r["tag"]] += 1
             if ok:

@@ -1,5 +1,5 @@
 """Shared test helpers: single-threaded torch for small models, an untrained tiny model on disk, a model config
-with the object-centric label target, and loading a script (bench/, tools/) as a module."""
+with the object-centric label target and such a tiny model, and loading a script (bench/, tools/) as a module."""
 
 from __future__ import annotations
 
@@ -62,6 +62,22 @@ def save_untrained_tiny_model(folder: Path):
     rng = np.random.default_rng(0)
     fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
     model.save_pretrained(folder)
+    return model
+
+
+def tiny_object_label_model(corpus_scenes: int = 100):
+    """An untrained tiny Blip3o with CLIP's object label head (`object_label_model_config`), its CLIP feature
+    statistics fitted on 8 renders as training does (not saved, train mode as built)."""
+    from blip3o.models.blip3o import Blip3o, tiny_config
+    from blip3o.train.stages import fit_feature_statistics
+    from blip3o.world.render import render
+    from blip3o.world.sampler import sample_scene
+
+    model = Blip3o.from_config(
+        object_label_model_config(tiny_config(tokenizer_corpus_scenes=corpus_scenes)), seed=0
+    )
+    rng = np.random.default_rng(0)
+    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
     return model
 
 

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from blip3o.eval.model_eval import balanced_subset
-from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, scene_object_labels
-from blip3o.train.stages import fit_feature_statistics
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
-from conftest import load_script, object_label_model_config, save_untrained_tiny_model
+from conftest import load_script, save_untrained_tiny_model, tiny_object_label_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "label_judge.py"
@@ -89,10 +87,7 @@ def test_head_accuracy_counts_objects_classes_and_value_errors(bench) -> None:
 
 
 def test_tiny_object_model_is_judged_and_others_are_refused(bench, tmp_path: Path) -> None:
-    model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
-    rng = np.random.default_rng(0)
-    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
-    model.save_pretrained(tmp_path / "object")
+    tiny_object_label_model().save_pretrained(tmp_path / "object")
     result = bench.main([str(tmp_path / "object"), "--prompts", "6", "--cfg", "1", "3", "--steps", "2",
                          "--threads", "1"])  # fmt: skip
     assert set(result) == {"model", "prompts", "head", "ceiling", "cfg1", "cfg3"} and result["prompts"] == 6
@@ -119,9 +114,7 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
     assert category.count_outcome(record, exact) == "pass"
     assert category.count_outcome(record, exact[:2]) == "few"
     assert category.count_outcome(record, exact + exact[:1]) == "many"
-    model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
-    fit_feature_statistics(model, [render(sample_scene(np.random.default_rng(0))) for _ in range(8)])
-    model.save_pretrained(tmp_path / "object")
+    tiny_object_label_model().save_pretrained(tmp_path / "object")
     argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels",
             "--decoder-steps", "2"]  # fmt: skip
     result = category.main(argv)

@@ -6,11 +6,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_script, tiny_object_label_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "relation_reading.py"
@@ -92,17 +91,7 @@ def test_readout_reports_each_relation_on_held_out_and_eval_prompts(bench, model
 
 
 def test_token_outcomes_judge_every_eval_position_prompt_once_per_seed(bench, tmp_path: Path) -> None:
-    from blip3o.models.blip3o import Blip3o, tiny_config
-    from blip3o.train.stages import fit_feature_statistics
-    from blip3o.world.render import render
-    from blip3o.world.sampler import sample_scene
-    from conftest import object_label_model_config
-
-    model = Blip3o.from_config(
-        object_label_model_config(tiny_config(tokenizer_corpus_scenes=200)), seed=0
-    ).eval()
-    rng = np.random.default_rng(0)
-    fit_feature_statistics(model, [render(sample_scene(rng)) for _ in range(8)])
+    model = tiny_object_label_model(corpus_scenes=200).eval()
     outcomes = bench.token_outcomes(model, [0, 1], cfg_scale=1.0)
     assert {r: sum(c.values()) for r, c in outcomes.items()} == dict.fromkeys(outcomes, 40)
     assert set().union(*outcomes.values()) <= {"right", "same axis, wrong side", "other axis", "missing"}

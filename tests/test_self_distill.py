@@ -5,18 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.train.stages import fit_feature_statistics
+from blip3o.models.blip3o import Blip3o
 from blip3o.transport import FlowMatchingConfig
 from blip3o.world.prompts import load_train_prompts
-from blip3o.world.render import render
-from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import SHAPES
-from conftest import load_script, object_label_model_config
+from conftest import load_script, tiny_object_label_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "self_distill.py"
@@ -30,9 +26,7 @@ def bench():
 @pytest.fixture(scope="module")
 def object_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("object") / "model"
-    model = Blip3o.from_config(object_label_model_config(tiny_config(tokenizer_corpus_scenes=100)), seed=0)
-    fit_feature_statistics(model, [render(sample_scene(np.random.default_rng(0))) for _ in range(8)])
-    model.save_pretrained(folder)
+    tiny_object_label_model().save_pretrained(folder)
     return folder
 
 
