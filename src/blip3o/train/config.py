@@ -182,6 +182,9 @@ class StageConfig:
     count_weight: float = 0.0
     # what the count loss counts: "objects" (the scene's total) or "shape" (each shape's number of objects)
     count_by: str = "objects"
+    # instruct stages: weight of the separation loss on the same estimate (train/count_supervision.py): two read
+    # objects whose boxes come closer than ShapesWorld's 2 px cost the shortfall (the decoder draws them as one)
+    separation_weight: float = 0.0
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -310,6 +313,12 @@ class StageConfig:
             )
         if self.count_weight and self.kind != "instruct":
             raise ConfigError(f"stage {self.name!r}: count_weight applies to instruct stages only")
+        if self.separation_weight < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: separation_weight must be >= 0, got {self.separation_weight}"
+            )
+        if self.separation_weight and self.kind != "instruct":
+            raise ConfigError(f"stage {self.name!r}: separation_weight applies to instruct stages only")
         for name in ("colourless_pair_renders", "counting_renders"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name!r}: {name} must be >= 0")

@@ -22,7 +22,13 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.count_supervision import guided_count_loss, row_guidance_weights, scene_counts
+from blip3o.train.count_supervision import (
+    counted_error,
+    guided_readings,
+    row_guidance_weights,
+    scene_counts,
+    separation_error,
+)
 from blip3o.train.scene_supervision import (
     SceneCellHead,
     SceneEmbeddingTable,
@@ -227,6 +233,7 @@ class StageModule(nn.Module):
         scene_cosine_scale: float = 0.0,
         scene_embedding_weight: float = 0.0,
         target_tokens: float = 0.0,
+        separation_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -250,11 +257,14 @@ class StageModule(nn.Module):
         self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
         self.slot_binding_order = slot_binding_order
         self.count_weight, self.count_by = count_weight, count_by
+        self.separation_weight = separation_weight
         clip = getattr(model, "clip", None)
-        if count_weight > 0 and (
+        if (count_weight > 0 or separation_weight > 0) and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
         ):
-            raise ValueError("count_weight needs a CLIP target with the object label head (patch_label_kind)")
+            raise ValueError(
+                "count_weight and separation_weight need a CLIP target with the object label head (patch_label_kind)"
+            )
         if (self.uses_slot_head or slot_binding_weight > 0) and model.dit.resampler is None:
             raise ValueError(
                 "slot_label_weight, slot_position_weight, slot_relation_weight and slot_binding_weight need "
@@ -265,6 +275,11 @@ class StageModule(nn.Module):
             self.slot_head = SlotLabelHead(
                 width, position=slot_position_weight > 0, relation=slot_relation_weight > 0
             ).to(model.device)
+
+    @property
+    def guided_losses(self) -> bool:
+        """Whether a loss reads the guided clean-target estimate (train/count_supervision.py)."""
+        return self.count_weight > 0 or self.separation_weight > 0
 
     @property
     def uses_slot_head(self) -> bool:
@@ -357,8 +372,10 @@ class StageModule(nn.Module):
                 velocity, x0, cond.float(), cfg=m.config.flow, draws=draws
             )
         else:
-            if cross_attention is not None or self.count_weight > 0:
-                raise ValueError("slot_binding_weight and count_weight need the flow-matching objective")
+            if cross_attention is not None or self.guided_losses:
+                raise ValueError(
+                    "slot_binding_weight, count_weight and separation_weight need the flow-matching objective"
+                )
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
         if kind == "joint":
             und_loss = m.backbone.understanding_loss(
@@ -366,7 +383,7 @@ class StageModule(nn.Module):
             )
             loss = gen_loss + self.understanding_weight * und_loss
             return loss, {"gen_loss": gen_loss.detach(), "und_loss": und_loss.detach()}
-        if not self.uses_slot_head and cross_attention is None and not self.count_weight:
+        if not self.uses_slot_head and cross_attention is None and not self.guided_losses:
             return gen_loss, {}
         # The scaffolding losses of generation and instruct stages (StageConfig forbids them elsewhere).
         loss, metrics = gen_loss, {"gen_loss": gen_loss.detach()}
@@ -374,15 +391,19 @@ class StageModule(nn.Module):
         conditioned = torch.ones(len(batch["captions"]), dtype=torch.bool)  # (B,)
         if drop_mask is not None:
             conditioned = ~drop_mask.bool()  # dropped rows read the null condition: nothing to count or bind
-        if self.count_weight > 0:
-            keep = conditioned & torch.tensor([scene is not None for scene in scenes])  # (B,)
-            counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
-            count_loss, count_metrics = guided_count_loss(
+        if self.guided_losses:
+            keep = (conditioned & torch.tensor([scene is not None for scene in scenes])).to(m.device)  # (B,)
+            readings = guided_readings(
                 m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
-                counts, keep.to(m.device),
                 row_guidance_weights(flow_aux["sigma"], m.config.flow.cfg_scale, m.config.flow),
-            )  # fmt: skip
-            loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
+            )  # (B, N, 19)  # fmt: skip
+            if self.count_weight > 0:
+                counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
+                count_loss, count_metrics = counted_error(readings, counts, keep)
+                loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
+            if self.separation_weight > 0:
+                apart_loss, apart_metrics = separation_error(readings, keep)
+                loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
         if cross_attention is not None:
             binding_loss, binding_metrics = slot_binding_loss(
                 cross_attention, batch["captions"], scenes, conditioned, self.slot_binding_order

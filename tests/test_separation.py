@@ -1,0 +1,109 @@
+"""The separation loss: two objects the guided estimate names may not come closer than ShapesWorld keeps them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.config import ConfigError, StageConfig, preset
+from blip3o.train.count_supervision import SEPARATION_MARGIN, read_boxes, separation_error
+from blip3o.train.data import instruct_examples, make_batch
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
+from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from blip3o.world.conditioned import scene_for_prompt
+from blip3o.world.prompts import load_train_prompts
+from blip3o.world.scene import SHAPES, box_gap
+from conftest import object_label_model_config
+
+GRID = 8  # 64 px images, 8 px patches
+N_SHAPES, N_COLOURS = PATCH_LABEL_GROUPS  # each with its "none" last
+DX, SIDE = N_SHAPES + N_COLOURS, N_SHAPES + N_COLOURS + 2  # value channels: dx, dy, side, rotation
+
+
+def _two_objects(col_b: int, dx_a: float = 0.0, dx_b: float = 0.0, side: float = 0.0) -> torch.Tensor:
+    """(1, 64, 19) exact labels: a circle centred in patch (3, 1) and a star in patch (3, col_b), x offsets in
+    half patches, the same mean side value for both ([-1, 1] over the box range)."""
+    labels = torch.zeros(1, GRID * GRID, 19)
+    labels[..., N_SHAPES - 1], labels[..., DX - 1] = 1.0, 1.0  # every patch "none" (shape, colour)
+    for col, shape, dx in ((1, "circle", dx_a), (col_b, "star", dx_b)):
+        token = labels[0, 3 * GRID + col]
+        token[N_SHAPES - 1], token[DX - 1] = 0.0, 0.0
+        token[SHAPES.index(shape)], token[N_SHAPES] = 1.0, 1.0  # the shape, the first colour
+        token[DX], token[SIDE] = dx, side
+    return labels
+
+
+def test_read_boxes_are_the_detections_boxes() -> None:
+    labels = _two_objects(col_b=4, dx_a=0.5, dx_b=-0.25, side=0.3)
+    centres, sides, objects = read_boxes(labels)
+    detections = object_label_detections(labels[0])
+    assert objects.sum().item() == len(detections) == 2
+    for detection, token in zip(detections, objects[0].nonzero().flatten().tolist(), strict=True):
+        x0, y0, x1, y1 = detection.box
+        torch.testing.assert_close(centres[0, token], torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2]))
+        torch.testing.assert_close(sides[0, token], torch.tensor(x1 - x0))
+
+
+def test_real_scenes_cost_nothing_and_overlap_costs_its_shortfall() -> None:
+    # Exact labels of ShapesWorld scenes that name several objects: their read (square) boxes keep the margin.
+    rng = np.random.default_rng(0)
+    records = [r for r in load_train_prompts() if r["tag"] in ("counting", "two_object")]
+    labels = torch.stack([scene_object_labels(scene_for_prompt(records[i], rng), GRID) for i in range(60)])
+    loss, metrics = separation_error(labels, torch.ones(60, dtype=torch.bool), margin=1.0)
+    assert loss.item() == 0.0 and metrics["close_pairs"].item() == 0.0
+    # Two objects two patches apart, both of the largest side (22 px): centres 16 px apart, boxes overlap by 6.
+    close = _two_objects(col_b=3, side=1.0)
+    loss, metrics = separation_error(close, torch.tensor([True]))
+    detections = object_label_detections(close[0])
+    gap = box_gap(detections[0].box, detections[1].box)
+    assert gap == pytest.approx(-6.0)
+    torch.testing.assert_close(loss, torch.tensor((SEPARATION_MARGIN - gap) / 8.0))
+    assert metrics["close_pairs"].item() == 1.0
+    assert separation_error(close, torch.tensor([False]))[0].item() == 0.0  # a row not kept costs nothing
+    far = _two_objects(col_b=5, side=1.0)  # centres 32 px apart: a 10 px gap
+    assert separation_error(far, torch.tensor([True]))[0].item() == 0.0
+
+
+def test_the_gradient_moves_the_pair_apart_and_shrinks_it() -> None:
+    labels = _two_objects(col_b=3, side=0.5).requires_grad_(True)
+    separation_error(labels, torch.tensor([True]))[0].backward()
+    grad = labels.grad[0]  # descent goes against it
+    left, right = 3 * GRID + 1, 3 * GRID + 3
+    assert grad[left, DX] > 0 and grad[right, DX] < 0  # the left one moves left, the right one right
+    assert grad[left, SIDE] > 0 and grad[right, SIDE] > 0  # both shrink
+    assert grad[:, :DX].abs().sum() == 0  # no object is removed or relabelled
+
+
+def _object_model() -> Blip3o:
+    config = object_label_model_config(preset("tiny-test").model)
+    return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
+
+
+def test_instruct_step_with_the_separation_loss() -> None:
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)
+    assert {"gen_loss", "count_error", "separation_error", "close_pairs"} <= set(metrics)
+    expected = metrics["gen_loss"] + metrics["count_error"] + 2.0 * metrics["separation_error"]
+    torch.testing.assert_close(loss.detach(), expected)
+    alone, alone_metrics = StageModule(model, "instruct", separation_weight=1.0)(batch)
+    assert "count_error" not in alone_metrics
+    torch.testing.assert_close(alone.detach(), alone_metrics["gen_loss"] + alone_metrics["separation_error"])
+    torch.testing.assert_close(alone_metrics["separation_error"], metrics["separation_error"])
+
+
+def test_separation_weight_checks() -> None:
+    with pytest.raises(ConfigError, match="separation_weight"):
+        StageConfig("gen", "generation", steps=1, batch_size=1, separation_weight=1.0)
+    with pytest.raises(ConfigError, match="separation_weight"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, separation_weight=-1.0)
+    model = Blip3o.from_config(preset("tiny-test").model, seed=0)  # CLIP without the object label head
+    with pytest.raises(ValueError, match="object label head"):
+        StageModule(model, "instruct", separation_weight=1.0)
