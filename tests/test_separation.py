@@ -10,10 +10,16 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError, StageConfig, preset
-from blip3o.train.count_supervision import SEPARATION_MARGIN, read_boxes, separation_error
 from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
+from blip3o.train.separation_supervision import (
+    SEPARATION_MARGIN,
+    own_trajectory_state,
+    read_boxes,
+    separation_error,
+)
 from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from blip3o.transport import initial_noise, sample_euler, sampling_schedule
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.scene import SHAPES, box_gap
@@ -83,6 +89,45 @@ def _object_model() -> Blip3o:
     return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
 
 
+def test_euler_sampling_can_stop_part_way() -> None:
+    torch.manual_seed(0)
+    model = _object_model()
+    condition = model.condition(["a red circle", "two stars"]).float()  # (R, L, H)
+    noise = initial_noise((2, *model.config.target_shape), torch.Generator().manual_seed(1))
+    states = {}
+    full = sample_euler(
+        model.dit, noise, condition, model.config.flow, callback=lambda k, x: states.update({k: x})
+    )
+    steps = model.config.flow.sample_steps
+    torch.testing.assert_close(
+        sample_euler(model.dit, noise, condition, model.config.flow, end_step=steps), full
+    )
+    torch.testing.assert_close(
+        sample_euler(model.dit, noise, condition, model.config.flow, end_step=0), noise
+    )
+    torch.testing.assert_close(
+        sample_euler(model.dit, noise, condition, model.config.flow, end_step=3), states[2]
+    )
+    with pytest.raises(ValueError, match="end_step"):
+        sample_euler(model.dit, noise, condition, model.config.flow, end_step=steps + 1)
+
+
+def test_own_trajectory_state_is_where_the_sampler_stands() -> None:
+    torch.manual_seed(0)
+    model = _object_model()
+    condition = model.condition(["a red circle", "two stars"]).float()  # (R, L, H)
+    state, sigma, timestep = own_trajectory_state(model, condition, torch.Generator().manual_seed(5))
+    # The same draws by hand: the step first, then the noise, from one generator.
+    generator = torch.Generator().manual_seed(5)
+    schedule = sampling_schedule(None, model.config.flow)
+    step = int(torch.randint(len(schedule.network_timesteps), (), generator=generator))
+    noise = initial_noise((2, *model.config.target_shape), generator)
+    expected = sample_euler(model.dit, noise, condition, model.config.flow, end_step=step)
+    torch.testing.assert_close(state, expected)
+    assert sigma.tolist() == [schedule.sigmas[step].item()] * 2
+    assert timestep.tolist() == [schedule.network_timesteps[step].item()] * 2
+
+
 def test_instruct_step_with_the_separation_loss() -> None:
     model = _object_model()
     examples = instruct_examples(0, 1)[:4]
@@ -90,7 +135,7 @@ def test_instruct_step_with_the_separation_loss() -> None:
     set_trainable(model, "instruct")
     batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)
-    assert {"gen_loss", "count_error", "separation_error", "close_pairs"} <= set(metrics)
+    assert {"gen_loss", "count_error", "separation_error", "close_pairs", "separation_sigma"} <= set(metrics)
     expected = metrics["gen_loss"] + metrics["count_error"] + 2.0 * metrics["separation_error"]
     torch.testing.assert_close(loss.detach(), expected)
     alone, alone_metrics = StageModule(model, "instruct", separation_weight=1.0)(batch)

@@ -182,9 +182,11 @@ class StageConfig:
     count_weight: float = 0.0
     # what the count loss counts: "objects" (the scene's total) or "shape" (each shape's number of objects)
     count_by: str = "objects"
-    # instruct stages: weight of the separation loss on the same estimate (train/count_supervision.py): two read
-    # objects whose boxes come closer than ShapesWorld's 2 px cost the shortfall (the decoder draws them as one)
+    # instruct stages: weight of the separation loss (train/separation_supervision.py): on the model's own
+    # sampling trajectory, two read objects whose boxes come closer than ShapesWorld's 2 px cost the shortfall
+    # (the decoder draws them as one); `separation_rows` rows of each batch are sampled for it
     separation_weight: float = 0.0
+    separation_rows: int = 4
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -316,6 +318,10 @@ class StageConfig:
         if self.separation_weight < 0:
             raise ConfigError(
                 f"stage {self.name!r}: separation_weight must be >= 0, got {self.separation_weight}"
+            )
+        if self.separation_rows < 1:
+            raise ConfigError(
+                f"stage {self.name!r}: separation_rows must be >= 1, got {self.separation_rows}"
             )
         if self.separation_weight and self.kind != "instruct":
             raise ConfigError(f"stage {self.name!r}: separation_weight applies to instruct stages only")

@@ -16,29 +16,17 @@ By shape (`StageConfig.count_by = "shape"`): the expected number of objects of e
 of that shape's probability) is pulled towards the scene's, the absolute errors summed over the shapes. A
 two-object sample that draws one shape twice has the right total and the wrong shapes (session 37: 58 of the
 bundle's 131 two_object failures on one seed); only this form of the loss sees that.
-
-Separation (`StageConfig.separation_weight`): ShapesWorld never draws two objects closer than 2 px (box to box),
-but the DiT's tokens can name two objects whose boxes overlap; the pixel decoder then draws one blob, and the
-count the tokens got right is lost in the image (session 53: where tokens pass and pixels count too few, the
-token objects sit closer). On the same guided estimate, each pair of objects the reading names (the detection
-rule's peaks, chosen without gradient) whose read boxes (centre + mean side) come closer than a margin costs the
-shortfall, in patches; the gradient moves their centres apart or shrinks them, never removes an object.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from blip3o.models.clip import grid_to_tokens
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
 from blip3o.transport import FlowMatchingConfig, guidance_weight
-from blip3o.world.scene import IMAGE_SIZE, MAX_BOX, MIN_BOX, SHAPES
-
-SEPARATION_MARGIN = 2.0  # px between two read boxes below which a pair costs (ShapesWorld keeps >= 2 px)
+from blip3o.world.scene import SHAPES
 
 
 def expected_object_count(readings: Tensor) -> Tensor:
@@ -77,51 +65,6 @@ def shape_count_error(
         "count_error": (total.abs().sum() / kept).detach(),
         "count_bias": (total.sum() / kept).detach(),
     }
-
-
-def read_boxes(readings: Tensor, size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 19) readings -> the box each token would name, as `object_label_detections` reads it: centres
-    (B, N, 2) in pixels and mean sides (B, N), both differentiable, and which tokens are objects (B, N) bool,
-    without gradient (likeliest shape not "none", and the object probability peaking in its 3 x 3 patches)."""
-    n_shapes, n_colours = PATCH_LABEL_GROUPS
-    batch, tokens, _ = readings.shape
-    grid = math.isqrt(tokens)
-    cell = size / grid
-    with torch.no_grad():
-        present = 1.0 - readings[..., n_shapes - 1]  # (B, N)
-        as_map = present.reshape(batch, 1, grid, grid)
-        peaks = (as_map >= F.max_pool2d(as_map, 3, stride=1, padding=1)).reshape(batch, tokens)  # (B, N)
-        objects = peaks & (readings[..., :n_shapes].argmax(-1) != n_shapes - 1)  # (B, N)
-    index = torch.arange(tokens, device=readings.device)
-    col, row = (index % grid).to(readings.dtype), (index // grid).to(readings.dtype)  # (N,)
-    values = readings[..., n_shapes + n_colours :]  # (B, N, 4): dx, dy (half patches), side, rotation
-    centres = torch.stack(
-        [(col + 0.5 + values[..., 0] / 2) * cell, (row + 0.5 + values[..., 1] / 2) * cell], dim=-1
-    )  # (B, N, 2)
-    mid, half_range = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
-    sides = mid + values[..., 2] * half_range  # (B, N)
-    return centres, sides, objects
-
-
-def separation_error(
-    readings: Tensor, keep: Tensor, margin: float = SEPARATION_MARGIN, size: int = IMAGE_SIZE
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean over the kept rows of the summed shortfall, in patches, of every pair of read objects whose boxes
-    are less than `margin` px apart (`box_gap`'s rule: the larger of the x and y gaps; negative on overlap).
-
-    readings (B, N, 19); keep (B,) bool. Metric "close_pairs": such pairs per kept row."""
-    centres, sides, objects = read_boxes(readings, size)  # (B, N, 2), (B, N), (B, N)
-    cell = size / math.isqrt(readings.shape[1])
-    apart = (centres[:, :, None, :] - centres[:, None, :, :]).abs()  # (B, N, N, 2)
-    reach = (sides[:, :, None] + sides[:, None, :]) / 2  # (B, N, N)
-    gap = (apart - reach[..., None]).amax(dim=-1)  # (B, N, N)
-    pairs = objects[:, :, None] & objects[:, None, :]  # (B, N, N)
-    pairs = torch.triu(pairs, diagonal=1) & keep.bool().to(pairs.device)[:, None, None]
-    shortfall = F.relu(margin - gap) / cell * pairs  # (B, N, N)
-    kept = keep.sum().clamp(min=1)
-    close = ((gap < margin) & pairs).sum()
-    return shortfall.sum() / kept, {"separation_error": (shortfall.sum() / kept).detach(),
-                                     "close_pairs": (close / kept).detach()}  # fmt: skip
 
 
 def scene_counts(scenes: list, by: str) -> Tensor:

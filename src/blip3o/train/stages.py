@@ -22,13 +22,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.count_supervision import (
-    counted_error,
-    guided_readings,
-    row_guidance_weights,
-    scene_counts,
-    separation_error,
-)
+from blip3o.train.count_supervision import counted_error, guided_readings, row_guidance_weights, scene_counts
 from blip3o.train.scene_supervision import (
     SceneCellHead,
     SceneEmbeddingTable,
@@ -36,6 +30,7 @@ from blip3o.train.scene_supervision import (
     object_label_scene,
     vision_tokens_replaced,
 )
+from blip3o.train.separation_supervision import own_separation_loss
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 from blip3o.world.render import render
@@ -234,6 +229,7 @@ class StageModule(nn.Module):
         scene_embedding_weight: float = 0.0,
         target_tokens: float = 0.0,
         separation_weight: float = 0.0,
+        separation_rows: int = 4,
     ):
         super().__init__()
         self.model = model
@@ -257,7 +253,7 @@ class StageModule(nn.Module):
         self.slot_relation_weight, self.slot_binding_weight = slot_relation_weight, slot_binding_weight
         self.slot_binding_order = slot_binding_order
         self.count_weight, self.count_by = count_weight, count_by
-        self.separation_weight = separation_weight
+        self.separation_weight, self.separation_rows = separation_weight, separation_rows
         clip = getattr(model, "clip", None)
         if (count_weight > 0 or separation_weight > 0) and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
@@ -391,18 +387,22 @@ class StageModule(nn.Module):
         conditioned = torch.ones(len(batch["captions"]), dtype=torch.bool)  # (B,)
         if drop_mask is not None:
             conditioned = ~drop_mask.bool()  # dropped rows read the null condition: nothing to count or bind
-        if self.guided_losses:
-            keep = (conditioned & torch.tensor([scene is not None for scene in scenes])).to(m.device)  # (B,)
+        keep = conditioned & torch.tensor([scene is not None for scene in scenes])  # (B,)
+        if self.count_weight > 0:
             readings = guided_readings(
                 m, flow_aux["x_t"], flow_aux["sigma"], flow_aux["timestep"], live["v"], cond.float(),
                 row_guidance_weights(flow_aux["sigma"], m.config.flow.cfg_scale, m.config.flow),
             )  # (B, N, 19)  # fmt: skip
-            if self.count_weight > 0:
-                counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
-                count_loss, count_metrics = counted_error(readings, counts, keep)
-                loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
-            if self.separation_weight > 0:
-                apart_loss, apart_metrics = separation_error(readings, keep)
+            counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
+            count_loss, count_metrics = counted_error(readings, counts, keep.to(m.device))
+            loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
+        if self.separation_weight > 0:
+            # a few rows whose prompt names several objects, sampled on the model's own trajectory
+            rows = [i for i, scene in enumerate(scenes) if keep[i] and len(scene.objects) >= 2]
+            rows = rows[: self.separation_rows]
+            if rows:
+                seed = int(batch["seeds"][rows[0]])
+                apart_loss, apart_metrics = own_separation_loss(m, cond[rows].float(), seed)
                 loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
         if cross_attention is not None:
             binding_loss, binding_metrics = slot_binding_loss(

@@ -350,6 +350,7 @@ def sample_euler(
     progress: bool = False,
     callback: StepCallback | None = None,
     start_sigma: float = 1.0,
+    end_step: int | None = None,
 ) -> Tensor:
     """Integrate the flow from ``noise`` (sigma = 1) to a sample ``x0_hat`` (sigma = 0) with Euler steps.
 
@@ -362,6 +363,8 @@ def sample_euler(
 
     ``start_sigma`` < 1 starts part-way (SDEdit-style): ``noise`` is then the state at that level, e.g.
     ``interpolate(x0, noise, sigma)``, and the trajectory runs through the same grid's levels below it.
+    ``end_step`` k stops after k steps, returning the state at the trajectory's level k (``sigmas[k]`` of the
+    grid it runs through): the model's own state part-way, for losses taken on its trajectory.
     """
     if not 0.0 < start_sigma <= 1.0:
         raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
@@ -379,7 +382,10 @@ def sample_euler(
     # Each step's guidance weight, read off the grid once (no device sync inside the loop).
     weights = [guidance_weight(sigma, cfg_scale, cfg) for sigma in sigmas[:-1].tolist()]
 
-    step_indices = range(len(network_timesteps))
+    n_steps = len(network_timesteps)
+    if end_step is not None and not 0 <= end_step <= n_steps:
+        raise ValueError(f"end_step must be in [0, {n_steps}], got {end_step}")
+    step_indices = range(n_steps if end_step is None else end_step)
     if progress:
         from tqdm.auto import tqdm
 
