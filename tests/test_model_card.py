@@ -137,6 +137,11 @@ def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     assert parts["count_shape"] == (
         "count_shape`: slot-label loss 1, slot-relation loss 0.3, slot-binding loss 0.3, count loss by shape 0.1"
     )
+    with_separation = {**config, "stages": [dict(s) for s in config["stages"]]}
+    with_separation["stages"][-1]["separation_weight"] = 0.3
+    assert stage_objectives_sentence(with_separation).endswith(
+        "count loss by shape 0.1, separation (on its own samples) loss 0.3."
+    )
     refine = (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
     )

@@ -339,6 +339,7 @@ EXTRA_LOSSES = {
     "slot_relation_weight": "slot-relation",
     "slot_binding_weight": "slot-binding",
     "count_weight": "count",
+    "separation_weight": "separation (on its own samples)",
     "cell_position_weight": "cell-position",
     "scene_embedding_weight": "scene-embedding",
 }
