@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import ConfigError, StageConfig, preset
+from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
 from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
 from blip3o.train.separation_supervision import (
@@ -152,3 +152,5 @@ def test_separation_weight_checks() -> None:
     model = Blip3o.from_config(preset("tiny-test").model, seed=0)  # CLIP without the object label head
     with pytest.raises(ValueError, match="object label head"):
         StageModule(model, "instruct", separation_weight=1.0)
+    with pytest.raises(ConfigError, match="FSDP"):
+        apply_overrides(preset("shapes-object"), ["distributed=fsdp", "stages.count.separation_weight=0.3"])

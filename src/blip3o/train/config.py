@@ -406,6 +406,13 @@ class RunConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for index, stage in enumerate(self.stages):
+            if stage.separation_weight and self.distributed == "fsdp":
+                # Each rank samples its own rows up to its own drawn step: the sharded DiT would be called a
+                # different number of times per rank, and FSDP's per-call all-gathers would not line up.
+                raise ConfigError(
+                    f"stage {stage.name!r}: separation_weight samples on each rank's own trajectory, which FSDP's "
+                    "sharded DiT cannot do; use distributed=ddp or none"
+                )
             if stage.target_tokens and not any(
                 s.kind == "vision" and s.scene_embedding_weight for s in self.stages[:index]
             ):
