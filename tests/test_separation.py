@@ -74,14 +74,18 @@ def test_real_scenes_cost_nothing_and_overlap_costs_its_shortfall() -> None:
     assert separation_error(far, torch.tensor([True]))[0].item() == 0.0
 
 
-def test_the_gradient_moves_the_pair_apart_and_shrinks_it() -> None:
-    labels = _two_objects(col_b=3, side=0.5).requires_grad_(True)
-    separation_error(labels, torch.tensor([True]))[0].backward()
-    grad = labels.grad[0]  # descent goes against it
+def test_the_gradient_moves_the_pair_apart_and_shrinks_it_only_if_asked() -> None:
     left, right = 3 * GRID + 1, 3 * GRID + 3
-    assert grad[left, DX] > 0 and grad[right, DX] < 0  # the left one moves left, the right one right
-    assert grad[left, SIDE] > 0 and grad[right, SIDE] > 0  # both shrink
-    assert grad[:, :DX].abs().sum() == 0  # no object is removed or relabelled
+    for shrink in (False, True):
+        labels = _two_objects(col_b=3, side=0.5).requires_grad_(True)
+        separation_error(labels, torch.tensor([True]), shrink=shrink)[0].backward()
+        grad = labels.grad[0]  # descent goes against it
+        assert grad[left, DX] > 0 and grad[right, DX] < 0  # the left one moves left, the right one right
+        assert grad[:, :DX].abs().sum() == 0  # no object is removed or relabelled
+        if shrink:
+            assert grad[left, SIDE] > 0 and grad[right, SIDE] > 0  # both shrink
+        else:
+            assert grad[:, SIDE].abs().sum() == 0  # sizes are left alone
 
 
 def _object_model() -> Blip3o:
