@@ -1,7 +1,7 @@
 """One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
 
     .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
-        [--pixels [--decoder-steps K] [--decoder-cfg W]]
+        [--pixels [--decoder-steps K] [--decoder-cfg W] [--gaps]]
 
 `bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
 category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
@@ -11,13 +11,18 @@ CLIP's label head as label_judge does and prints the pass rate; for counting, al
 hold too few or too many objects of the named shape. With `--pixels` the model's decoder also draws the tokens
 (decoder seed = sampling seed) and the pixel judge scores the images the same way: how much of a token-level
 change survives the decoder (session 33: the decoder drops objects, so too many in the tokens can pass in pixels).
+`--gaps` (with --pixels) groups the samples by (tokens pass, pixels pass) and gives each group's closest pair of
+read token boxes (label head centre + mean side; `box_gap`, negative on overlap): session 54 found the pixels lose
+counts the tokens hold where the DiT overlaps two objects (real scenes keep >= 2 px).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-from collections import Counter
+import statistics
+from collections import Counter, defaultdict
 
 import torch
 
@@ -25,6 +30,7 @@ from blip3o.eval.geneval import score_detections
 from blip3o.train.scene_supervision import object_label_detections
 from blip3o.world.judge import detect
 from blip3o.world.prompts import load_eval_prompts
+from blip3o.world.scene import box_gap
 from label_judge import load_label_model, read_targets  # bench/ is on sys.path when a bench script runs
 
 
@@ -53,6 +59,28 @@ def summary(outcomes: Counter, samples: int) -> dict:
     return {"pass_rate": outcomes["pass"] / samples, "outcomes": dict(sorted(outcomes.items()))}
 
 
+def closest_gap(detections: list) -> float | None:
+    """The smallest `box_gap` between two of the detections (px; negative on overlap), None for fewer than 2."""
+    return min((box_gap(a.box, b.box) for a, b in itertools.combinations(detections, 2)), default=None)
+
+
+def gap_groups(gaps: dict[tuple[bool, bool], list]) -> dict[str, dict]:
+    """{(tokens pass, pixels pass): closest gaps} -> per group: samples, and over those with 2+ objects the
+    median gap and the shares overlapping (< 0 px) and closer than ShapesWorld's 2 px."""
+    groups = {}
+    for (tokens, pixels), values in sorted(gaps.items()):
+        known = [g for g in values if g is not None]
+        name = f"tokens {'pass' if tokens else 'fail'}, pixels {'pass' if pixels else 'fail'}"
+        groups[name] = {"samples": len(values), "with_pairs": len(known)}
+        if known:
+            groups[name] |= {
+                "median_gap": statistics.median(known),
+                "overlapping": sum(g < 0 for g in known) / len(known),
+                "closer_than_2px": sum(g < 2 for g in known) / len(known),
+            }
+    return groups
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder whose CLIP has an object label head")
@@ -68,7 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--decoder-cfg", type=float, help="with --pixels: decoder guidance (default: the model's)"
     )
+    parser.add_argument("--gaps", action="store_true", help="with --pixels: closest token boxes by verdicts")
     args = parser.parse_args(argv)
+    if args.gaps and not args.pixels:
+        parser.error("--gaps needs --pixels (it groups samples by both verdicts)")
     records = [r for r in load_eval_prompts() if r["tag"] == args.category]
     if not records:
         tags = sorted({r["tag"] for r in load_eval_prompts()})
@@ -79,13 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_label_model(args.model, parser)
     outcomes: Counter = Counter()
     pixel_outcomes: Counter = Counter()
+    gaps: dict[tuple[bool, bool], list] = defaultdict(list)
     prompts = [r["prompt"] for r in records]
     with torch.no_grad():
         for seed in range(args.seeds):
             generator = torch.Generator().manual_seed(seed)
             target = model.generate_target(prompts, steps=args.steps, cfg_scale=args.cfg, generator=generator)
-            for record, reading in zip(records, read_targets(model, target), strict=True):
-                tally(outcomes, args.category, record, object_label_detections(reading))
+            token_objects = [object_label_detections(reading) for reading in read_targets(model, target)]
+            for record, found in zip(records, token_objects, strict=True):
+                tally(outcomes, args.category, record, found)
             if args.pixels:
                 images = model.decode_target(
                     target,
@@ -93,8 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
                     args.decoder_cfg,
                     generator=torch.Generator().manual_seed(seed),
                 )
-                for record, image in zip(records, images, strict=True):
-                    tally(pixel_outcomes, args.category, record, detect(image))
+                for record, image, found in zip(records, images, token_objects, strict=True):
+                    drawn = detect(image)
+                    tally(pixel_outcomes, args.category, record, drawn)
+                    if args.gaps:
+                        verdicts = (score_detections(record, found)[0], score_detections(record, drawn)[0])
+                        gaps[verdicts].append(closest_gap(found))
     samples = len(records) * args.seeds
     result = {
         "model": args.model,
@@ -104,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.pixels:
         result["pixels"] = summary(pixel_outcomes, samples)
+    if args.gaps:
+        result["gaps"] = gap_groups(gaps)
     print(
         f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end=""
     )
@@ -112,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
         if key.startswith("want"):
             in_pixels = f"  pixels {pixel_outcomes[key]}" if args.pixels else ""
             print(f"  {key:16s} tokens {outcomes[key]}{in_pixels}")
+    for name, group in result.get("gaps", {}).items():
+        line = f"  {name}: {group['samples']} samples"
+        if "median_gap" in group:
+            line += (f", closest token boxes median {group['median_gap']:.1f} px, overlapping "
+                     f"{group['overlapping']:.2f}, closer than 2 px {group['closer_than_2px']:.2f}")  # fmt: skip
+        print(line)
     print(json.dumps(result))
     return result
 

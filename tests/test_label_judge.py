@@ -11,7 +11,7 @@ import torch
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, scene_object_labels
 from blip3o.world.conditioned import scene_for_prompt
-from blip3o.world.judge import detect
+from blip3o.world.judge import Detection, detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -114,10 +114,21 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
     assert category.count_outcome(record, exact) == "pass"
     assert category.count_outcome(record, exact[:2]) == "few"
     assert category.count_outcome(record, exact + exact[:1]) == "many"
+    boxes = [(0, 0, 10, 10), (8, 0, 18, 10), (40, 40, 52, 52)]  # the first two overlap by 2 px
+    found = [Detection("circle", "red", box, 1.0) for box in boxes]
+    assert category.closest_gap(found) == -2 and category.closest_gap(found[:1]) is None
+    groups = category.gap_groups({(True, False): [-2.0, 4.0, None], (True, True): [3.0]})
+    assert groups["tokens pass, pixels fail"] == {
+        "samples": 3, "with_pairs": 2, "median_gap": 1.0, "overlapping": 0.5, "closer_than_2px": 0.5
+    }  # fmt: skip
+    assert groups["tokens pass, pixels pass"]["closer_than_2px"] == 0.0
     tiny_object_label_model().save_pretrained(tmp_path / "object")
     argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels",
-            "--decoder-steps", "2"]  # fmt: skip
+            "--decoder-steps", "2", "--gaps"]  # fmt: skip
     result = category.main(argv)
+    assert sum(group["samples"] for group in result["gaps"].values()) == result["samples"]
+    passed_both = result["gaps"].get("tokens pass, pixels pass", {}).get("samples", 0)
+    assert passed_both <= min(result["outcomes"].get("pass", 0), result["pixels"]["outcomes"].get("pass", 0))
     counting = sum(r["tag"] == "counting" for r in load_eval_prompts())
     assert result["samples"] == 2 * counting
     for judged in (result, result["pixels"]):  # the tokens' verdicts, then the decoded images'
@@ -126,3 +137,5 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
         assert judged["pass_rate"] == judged["outcomes"].get("pass", 0) / result["samples"]
     with pytest.raises(SystemExit):
         category.main([str(tmp_path / "object"), "--category", "nonsense"])
+    with pytest.raises(SystemExit):
+        category.main([str(tmp_path / "object"), "--gaps"])  # without --pixels

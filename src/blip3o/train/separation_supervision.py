@@ -2,7 +2,7 @@
 
 Why: ShapesWorld never draws two objects closer than 2 px (box to box), but the DiT's tokens can name two objects
 whose boxes overlap; the pixel decoder then draws one blob, and a count the tokens got right is lost in the image.
-Measured on the bundle's run (session 54, runs/s54/gaps.py, 10 seeds): of the counting samples whose tokens pass
+Measured on the bundle's run (session 54, `bench/token_category.py --pixels --gaps --seeds 10`): of the counting samples whose tokens pass
 and whose pixels fail, 63% have two read boxes overlapping (median closest gap -2.1 px), against 21% (3.2 px)
 where both pass; two_object: 67% closer than 2 px against 24%.
 
