@@ -44,8 +44,8 @@ def count_outcome(record: dict, detections: list) -> str:
     return "few" if found < want["count"] else "many" if found > want["count"] else "other"
 
 
-def tally(outcomes: Counter, category: str, record: dict, detections: list) -> None:
-    """Count one sample's verdict in `outcomes` ("pass" / "fail"; for counting also "want N: why")."""
+def tally(outcomes: Counter, category: str, record: dict, detections: list) -> bool:
+    """Count one sample's verdict in `outcomes` ("pass" / "fail"; for counting also "want N: why"); returns it."""
     if category == "counting":
         outcome = count_outcome(record, detections)  # scores the prompt once, says why it fails
         outcomes[f"want {record['include'][0]['count']}: {outcome}"] += 1
@@ -53,6 +53,7 @@ def tally(outcomes: Counter, category: str, record: dict, detections: list) -> N
     else:
         passed = score_detections(record, detections)[0]
     outcomes["pass" if passed else "fail"] += 1
+    return passed
 
 
 def summary(outcomes: Counter, samples: int) -> dict:
@@ -117,8 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
             generator = torch.Generator().manual_seed(seed)
             target = model.generate_target(prompts, steps=args.steps, cfg_scale=args.cfg, generator=generator)
             token_objects = [object_label_detections(reading) for reading in read_targets(model, target)]
-            for record, found in zip(records, token_objects, strict=True):
+            token_verdicts = [
                 tally(outcomes, args.category, record, found)
+                for record, found in zip(records, token_objects, strict=True)
+            ]
             if args.pixels:
                 images = model.decode_target(
                     target,
@@ -126,12 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
                     args.decoder_cfg,
                     generator=torch.Generator().manual_seed(seed),
                 )
-                for record, image, found in zip(records, images, token_objects, strict=True):
-                    drawn = detect(image)
-                    tally(pixel_outcomes, args.category, record, drawn)
+                for record, image, found, in_tokens in zip(
+                    records, images, token_objects, token_verdicts, strict=True
+                ):
+                    in_pixels = tally(pixel_outcomes, args.category, record, detect(image))
                     if args.gaps:
-                        verdicts = (score_detections(record, found)[0], score_detections(record, drawn)[0])
-                        gaps[verdicts].append(closest_gap(found))
+                        gaps[(in_tokens, in_pixels)].append(closest_gap(found))
     samples = len(records) * args.seeds
     result = {
         "model": args.model,

@@ -307,24 +307,19 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: generated_max_sigma must be in (0, 1], got {self.generated_max_sigma}"
             )
-        if self.count_weight < 0:
-            raise ConfigError(f"stage {self.name!r}: count_weight must be >= 0, got {self.count_weight}")
         if self.count_by not in ("objects", "shape"):
             raise ConfigError(
                 f"stage {self.name!r}: count_by must be objects or shape, got {self.count_by!r}"
             )
-        if self.count_weight and self.kind != "instruct":
-            raise ConfigError(f"stage {self.name!r}: count_weight applies to instruct stages only")
-        if self.separation_weight < 0:
-            raise ConfigError(
-                f"stage {self.name!r}: separation_weight must be >= 0, got {self.separation_weight}"
-            )
+        for name in ("count_weight", "separation_weight"):  # losses on the guided estimate: instruct only
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stage {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) and self.kind != "instruct":
+                raise ConfigError(f"stage {self.name!r}: {name} applies to instruct stages only")
         if self.separation_rows < 1:
             raise ConfigError(
                 f"stage {self.name!r}: separation_rows must be >= 1, got {self.separation_rows}"
             )
-        if self.separation_weight and self.kind != "instruct":
-            raise ConfigError(f"stage {self.name!r}: separation_weight applies to instruct stages only")
         for name in ("colourless_pair_renders", "counting_renders"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name!r}: {name} must be >= 0")

@@ -201,6 +201,29 @@ class _ReadObject(NamedTuple):
     confidence: float  # 1 - p(none)
 
 
+def object_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, N, 19) labels (or a label head's readings) -> (B, N) bool: the tokens `object_label_detections` reads
+    as objects: the likeliest shape is not "none" and the object probability 1 - p(none) peaks in its 3 x 3
+    patches (ties kept)."""
+    n_shapes = PATCH_LABEL_GROUPS[0]
+    batch, tokens, _ = labels.shape
+    grid = math.isqrt(tokens)
+    present = (1 - labels[..., n_shapes - 1]).reshape(batch, 1, grid, grid)
+    peaks = (present >= F.max_pool2d(present, 3, stride=1, padding=1)).reshape(batch, tokens)  # (B, N)
+    return peaks & (labels[..., :n_shapes].argmax(-1) != n_shapes - 1)
+
+
+def read_centre(col, row, dx, dy, cell: float):
+    """The box centre (x, y) in pixels a token of patch (row, col) names with its offsets dx, dy (half patches);
+    floats or tensors alike (the inverse of `scene_object_labels`' offsets)."""
+    return (col + 0.5 + dx / 2) * cell, (row + 0.5 + dy / 2) * cell
+
+
+def read_side(value):
+    """The box's mean side in pixels a token names with its side value ([-1, 1] over MIN_BOX..MAX_BOX)."""
+    return (MIN_BOX + MAX_BOX) / 2 + value * ((MAX_BOX - MIN_BOX) / 2)
+
+
 def _read_objects(labels: torch.Tensor, size: int) -> list[_ReadObject]:
     """The objects (grid * grid, 19) labels name, by `object_label_detections`' peak rule, in raster order."""
     n_shapes, n_colours = PATCH_LABEL_GROUPS
@@ -210,11 +233,8 @@ def _read_objects(labels: torch.Tensor, size: int) -> list[_ReadObject]:
             f"expected (grid * grid, {n_shapes + n_colours + PATCH_LABEL_VALUES}) labels, got {tuple(labels.shape)}"
         )
     cell = size / grid
-    mid, half_range = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
-    confidence_map = (1 - labels[:, n_shapes - 1].float()).reshape(1, 1, grid, grid)
-    peaks = (confidence_map >= F.max_pool2d(confidence_map, 3, stride=1, padding=1)).flatten()  # (N,)
     found = []
-    for index in ((labels[:, :n_shapes].argmax(1) != n_shapes - 1) & peaks).nonzero().flatten().tolist():
+    for index in object_tokens(labels.float()[None])[0].nonzero().flatten().tolist():
         label = labels[index].float()
         row, col = divmod(index, grid)
         dx, dy, side, rotation = label[n_shapes + n_colours :].tolist()
@@ -222,8 +242,8 @@ def _read_objects(labels: torch.Tensor, size: int) -> list[_ReadObject]:
             _ReadObject(
                 shape=SHAPES[int(label[: n_shapes - 1].argmax())],
                 color=COLOR_NAMES[int(label[n_shapes : n_shapes + n_colours - 1].argmax())],
-                center=((col + 0.5 + dx / 2) * cell, (row + 0.5 + dy / 2) * cell),
-                side=mid + side * half_range,
+                center=read_centre(col, row, dx, dy, cell),
+                side=read_side(side),
                 rotation=rotation * MAX_ROTATION,
                 confidence=float(1 - label[n_shapes - 1]),
             )

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blip3o.train.count_supervision import guided_readings, row_guidance_weights
-from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
+from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_tokens, read_centre, read_side
 from blip3o.transport import initial_noise, sample_euler, sampling_schedule
-from blip3o.world.scene import IMAGE_SIZE, MAX_BOX, MIN_BOX
+from blip3o.world.scene import IMAGE_SIZE
 
 SEPARATION_MARGIN = 2.0  # px between two read boxes below which a pair costs (ShapesWorld keeps >= 2 px)
 
@@ -38,23 +38,17 @@ def read_boxes(readings: Tensor, size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor
     (B, N, 2) in pixels and mean sides (B, N), both differentiable, and which tokens are objects (B, N) bool,
     without gradient (likeliest shape not "none", and the object probability peaking in its 3 x 3 patches)."""
     n_shapes, n_colours = PATCH_LABEL_GROUPS
-    batch, tokens, _ = readings.shape
+    tokens = readings.shape[1]
     grid = math.isqrt(tokens)
-    cell = size / grid
     with torch.no_grad():
-        present = 1.0 - readings[..., n_shapes - 1]  # (B, N)
-        as_map = present.reshape(batch, 1, grid, grid)
-        peaks = (as_map >= F.max_pool2d(as_map, 3, stride=1, padding=1)).reshape(batch, tokens)  # (B, N)
-        objects = peaks & (readings[..., :n_shapes].argmax(-1) != n_shapes - 1)  # (B, N)
+        objects = object_tokens(readings)  # (B, N)
     index = torch.arange(tokens, device=readings.device)
     col, row = (index % grid).to(readings.dtype), (index // grid).to(readings.dtype)  # (N,)
     values = readings[..., n_shapes + n_colours :]  # (B, N, 4): dx, dy (half patches), side, rotation
     centres = torch.stack(
-        [(col + 0.5 + values[..., 0] / 2) * cell, (row + 0.5 + values[..., 1] / 2) * cell], dim=-1
+        read_centre(col, row, values[..., 0], values[..., 1], size / grid), dim=-1
     )  # (B, N, 2)
-    mid, half_range = (MIN_BOX + MAX_BOX) / 2, (MAX_BOX - MIN_BOX) / 2
-    sides = mid + values[..., 2] * half_range  # (B, N)
-    return centres, sides, objects
+    return centres, read_side(values[..., 2]), objects  # (B, N, 2), (B, N), (B, N)
 
 
 def separation_error(
