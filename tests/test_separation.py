@@ -10,10 +10,12 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
+from blip3o.train.count_supervision import scene_counts, shape_count_error
 from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
 from blip3o.train.separation_supervision import (
     SEPARATION_MARGIN,
+    own_trajectory_readings,
     own_trajectory_state,
     read_boxes,
     separation_error,
@@ -139,7 +141,7 @@ def test_instruct_step_with_the_separation_loss() -> None:
     set_trainable(model, "instruct")
     batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)
-    assert {"gen_loss", "count_error", "separation_error", "close_pairs", "separation_sigma"} <= set(metrics)
+    assert {"gen_loss", "count_error", "separation_error", "close_pairs", "own_sigma"} <= set(metrics)
     expected = metrics["gen_loss"] + metrics["count_error"] + 2.0 * metrics["separation_error"]
     torch.testing.assert_close(loss.detach(), expected)
     alone, alone_metrics = StageModule(model, "instruct", separation_weight=1.0)(batch)
@@ -148,13 +150,52 @@ def test_instruct_step_with_the_separation_loss() -> None:
     torch.testing.assert_close(alone_metrics["separation_error"], metrics["separation_error"])
 
 
-def test_separation_weight_checks() -> None:
-    with pytest.raises(ConfigError, match="separation_weight"):
-        StageConfig("gen", "generation", steps=1, batch_size=1, separation_weight=1.0)
-    with pytest.raises(ConfigError, match="separation_weight"):
-        StageConfig("ins", "instruct", steps=1, batch_size=1, separation_weight=-1.0)
+def test_own_count_loss_reads_the_same_own_sample() -> None:
+    torch.manual_seed(0)
+    model = _object_model()
+    fit_feature_statistics(model, [e.image for e in instruct_examples(0, 1)[:4]])
+    records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
+    scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
+    condition = model.condition([r["prompt"] for r in records]).float()  # (R, L, H)
+    both = StageModule(model, "instruct", separation_weight=2.0, own_count_weight=0.5)
+    loss, metrics = both._own_trajectory_loss(condition, scenes, seed=3)
+    # By hand: one reading of the own trajectory, each loss on it.
+    readings, sigma = own_trajectory_readings(model, condition, seed=3)
+    everyone = torch.ones(2, dtype=torch.bool)
+    apart, _ = separation_error(readings, everyone)
+    counted, _ = shape_count_error(readings, scene_counts(scenes, "shape"), everyone)
+    assert counted.item() > 0  # an untrained DiT does not draw the prompt's count: the check can fail
+    torch.testing.assert_close(loss, 2.0 * apart + 0.5 * counted)
+    torch.testing.assert_close(metrics["own_shape_count_error"], counted.detach())
+    assert metrics["own_sigma"].item() == sigma[0].item()
+    alone, alone_metrics = StageModule(model, "instruct", own_count_weight=0.5)._own_trajectory_loss(
+        condition, scenes, seed=3
+    )
+    assert "separation_error" not in alone_metrics
+    torch.testing.assert_close(alone, 0.5 * counted)
+    alone.backward()  # the gradient reaches the DiT through the conditional velocity
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dit.parameters())
+
+
+def test_instruct_step_with_the_own_count_loss() -> None:
+    model = _object_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    loss, metrics = StageModule(model, "instruct", own_count_weight=0.5)(batch)
+    assert {"gen_loss", "own_shape_count_error", "own_count_bias", "own_sigma"} <= set(metrics)
+    torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + 0.5 * metrics["own_shape_count_error"])
+
+
+@pytest.mark.parametrize("name", ["separation_weight", "own_count_weight"])
+def test_own_trajectory_weight_checks(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        StageConfig("gen", "generation", steps=1, batch_size=1, **{name: 1.0})
+    with pytest.raises(ConfigError, match=name):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, **{name: -1.0})
     model = Blip3o.from_config(preset("tiny-test").model, seed=0)  # CLIP without the object label head
     with pytest.raises(ValueError, match="object label head"):
-        StageModule(model, "instruct", separation_weight=1.0)
+        StageModule(model, "instruct", **{name: 1.0})
     with pytest.raises(ConfigError, match="FSDP"):
-        apply_overrides(preset("shapes-object"), ["distributed=fsdp", "stages.count.separation_weight=0.3"])
+        apply_overrides(preset("shapes-object"), ["distributed=fsdp", f"stages.count.{name}=0.3"])

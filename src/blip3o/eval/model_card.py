@@ -340,6 +340,7 @@ EXTRA_LOSSES = {
     "slot_binding_weight": "slot-binding",
     "count_weight": "count",
     "separation_weight": "separation (on its own samples)",
+    "own_count_weight": "count by shape (on its own samples)",
     "cell_position_weight": "cell-position",
     "scene_embedding_weight": "scene-embedding",
 }

@@ -187,6 +187,9 @@ class StageConfig:
     # (the decoder draws them as one); `separation_rows` rows of each batch are sampled for it
     separation_weight: float = 0.0
     separation_rows: int = 4
+    # instruct stages: weight of the count loss by shape read on the same own-trajectory rows (the count loss
+    # above reads noised real targets, whose layouts never hold the extra objects the sampler makes)
+    own_count_weight: float = 0.0
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -311,7 +314,8 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: count_by must be objects or shape, got {self.count_by!r}"
             )
-        for name in ("count_weight", "separation_weight"):  # losses on the guided estimate: instruct only
+        # losses on the guided estimate: instruct only
+        for name in ("count_weight", "separation_weight", "own_count_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
             if getattr(self, name) and self.kind != "instruct":
@@ -401,12 +405,12 @@ class RunConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for index, stage in enumerate(self.stages):
-            if stage.separation_weight and self.distributed == "fsdp":
+            if (stage.separation_weight or stage.own_count_weight) and self.distributed == "fsdp":
                 # Each rank samples its own rows up to its own drawn step: the sharded DiT would be called a
                 # different number of times per rank, and FSDP's per-call all-gathers would not line up.
                 raise ConfigError(
-                    f"stage {stage.name!r}: separation_weight samples on each rank's own trajectory, which FSDP's "
-                    "sharded DiT cannot do; use distributed=ddp or none"
+                    f"stage {stage.name!r}: separation_weight and own_count_weight sample on each rank's own "
+                    "trajectory, which FSDP's sharded DiT cannot do; use distributed=ddp or none"
                 )
             if stage.target_tokens and not any(
                 s.kind == "vision" and s.scene_embedding_weight for s in self.stages[:index]

@@ -291,6 +291,7 @@ def train_stage(
             target_tokens=stage.target_tokens,
             separation_weight=stage.separation_weight,
             separation_rows=stage.separation_rows,
+            own_count_weight=stage.own_count_weight,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -15,6 +15,7 @@ estimate, CLIP's frozen label head reads it, and each pair of read objects (the 
 without gradient) whose read boxes (centre + mean side) come closer than the margin costs the shortfall, in
 patches. The gradient moves the two centres apart; it never resizes, removes or relabels an object (a first
 version also let it shrink the boxes: the DiT then drew every object smaller, single objects included).
+The same reading serves the own count loss (StageModule: the count loss by shape taken there).
 """
 
 from __future__ import annotations
@@ -98,13 +99,14 @@ def own_trajectory_state(
     return state, sigma, timestep
 
 
-def own_separation_loss(model, condition: Tensor, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """The separation loss on the model's own trajectory for the (R, L, H) conditions (see the module
-    docstring); `seed` draws the noise and the step (a batch's seed: resumed runs redraw the same)."""
+def own_trajectory_readings(model, condition: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """CLIP's label-head reading (R, N, 19) of the guided clean-target estimate where the model's own sampler
+    stands after a drawn step, for the (R, L, H) conditions, with the graph through the conditional velocity;
+    and that step's noise level (R,). `seed` draws the noise and the step (a batch's seed: resumed runs redraw
+    the same). Both own-trajectory losses read it: the separation loss and the own count loss."""
     generator = torch.Generator().manual_seed(seed)
     state, sigma, timestep = own_trajectory_state(model, condition, generator)
     velocity = model.dit(state, timestep, condition)  # (R, C, g, g), with its graph
     weights = row_guidance_weights(sigma, model.config.flow.cfg_scale, model.config.flow)  # (R,)
     readings = guided_readings(model, state, sigma, timestep, velocity, condition, weights)  # (R, N, 19)
-    loss, metrics = separation_error(readings, torch.ones(condition.shape[0], dtype=torch.bool))
-    return loss, {**metrics, "separation_sigma": sigma[0].detach()}
+    return readings, sigma

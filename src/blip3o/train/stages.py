@@ -16,13 +16,19 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
-from blip3o.train.count_supervision import counted_error, guided_readings, row_guidance_weights, scene_counts
+from blip3o.train.count_supervision import (
+    counted_error,
+    guided_readings,
+    row_guidance_weights,
+    scene_counts,
+    shape_count_error,
+)
 from blip3o.train.scene_supervision import (
     SceneCellHead,
     SceneEmbeddingTable,
@@ -30,7 +36,7 @@ from blip3o.train.scene_supervision import (
     object_label_scene,
     vision_tokens_replaced,
 )
-from blip3o.train.separation_supervision import own_separation_loss
+from blip3o.train.separation_supervision import own_trajectory_readings, separation_error
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 from blip3o.world.render import render
@@ -230,6 +236,7 @@ class StageModule(nn.Module):
         target_tokens: float = 0.0,
         separation_weight: float = 0.0,
         separation_rows: int = 4,
+        own_count_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -254,12 +261,14 @@ class StageModule(nn.Module):
         self.slot_binding_order = slot_binding_order
         self.count_weight, self.count_by = count_weight, count_by
         self.separation_weight, self.separation_rows = separation_weight, separation_rows
+        self.own_count_weight = own_count_weight
         clip = getattr(model, "clip", None)
-        if (count_weight > 0 or separation_weight > 0) and (
+        if self.guided_losses and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
         ):
             raise ValueError(
-                "count_weight and separation_weight need a CLIP target with the object label head (patch_label_kind)"
+                "count_weight, separation_weight and own_count_weight need a CLIP target with the object label "
+                "head (patch_label_kind)"
             )
         if (self.uses_slot_head or slot_binding_weight > 0) and model.dit.resampler is None:
             raise ValueError(
@@ -275,11 +284,36 @@ class StageModule(nn.Module):
     @property
     def guided_losses(self) -> bool:
         """Whether a loss reads the guided clean-target estimate (train/count_supervision.py)."""
-        return self.count_weight > 0 or self.separation_weight > 0
+        return self.count_weight > 0 or self.own_trajectory_losses
+
+    @property
+    def own_trajectory_losses(self) -> bool:
+        """Whether a loss reads the model's own sampling trajectory (train/separation_supervision.py)."""
+        return self.separation_weight > 0 or self.own_count_weight > 0
 
     @property
     def uses_slot_head(self) -> bool:
         return self.slot_label_weight > 0 or self.slot_position_weight > 0 or self.slot_relation_weight > 0
+
+    def _own_trajectory_loss(
+        self, condition: Tensor, scenes: list, seed: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted separation and own count losses, both read off one sample of the model's own trajectory
+        for the (R, L, H) conditions (train/separation_supervision.py). The own count loss is the count loss by
+        shape taken there: the count loss on noised real targets never sees the extra objects the sampler makes
+        (session 54: moving centres apart made the DiT over-count, 74 of 100 "three" prompts too many)."""
+        readings, sigma = own_trajectory_readings(self.model, condition, seed)  # (R, N, 19), (R,)
+        everyone = torch.ones(condition.shape[0], dtype=torch.bool, device=condition.device)  # (R,)
+        loss, metrics = readings.new_zeros(()), {"own_sigma": sigma[0].detach()}
+        if self.separation_weight > 0:
+            apart_loss, apart_metrics = separation_error(readings, everyone)
+            loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
+        if self.own_count_weight > 0:
+            counts = scene_counts(scenes, "shape").to(condition.device)  # (R, S)
+            count_loss, count_metrics = shape_count_error(readings, counts, everyone)
+            own = {f"own_{key}": value for key, value in count_metrics.items()}
+            loss, metrics = loss + self.own_count_weight * count_loss, {**metrics, **own}
+        return loss, metrics
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, mode: str = "loss", **kwargs):
         if mode == "sample":
@@ -370,7 +404,8 @@ class StageModule(nn.Module):
         else:
             if cross_attention is not None or self.guided_losses:
                 raise ValueError(
-                    "slot_binding_weight, count_weight and separation_weight need the flow-matching objective"
+                    "slot_binding_weight, count_weight, separation_weight and own_count_weight need the "
+                    "flow-matching objective"
                 )
             gen_loss, _ = m.objective.loss(m.dit, x0, cond.float())
         if kind == "joint":
@@ -396,14 +431,14 @@ class StageModule(nn.Module):
             counts = scene_counts(scenes, self.count_by).to(m.device)  # (B,) or (B, S) by shape
             count_loss, count_metrics = counted_error(readings, counts, keep.to(m.device))
             loss, metrics = loss + self.count_weight * count_loss, {**metrics, **count_metrics}
-        if self.separation_weight > 0:
+        if self.own_trajectory_losses:
             # a few rows whose prompt names several objects, sampled on the model's own trajectory
             rows = [i for i, scene in enumerate(scenes) if keep[i] and len(scene.objects) >= 2]
             rows = rows[: self.separation_rows]
             if rows:
-                seed = int(batch["seeds"][rows[0]])
-                apart_loss, apart_metrics = own_separation_loss(m, cond[rows].float(), seed)
-                loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
+                own_loss, own_metrics = self._own_trajectory_loss(cond[rows].float(), [scenes[i] for i in rows],
+                                                                  int(batch["seeds"][rows[0]]))  # fmt: skip
+                loss, metrics = loss + own_loss, {**metrics, **own_metrics}
         if cross_attention is not None:
             binding_loss, binding_metrics = slot_binding_loss(
                 cross_attention, batch["captions"], scenes, conditioned, self.slot_binding_order
