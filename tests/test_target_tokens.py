@@ -3,6 +3,7 @@ tower's tokens, for a chosen share of its images."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     names = [s.name for s in new.stages]
     old_names = [s.name for s in old.stages]
     at = old_names.index("understanding")
-    assert names == [*old_names[:at], "understanding_relations", *old_names[at:]]
+    assert names == [*old_names[:at], "understanding_relations", *old_names[at:], "count_apart"]
     assert new.stage("vision").scene_embedding_weight == 1.0 and new.stage("vision").steps == 9000
     relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
     for stage in (relations, understanding):
@@ -113,9 +114,15 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     assert (relations.target_tokens, understanding.target_tokens) == (1.0, 0.5)
     assert relations.relation_share == 1.0 and relations.qa_share == 1.0
     assert understanding.relation_share == 0.3 and understanding.location_questions
-    # The generation side and the model are the bundle's recipe unchanged.
+    # The generation side and the model are `shapes-object`'s, with one more stage at the end (session 55):
+    # count_shape again, with the two losses read on the model's own samples.
     assert new.model == old.model
-    assert [s for s in new.stages if s.kind not in ("vision", "understanding")] == [
+    assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-1] == [
         s for s in old.stages if s.kind not in ("vision", "understanding")
     ]
+    apart = new.stage("count_apart")
+    assert (apart.separation_weight, apart.own_count_weight) == (0.3, 0.3)
+    assert apart == replace(
+        old.stage("count_shape"), name="count_apart", separation_weight=0.3, own_count_weight=0.3
+    )
     assert type(new).from_dict(new.to_dict()) == new  # what a run saves, it resumes with
