@@ -92,3 +92,29 @@ def object_label_model_config(model_config):
                    patch_label_values=PATCH_LABEL_VALUES, patch_label_kind="object", target_basis="labels",
                    target_components=19)  # fmt: skip
     return replace(model_config, clip=clip, dit=replace(model_config.dit, in_channels=19))
+
+
+def object_slot_model():
+    """tiny-test's model with CLIP's object label head and a 4-slot condition resampler: what the instruct
+    stages' guided and own-trajectory losses need."""
+    from dataclasses import replace
+
+    from blip3o.models.blip3o import Blip3o
+    from blip3o.train.config import preset
+
+    config = object_label_model_config(preset("tiny-test").model)
+    return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
+
+
+def object_instruct_batch():
+    """(`object_slot_model()` with its feature statistics fitted and set up for an instruct stage, a batch of
+    4 rendered GenEval-style training prompts)."""
+    from blip3o.train.data import instruct_examples, make_batch
+    from blip3o.train.stages import fit_feature_statistics, set_trainable
+
+    model = object_slot_model()
+    examples = instruct_examples(0, 1)[:4]
+    fit_feature_statistics(model, [e.image for e in examples])
+    set_trainable(model, "instruct")
+    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    return model, batch

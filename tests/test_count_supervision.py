@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,12 +17,12 @@ from blip3o.train.count_supervision import (
     scene_counts,
     shape_count_error,
 )
-from blip3o.train.data import instruct_examples, make_batch
+from blip3o.train.data import instruct_examples
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
-from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from blip3o.train.stages import StageModule, fit_feature_statistics
 from blip3o.transport import FlowMatchingConfig
 from blip3o.world.scene import SHAPES
-from conftest import object_label_model_config
+from conftest import object_instruct_batch, object_slot_model
 
 NONE = PATCH_LABEL_GROUPS[0] - 1  # the "none" shape's channel
 
@@ -81,15 +80,9 @@ def test_scene_counts_by_objects_and_by_shape() -> None:
         scene_counts(scenes, "colour")
 
 
-def _object_model() -> Blip3o:
-    base = preset("tiny-test")
-    config = object_label_model_config(base.model)
-    return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
-
-
 def test_guided_estimate_is_read_at_the_samplers_scale_and_only_the_conditional_branch_learns() -> None:
     torch.manual_seed(0)
-    model = _object_model()
+    model = object_slot_model()
     examples = instruct_examples(0, 1)[:4]
     fit_feature_statistics(model, [e.image for e in examples])
     x0 = torch.randn(4, *model.config.target_shape)  # (B, 19, g, g)
@@ -123,7 +116,7 @@ def test_rows_are_guided_as_the_sampler_guides_their_noise_level() -> None:
     torch.testing.assert_close(row_guidance_weights(sigma, 3.0, interval), torch.tensor([3.0, 3.0, 2.0, 2.0]))
     # Each row's guided estimate uses its own weight (checked by hand, as above, at weights 3 and 2).
     torch.manual_seed(0)
-    model = _object_model()
+    model = object_slot_model()
     examples = instruct_examples(0, 1)[:2]
     fit_feature_statistics(model, [e.image for e in examples])
     x_t = torch.randn(2, *model.config.target_shape)  # (B, 19, g, g)
@@ -153,12 +146,8 @@ def test_rows_are_guided_as_the_sampler_guides_their_noise_level() -> None:
 
 
 def test_instruct_step_with_the_count_loss() -> None:
-    model = _object_model()
-    examples = instruct_examples(0, 1)[:4]
-    fit_feature_statistics(model, [e.image for e in examples])
+    model, batch = object_instruct_batch()
     module = StageModule(model, "instruct", count_weight=1.0)
-    set_trainable(model, "instruct")
-    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
     loss, metrics = module(batch)
     assert {"gen_loss", "count_error", "count_bias"} <= set(metrics)
     torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + metrics["count_error"])
@@ -172,11 +161,7 @@ def test_instruct_step_with_the_count_loss() -> None:
 
 
 def test_instruct_step_with_the_count_loss_by_shape() -> None:
-    model = _object_model()
-    examples = instruct_examples(0, 1)[:4]
-    fit_feature_statistics(model, [e.image for e in examples])
-    set_trainable(model, "instruct")
-    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    model, batch = object_instruct_batch()
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, count_by="shape")(batch)
     assert {"gen_loss", "shape_count_error", "count_error"} <= set(metrics)
     torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + metrics["shape_count_error"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,6 @@ import torch
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
 from blip3o.train.count_supervision import scene_counts, shape_count_error
-from blip3o.train.data import instruct_examples, make_batch
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
 from blip3o.train.separation_supervision import (
     SEPARATION_MARGIN,
@@ -20,12 +17,12 @@ from blip3o.train.separation_supervision import (
     read_boxes,
     separation_error,
 )
-from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
+from blip3o.train.stages import StageModule
 from blip3o.transport import initial_noise, sample_euler, sampling_schedule
 from blip3o.world.conditioned import scene_for_prompt
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.scene import SHAPES, box_gap
-from conftest import object_label_model_config
+from conftest import object_instruct_batch, object_slot_model
 
 GRID = 8  # 64 px images, 8 px patches
 N_SHAPES, N_COLOURS = PATCH_LABEL_GROUPS  # each with its "none" last
@@ -90,14 +87,9 @@ def test_the_gradient_moves_the_pair_apart_and_shrinks_it_only_if_asked() -> Non
             assert grad[:, SIDE].abs().sum() == 0  # sizes are left alone
 
 
-def _object_model() -> Blip3o:
-    config = object_label_model_config(preset("tiny-test").model)
-    return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)
-
-
 def test_euler_sampling_can_stop_part_way() -> None:
     torch.manual_seed(0)
-    model = _object_model()
+    model = object_slot_model()
     condition = model.condition(["a red circle", "two stars"]).float()  # (R, L, H)
     noise = initial_noise((2, *model.config.target_shape), torch.Generator().manual_seed(1))
     states = {}
@@ -120,7 +112,7 @@ def test_euler_sampling_can_stop_part_way() -> None:
 
 def test_own_trajectory_state_is_where_the_sampler_stands() -> None:
     torch.manual_seed(0)
-    model = _object_model()
+    model = object_slot_model()
     condition = model.condition(["a red circle", "two stars"]).float()  # (R, L, H)
     state, sigma, timestep = own_trajectory_state(model, condition, torch.Generator().manual_seed(5))
     # The same draws by hand: the step first, then the noise, from one generator.
@@ -135,11 +127,7 @@ def test_own_trajectory_state_is_where_the_sampler_stands() -> None:
 
 
 def test_instruct_step_with_the_separation_loss() -> None:
-    model = _object_model()
-    examples = instruct_examples(0, 1)[:4]
-    fit_feature_statistics(model, [e.image for e in examples])
-    set_trainable(model, "instruct")
-    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    model, batch = object_instruct_batch()
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)
     assert {"gen_loss", "count_error", "separation_error", "close_pairs", "own_sigma"} <= set(metrics)
     expected = metrics["gen_loss"] + metrics["count_error"] + 2.0 * metrics["separation_error"]
@@ -152,8 +140,7 @@ def test_instruct_step_with_the_separation_loss() -> None:
 
 def test_own_count_loss_reads_the_same_own_sample() -> None:
     torch.manual_seed(0)
-    model = _object_model()
-    fit_feature_statistics(model, [e.image for e in instruct_examples(0, 1)[:4]])
+    model, _ = object_instruct_batch()
     records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
     scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
     condition = model.condition([r["prompt"] for r in records]).float()  # (R, L, H)
@@ -178,11 +165,7 @@ def test_own_count_loss_reads_the_same_own_sample() -> None:
 
 
 def test_instruct_step_with_the_own_count_loss() -> None:
-    model = _object_model()
-    examples = instruct_examples(0, 1)[:4]
-    fit_feature_statistics(model, [e.image for e in examples])
-    set_trainable(model, "instruct")
-    batch = make_batch("instruct", examples, list(range(4)), list(range(4)), seed=0, short_prob=0.0)
+    model, batch = object_instruct_batch()
     loss, metrics = StageModule(model, "instruct", own_count_weight=0.5)(batch)
     assert {"gen_loss", "own_shape_count_error", "own_count_bias", "own_sigma"} <= set(metrics)
     torch.testing.assert_close(loss.detach(), metrics["gen_loss"] + 0.5 * metrics["own_shape_count_error"])

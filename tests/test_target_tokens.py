@@ -121,7 +121,6 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
         s for s in old.stages if s.kind not in ("vision", "understanding")
     ]
     apart = new.stage("count_apart")
-    assert (apart.separation_weight, apart.own_count_weight) == (0.3, 0.3)
     assert apart == replace(
         old.stage("count_shape"), name="count_apart", separation_weight=0.3, own_count_weight=0.3
     )
