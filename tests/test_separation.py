@@ -126,6 +126,26 @@ def test_own_trajectory_state_is_where_the_sampler_stands() -> None:
     assert timestep.tolist() == [schedule.network_timesteps[step].item()] * 2
 
 
+def test_own_trajectory_step_can_be_kept_to_high_noise() -> None:
+    torch.manual_seed(0)
+    model = object_slot_model()
+    condition = model.condition(["two stars"]).float()  # (R, L, H)
+    schedule = sampling_schedule(None, model.config.flow)
+    high = int((schedule.sigmas[:-1] >= 0.6).sum())
+    assert 1 < high < len(schedule.network_timesteps)  # the check below can fail
+    drawn = set()
+    for seed in range(40):
+        _, sigma, _ = own_trajectory_state(
+            model, condition, torch.Generator().manual_seed(seed), min_sigma=0.6
+        )
+        drawn.add(round(sigma[0].item(), 6))
+    assert min(drawn) >= 0.6 and len(drawn) > 1
+    # Every one of those steps and none below: the draw is uniform over the high steps.
+    assert drawn == {round(s, 6) for s in schedule.sigmas[:high].tolist()}
+    with pytest.raises(ConfigError, match="own_min_sigma"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, own_min_sigma=1.0)
+
+
 def test_instruct_step_with_the_separation_loss() -> None:
     model, batch = object_instruct_batch()
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)

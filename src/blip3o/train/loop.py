@@ -292,6 +292,7 @@ def train_stage(
             separation_weight=stage.separation_weight,
             separation_rows=stage.separation_rows,
             own_count_weight=stage.own_count_weight,
+            own_min_sigma=stage.own_min_sigma,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

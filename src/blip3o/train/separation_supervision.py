@@ -83,14 +83,17 @@ def separation_error(
 
 @torch.no_grad()
 def own_trajectory_state(
-    model, condition: Tensor, generator: torch.Generator
+    model, condition: Tensor, generator: torch.Generator, min_sigma: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Where the model's own sampler stands after a step drawn from `generator` (0 .. steps - 1): the state
-    (R, C, g, g), its noise level (R,) and the network timestep (R,) the sampler feeds there. condition (R, L, H);
-    the model's sampling steps and guidance (FlowMatchingConfig.sample_steps / cfg_scale)."""
+    """Where the model's own sampler stands after a step drawn from `generator` (0 .. steps - 1, among the steps
+    whose noise level is >= `min_sigma`): the state (R, C, g, g), its noise level (R,) and the network timestep
+    (R,) the sampler feeds there. condition (R, L, H); the model's sampling steps and guidance
+    (FlowMatchingConfig.sample_steps / cfg_scale)."""
     flow = model.config.flow
     schedule = sampling_schedule(None, flow)
-    step = int(torch.randint(len(schedule.network_timesteps), (), generator=generator))
+    # the grid descends from 1, so the allowed steps are its first ones (at least step 0, at sigma 1)
+    allowed = max(1, int((schedule.sigmas[:-1] >= min_sigma).sum()))
+    step = int(torch.randint(allowed, (), generator=generator))
     rows = condition.shape[0]
     noise = initial_noise((rows, *model.config.target_shape), generator).to(condition.device)  # (R, C, g, g)
     state = sample_euler(model.dit, noise, condition, flow, end_step=step)  # (R, C, g, g)
@@ -99,13 +102,16 @@ def own_trajectory_state(
     return state, sigma, timestep
 
 
-def own_trajectory_readings(model, condition: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+def own_trajectory_readings(
+    model, condition: Tensor, seed: int, min_sigma: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """CLIP's label-head reading (R, N, 19) of the guided clean-target estimate where the model's own sampler
     stands after a drawn step, for the (R, L, H) conditions, with the graph through the conditional velocity;
     and that step's noise level (R,). `seed` draws the noise and the step (a batch's seed: resumed runs redraw
-    the same). Both own-trajectory losses read it: the separation loss and the own count loss."""
+    the same); `min_sigma` restricts the step (own_trajectory_state). Both own-trajectory losses read it: the
+    separation loss and the own count loss."""
     generator = torch.Generator().manual_seed(seed)
-    state, sigma, timestep = own_trajectory_state(model, condition, generator)
+    state, sigma, timestep = own_trajectory_state(model, condition, generator, min_sigma)
     velocity = model.dit(state, timestep, condition)  # (R, C, g, g), with its graph
     weights = row_guidance_weights(sigma, model.config.flow.cfg_scale, model.config.flow)  # (R,)
     readings = guided_readings(model, state, sigma, timestep, velocity, condition, weights)  # (R, N, 19)

@@ -237,6 +237,7 @@ class StageModule(nn.Module):
         separation_weight: float = 0.0,
         separation_rows: int = 4,
         own_count_weight: float = 0.0,
+        own_min_sigma: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -261,7 +262,7 @@ class StageModule(nn.Module):
         self.slot_binding_order = slot_binding_order
         self.count_weight, self.count_by = count_weight, count_by
         self.separation_weight, self.separation_rows = separation_weight, separation_rows
-        self.own_count_weight = own_count_weight
+        self.own_count_weight, self.own_min_sigma = own_count_weight, own_min_sigma
         clip = getattr(model, "clip", None)
         if self.guided_losses and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
@@ -302,7 +303,9 @@ class StageModule(nn.Module):
         for the (R, L, H) conditions (train/separation_supervision.py). The own count loss is the count loss by
         shape taken there: the count loss on noised real targets never sees the extra objects the sampler makes
         (session 54: moving centres apart made the DiT over-count, 74 of 100 "three" prompts too many)."""
-        readings, sigma = own_trajectory_readings(self.model, condition, seed)  # (R, N, 19), (R,)
+        readings, sigma = own_trajectory_readings(
+            self.model, condition, seed, self.own_min_sigma
+        )  # (R, N, 19), (R,)
         everyone = torch.ones(condition.shape[0], dtype=torch.bool, device=condition.device)  # (R,)
         loss, metrics = readings.new_zeros(()), {"own_sigma": sigma[0].detach()}
         if self.separation_weight > 0:
