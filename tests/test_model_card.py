@@ -142,6 +142,10 @@ def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     assert stage_objectives_sentence(with_separation).endswith(
         "count loss by shape 0.1, separation (on its own samples) loss 0.3."
     )
+    with_separation["stages"][-1]["own_min_sigma"] = 0.6  # the own step kept to high noise: the card says so
+    assert stage_objectives_sentence(with_separation).endswith(
+        "count loss by shape 0.1, separation (on its own samples at noise >= 0.6) loss 0.3."
+    )
     refine = (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
     )

@@ -115,13 +115,17 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     assert relations.relation_share == 1.0 and relations.qa_share == 1.0
     assert understanding.relation_share == 0.3 and understanding.location_questions
     # The generation side and the model are `shapes-object`'s, with one more stage at the end (session 55):
-    # count_shape again, with the two losses read on the model's own samples.
+    # count_shape again, with the two losses read on the model's own samples at high noise (session 56).
     assert new.model == old.model
     assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-1] == [
         s for s in old.stages if s.kind not in ("vision", "understanding")
     ]
     apart = new.stage("count_apart")
     assert apart == replace(
-        old.stage("count_shape"), name="count_apart", separation_weight=0.3, own_count_weight=0.3
+        old.stage("count_shape"),
+        name="count_apart",
+        separation_weight=0.3,
+        own_count_weight=0.3,
+        own_min_sigma=0.6,
     )
     assert type(new).from_dict(new.to_dict()) == new  # what a run saves, it resumes with

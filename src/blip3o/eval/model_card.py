@@ -354,6 +354,11 @@ def stage_objectives_sentence(config: dict) -> str:
         extras = [f"{name} loss {stage[key]:g}" for key, name in EXTRA_LOSSES.items() if stage.get(key, 0)]
         if stage.get("count_weight", 0) and stage.get("count_by", "objects") == "shape":
             extras = [e.replace("count loss", "count loss by shape") for e in extras]
+        if stage.get("own_min_sigma", 0) and (
+            stage.get("separation_weight", 0) or stage.get("own_count_weight", 0)
+        ):
+            level = f"on its own samples at noise >= {stage['own_min_sigma']:g}"
+            extras = [e.replace("on its own samples", level) for e in extras]
         if stage.get("generated_share", 0):
             pairs = stage.get("generated_pairs", "image")
             drawn = "the render of what CLIP reads in it" if pairs == "reading" else "the batch's image"
