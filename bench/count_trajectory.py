@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/count_trajectory.py MODEL [--seeds 6] [--cfg 3] [--every 3]
 
-Samples ShapesGenEval's 15 counting prompts with seeds 0 .. N-1 on the model's own Euler steps and guidance
-(as `Blip3o.generate_target`), and at every `--every`-th step reads the guided clean-target estimate
+Samples ShapesGenEval's 15 counting prompts with seeds 0 .. N-1 on the model's own sampler (`sample_euler`, as
+`Blip3o.generate_target`), and at every `--every`-th step reads the guided clean-target estimate
 ``x_t - sigma v`` with CLIP's label head: the expected number of objects of the named shape (the sum of that
 shape's probability over tokens, what the own count loss pulls; train/count_supervision.py). For each wanted
 count (2, 3, 4) it prints, per step, that soft count's mean and mean absolute error to the wanted count, how
@@ -24,7 +24,7 @@ import torch
 
 from blip3o.models.clip import grid_to_tokens
 from blip3o.train.scene_supervision import object_label_detections
-from blip3o.transport import guided_velocity, initial_noise, sampling_schedule
+from blip3o.transport import initial_noise, sample_euler, sampling_schedule
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.scene import SHAPES
 from label_judge import load_label_model  # bench/ is on sys.path when a bench script runs
@@ -32,28 +32,35 @@ from label_judge import load_label_model  # bench/ is on sys.path when a bench s
 
 @torch.no_grad()
 def trajectory_counts(model, prompts: list[str], shapes: list[int], seed: int, cfg_scale: float, every: int):
-    """One sampling seed: ({step: (B,) soft count of each row's named shape}, (B,) final hard counts, sigmas)."""
+    """One sampling seed on the model's own sampler (`sample_euler`: its steps, and its guidance weight at each):
+    ({step: (B,) soft count of each row's named shape}, (B,) the final sample's hard counts)."""
     flow = model.config.flow
-    schedule = sampling_schedule(None, flow)
-    condition = model.condition(prompts).float()  # (B, L, H)
-    generator = torch.Generator().manual_seed(seed)
-    x = initial_noise((len(prompts), *model.config.target_shape), generator)  # (B, C, g, g)
+    sigmas = sampling_schedule(None, flow).sigmas  # (steps + 1,)
+    last = len(sigmas) - 2
     rows = torch.arange(len(prompts))
     soft = {}
-    for k in range(len(schedule.network_timesteps)):
-        timestep = schedule.network_timesteps[k].expand(len(prompts))  # (B,)
-        velocity = guided_velocity(model.dit, x, timestep, condition, cfg_scale)  # (B, C, g, g)
-        if k % every == 0 or k == len(schedule.network_timesteps) - 1:
-            estimate = x - schedule.sigmas[k] * velocity  # (B, C, g, g): x0 = x_t - sigma v
+    noise = initial_noise((len(prompts), *model.config.target_shape), torch.Generator().manual_seed(seed))
+    x = noise.float()  # (B, C, g, g): the state step k starts from
+
+    def read(k: int, after: torch.Tensor) -> None:
+        nonlocal x
+        if k % every == 0 or k == last:
+            velocity = (after - x) / (sigmas[k + 1] - sigmas[k])  # (B, C, g, g): the guided velocity it took
+            estimate = x - sigmas[k] * velocity  # (B, C, g, g): x0 = x_t - sigma v
             readings = model.clip.patch_labels_from_target(grid_to_tokens(estimate))  # (B, N, 19)
             soft[k] = readings[rows, :, shapes].sum(dim=-1)  # (B,) the named shape's expected count
-        x = x + (schedule.sigmas[k + 1] - schedule.sigmas[k]) * velocity
-    final = model.clip.patch_labels_from_target(grid_to_tokens(x))  # (B, N, 19)
+        x = after
+
+    condition = model.condition(prompts).float()  # (B, L, H)
+    final = sample_euler(
+        model.dit, noise, condition, flow, cfg_scale=cfg_scale, callback=read
+    )  # (B, C, g, g)
+    readings = model.clip.patch_labels_from_target(grid_to_tokens(final))  # (B, N, 19)
     hard = [
         sum(d.shape == SHAPES[s] for d in object_label_detections(reading))
-        for reading, s in zip(final, shapes, strict=True)
+        for reading, s in zip(readings, shapes, strict=True)
     ]
-    return soft, torch.tensor(hard), schedule.sigmas
+    return soft, torch.tensor(hard)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed = [
         trajectory_counts(model, prompts, shapes, s, cfg_scale, args.every) for s in range(args.seeds)
     ]
-    sigmas = per_seed[0][2]
+    sigmas = sampling_schedule(None, model.config.flow).sigmas  # (steps + 1,)
     want_all = wanted.repeat(args.seeds)  # (seeds * B,)
-    final_all = torch.cat([hard for _, hard, _ in per_seed])  # (seeds * B,)
+    final_all = torch.cat([hard for _, hard in per_seed])  # (seeds * B,)
     result = {"model": args.model, "cfg": cfg_scale, "samples": len(want_all), "by_count": {}}
     for want in sorted(set(wanted.tolist())):
         chosen = want_all == want
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"want {want}: {int(chosen.sum())} samples, final count right {entry['final_pass']}, "
               f"final counts {entry['final_counts']}")  # fmt: skip
         for k in per_seed[0][0]:
-            soft = torch.cat([counts[k] for counts, _, _ in per_seed])[chosen]  # (n,)
+            soft = torch.cat([counts[k] for counts, _ in per_seed])[chosen]  # (n,)
             row = {
                 "step": k,
                 "sigma": round(float(sigmas[k]), 4),
