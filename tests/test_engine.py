@@ -36,7 +36,15 @@ from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
 from conftest import object_label_model_config
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# PYTHONFAULTHANDLER: a worker that dies on a signal (CI once saw rank 1 of the FSDP2 run end in SIGSEGV) prints
+# its Python stack to the captured stderr, so a failure names where it happened.
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,14 @@ def _log(run: Path, stage: str = "generation") -> list[dict]:
 
 def _losses(run: Path, stage: str = "generation") -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in _log(run, stage)]
+
+
+def _stderr_tail(result: subprocess.CompletedProcess) -> str:
+    """The end of a failed run's stderr, led by a crashed worker's fault-handler stack (which torchrun's own
+    report would push out of the tail)."""
+    crash = result.stderr.find("Fatal Python error")
+    stack = result.stderr[crash : crash + 4000] + "\n...\n" if crash >= 0 else ""
+    return stack + result.stderr[-3000:]
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -224,7 +240,7 @@ def test_stage2_overfits_a_fixed_batch(tiny_model: Blip3o) -> None:
 def test_resume_after_sigkill_continues_with_identical_losses(tmp_path: Path) -> None:
     args = ["--preset", "tiny-gen", "stages.generation.steps=6", "stages.generation.ckpt_every=2"]
     reference = _train([*args, "--out", str(tmp_path / "straight")], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert reference.returncode == 0, _stderr_tail(reference)
 
     killed_run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "blip3o.cli.train", "--no-progress", *args, "--out", str(killed_run)]
@@ -241,7 +257,7 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path: Path) ->
     )
 
     resumed = _train([*args, "--out", str(killed_run)], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, _stderr_tail(resumed)
     assert "resumed from" in resumed.stderr
     straight, continued = _losses(tmp_path / "straight"), _losses(killed_run)
     assert [s for s, _ in continued] == [1, 2, 3, 4, 5, 6]
@@ -261,10 +277,10 @@ def test_two_process_run_matches_one_process(tmp_path: Path, strategy: str, slot
     if slots:
         args += ["model.dit.condition_slots=4", "stages.generation.slot_label_weight=1.0"]
     single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, _stderr_tail(single)
     train = ["-m", "blip3o.cli.train", "--no-progress", *args]
     multi = _torchrun([*train, "--out", str(tmp_path / strategy), f"distributed={strategy}"], tmp_path)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.returncode == 0, _stderr_tail(multi)
     one, two = dict(_losses(tmp_path / "single")), dict(_losses(tmp_path / strategy))
     print(f"{strategy}: step-5 loss 1 process {one[5]:.8f}, 2 processes {two[5]:.8f}")
     assert abs(one[5] - two[5]) < 1e-5
@@ -307,7 +323,7 @@ def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process
     the process's random state (it did, before session 37)."""
     single = tmp_path / "single"
     result = _train([*OBJECT_INSTRUCT, "stages.instruct.grad_accum=2", "--out", str(single)], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _stderr_tail(result)
     one = _log(single, "instruct")
     # Each loss is on: the slot losses are what the total holds beyond the flow and count terms (count weight 1).
     assert all(r["count_error"] > 0 and r["loss"] - r["gen_loss"] - r["count_error"] > 0.1 for r in one), one
@@ -317,7 +333,7 @@ def test_two_process_instruct_with_the_slot_and_count_losses_matches_one_process
         _copy_stages(single, run, ("clip", "decoder", "vision", "understanding", "generation"))
         train = ["-m", "blip3o.cli.train", "--no-progress", *OBJECT_INSTRUCT]
         multi = _torchrun([*train, "--out", str(run), f"distributed={strategy}"], tmp_path)
-        assert multi.returncode == 0, multi.stderr[-3000:]
+        assert multi.returncode == 0, _stderr_tail(multi)
         two = _log(run, "instruct")
         assert [r["step"] for r in two] == [1, 2, 3]
         for a, b in zip(one, two, strict=True):
@@ -331,7 +347,7 @@ def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumula
     2 ranks are one process accumulating 2 micro-batches."""
     args = ["--preset", "tiny-test", "deterministic=true", "stages.*.grad_accum=2"]
     single = _train([*args, "--out", str(tmp_path / "single")], tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, _stderr_tail(single)
     train = [
         "-m",
         "blip3o.cli.train",
@@ -339,7 +355,7 @@ def test_fsdp_trains_every_stage_kind_and_the_clip_stage_as_one_process_accumula
         *args[:3],
     ]  # no accumulation: 2 ranks of 1 micro-batch
     multi = _torchrun([*train, "--out", str(tmp_path / "fsdp"), "distributed=fsdp"], tmp_path)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.returncode == 0, _stderr_tail(multi)
     assert (tmp_path / "fsdp" / "instruct" / "model").is_dir()  # every stage kind ran sharded
     one, two = _losses(tmp_path / "single", "clip"), _losses(tmp_path / "fsdp", "clip")
     assert [s for s, _ in two] == [1, 2, 3]
@@ -365,7 +381,7 @@ def test_two_process_refine_stage_matches_one_process_accumulating(tmp_path: Pat
         [sys.executable, script, str(tmp_path / "single"), "none", "2"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, _stderr_tail(single)
     one = _losses(tmp_path / "single", "refine")
     assert [s for s, _ in one] == [1, 2, 3]
     for strategy in ("ddp", "fsdp"):
@@ -374,7 +390,7 @@ def test_two_process_refine_stage_matches_one_process_accumulating(tmp_path: Pat
             tmp_path / "single", run, ("clip", "decoder", "vision", "understanding", "generation", "instruct")
         )
         multi = _torchrun([script, str(run), strategy, "1"], tmp_path)
-        assert multi.returncode == 0, multi.stderr[-3000:]
+        assert multi.returncode == 0, _stderr_tail(multi)
         two = _losses(run, "refine")
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two, strict=True)), (strategy, one, two)
 
@@ -400,7 +416,7 @@ def test_corrupt_shard_is_skipped_and_training_continues(tmp_path: Path) -> None
         ],
         tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _stderr_tail(result)
     assert "skipped 1 corrupt shard" in result.stderr
     assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2]
 
@@ -728,7 +744,7 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
         "eval.geneval_images_per_prompt=1", "eval.vqa_questions=5",
     ]  # fmt: skip
     result = _train(args, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _stderr_tail(result)
     summary_path = tmp_path / "run" / "eval" / "summary.json"
     summary = json.loads(summary_path.read_text())
     assert set(summary["geneval"]["categories"]) == {
@@ -740,7 +756,7 @@ def test_run_evaluates_its_final_model_once(tmp_path: Path) -> None:
     assert len(json.loads((tmp_path / "run" / "eval" / "vqa.json").read_text())["answers"]) == 5
     before = summary_path.stat().st_mtime_ns
     again = _train(args, tmp_path)  # resumed: nothing to train, nothing to evaluate again
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, _stderr_tail(again)
     assert "evaluation already done" in again.stderr and summary_path.stat().st_mtime_ns == before
 
     from blip3o.cli.card import main as card_main
