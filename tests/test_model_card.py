@@ -150,6 +150,13 @@ def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
     )
     assert refine in sentence
+    assert "prompt renders" not in sentence
+    prompted = {**config, "stages": [dict(s) for s in config["stages"]]}
+    next(s for s in prompted["stages"] if s["name"] == "refine")["prompt_scenes"] = True
+    assert (
+        "each drawn as the render of what CLIP reads in it, on stage 3's prompt renders, not the shards;"
+        in (stage_objectives_sentence(prompted))
+    )
     assert "`clip`" not in sentence and "`decoder`" not in sentence  # no extras, no mention
     for stage in config["stages"]:  # a config saved before the fields: nothing to say, and no KeyError
         for key in ("slot_label_weight", "slot_relation_weight", "slot_binding_weight", "count_weight"):

@@ -19,7 +19,7 @@ from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
 from blip3o.train.data import instruct_examples, is_colourless_pair, load_shards, make_batch
-from blip3o.train.loop import train_stage
+from blip3o.train.loop import stage_examples, train_stage
 from blip3o.train.parallelize import init_distributed
 from blip3o.train.slot_supervision import (
     NO_OBJECT_COLOR,
@@ -366,7 +366,7 @@ def test_instruct_examples_render_colourless_pairs_more_often(monkeypatch) -> No
     assert [e.image.tobytes() for e in first_two] == [e.image.tobytes() for e in plain]
     with pytest.raises(ConfigError, match="colourless_pair_renders must be >= 0"):
         StageConfig("relation", "instruct", 10, 4, colourless_pair_renders=-1)
-    with pytest.raises(ConfigError, match="applies to instruct stages only"):
+    with pytest.raises(ConfigError, match="applies to instruct stages and decoder stages with prompt_scenes"):
         StageConfig("generation", "generation", 10, 4, colourless_pair_renders=12)
     # The bundled model's recipe gives them to its last stages only: measured in `relation`, kept after it.
     object_stages = preset("shapes-object").stages
@@ -392,5 +392,33 @@ def test_instruct_examples_render_counting_prompts_more_often(monkeypatch) -> No
     assert all(sum(o.shape == want["class"] for o in e.scene.objects) == want["count"] for e in counting)
     with pytest.raises(ConfigError, match="counting_renders must be >= 0"):
         StageConfig("relation", "instruct", 10, 4, counting_renders=-1)
-    with pytest.raises(ConfigError, match="counting_renders applies to instruct stages only"):
+    with pytest.raises(
+        ConfigError, match="counting_renders applies to instruct stages and decoder stages with"
+    ):
         StageConfig("generation", "generation", 10, 4, counting_renders=12)
+    with pytest.raises(
+        ConfigError, match="counting_renders applies to instruct stages and decoder stages with"
+    ):
+        StageConfig("refine", "decoder", 10, 4, counting_renders=12)
+
+
+def test_decoder_stage_with_prompt_scenes_trains_on_the_prompt_renders(monkeypatch) -> None:
+    prompts = load_train_prompts()
+    picked = [next(r for r in prompts if r["tag"] == tag) for tag in ("counting", "position")]
+    monkeypatch.setattr("blip3o.train.data.load_train_prompts", lambda: picked)
+    config = preset("tiny-test")
+    shards = ["the run's shards"]
+    plain = StageConfig("refine", "decoder", 10, 4)
+    assert stage_examples(plain, config, shards) is shards
+    prompted = StageConfig("refine", "decoder", 10, 4, prompt_scenes=True, counting_renders=3)
+    examples = stage_examples(prompted, config, shards)
+    renders = config.data.instruct_renders
+    assert Counter(e.long_caption for e in examples) == Counter(
+        {picked[0]["prompt"]: 3, picked[1]["prompt"]: renders}
+    )
+    # the same scenes an instruct stage with these settings trains on
+    instruct = StageConfig("count", "instruct", 10, 4, counting_renders=3)
+    same = stage_examples(instruct, config, shards)
+    assert [e.image.tobytes() for e in examples] == [e.image.tobytes() for e in same]
+    with pytest.raises(ConfigError, match="prompt_scenes applies to decoder stages only"):
+        StageConfig("count", "instruct", 10, 4, prompt_scenes=True)

@@ -366,6 +366,8 @@ def stage_objectives_sentence(config: dict) -> str:
                 f"{stage['generated_share']:.0%} of conditions the DiT's renditions (start levels up to "
                 f"{stage.get('generated_max_sigma', 0.6):g}), each drawn as {drawn}"
             )
+        if stage.get("prompt_scenes", False):
+            extras.append("on stage 3's prompt renders, not the shards")
         if extras:
             parts.append(f"`{stage['name']}`: {', '.join(extras)}")
     return f"Beyond each kind's own loss: {'; '.join(parts)}." if parts else ""

@@ -169,6 +169,10 @@ class StageConfig:
     # CLIP's object label head reads in the rendition (`scene_supervision.object_label_scene`), a valid pair at
     # any start level up to 1 (the DiT's own samples): the decoder learns to draw each token's object cleanly.
     generated_pairs: str = "image"
+    # decoder: train on stage 3's prompt renders (`instruct_examples`: each GenEval-style training prompt's scene,
+    # exactly what it asks for) instead of the shards, so the renditions are the DiT's drawings of such prompts
+    # (four crosses close together), not of the shards' captions, which seldom ask for crowded scenes
+    prompt_scenes: bool = False
     # instruct: renders of each training prompt that names two kinds of object and no colour ("an image of a
     # circle left of a square"); 0: data.instruct_renders, like every other prompt. Without colours the DiT often
     # draws the first shape twice (docs/bench/object_target.txt, session 30); these prompts are 300 of the 1,720.
@@ -332,11 +336,15 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: separation_rows must be >= 1, got {self.separation_rows}"
             )
+        if self.prompt_scenes and self.kind != "decoder":
+            raise ConfigError(f"stage {self.name!r}: prompt_scenes applies to decoder stages only")
         for name in ("colourless_pair_renders", "counting_renders"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name!r}: {name} must be >= 0")
-            if getattr(self, name) and self.kind != "instruct":
-                raise ConfigError(f"stage {self.name!r}: {name} applies to instruct stages only")
+            if getattr(self, name) and self.kind != "instruct" and not self.prompt_scenes:
+                raise ConfigError(
+                    f"stage {self.name!r}: {name} applies to instruct stages and decoder stages with prompt_scenes"
+                )
         if self.hard_negatives and self.kind != "clip":
             raise ConfigError(f"stage {self.name!r}: hard_negatives applies to clip stages only")
 

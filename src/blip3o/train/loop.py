@@ -40,7 +40,15 @@ from blip3o.train.checkpoint import (
     save_training_state,
 )
 from blip3o.train.config import ConfigError, RunConfig, StageConfig
-from blip3o.train.data import BatchPlan, DataError, ensure_shards, instruct_examples, load_shards, make_batch
+from blip3o.train.data import (
+    BatchPlan,
+    DataError,
+    Example,
+    ensure_shards,
+    instruct_examples,
+    load_shards,
+    make_batch,
+)
 from blip3o.train.evaluate import evaluate_run
 from blip3o.train.optim import EMA, build_optimizer, warmup_cosine
 from blip3o.train.parallelize import (
@@ -133,6 +141,20 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def stage_examples(stage: StageConfig, config: RunConfig, shard_examples: list[Example]) -> list[Example]:
+    """What a stage trains on: stage 3's prompt renders for instruct stages and decoder stages with
+    `prompt_scenes`, the run's shards for every other stage."""
+    if stage.kind != "instruct" and not stage.prompt_scenes:
+        return shard_examples
+    return instruct_examples(
+        config.data.seed,
+        config.data.instruct_renders,
+        config.data.instruct_max_prompts or None,
+        stage.colourless_pair_renders,
+        stage.counting_renders,
+    )
 
 
 def check_stage_model(model_dir: Path, wanted: Blip3oConfig) -> None:
@@ -255,14 +277,7 @@ def train_stage(
         model.decoder.init_spatial_from_clip(model.clip)
     if kind in GENERATION_KINDS and config.model.target == "vae" and not model.vae.scaling_fitted:
         fit_vae_scaling(model, [e.image for e in examples[:STATS_IMAGES]])
-    if kind == "instruct":
-        examples = instruct_examples(
-            config.data.seed,
-            config.data.instruct_renders,
-            config.data.instruct_max_prompts or None,
-            stage.colourless_pair_renders,
-            stage.counting_renders,
-        )
+    examples = stage_examples(stage, config, examples)
     set_trainable(model, kind, stage.freeze_vision, stage.freeze_language)
     seed = _stage_seed(config, index)
     plan = BatchPlan(len(examples), stage.batch_size, stage.grad_accum, dist.world_size, seed)
