@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--decoder-cfg", type=float, help="with --pixels: decoder guidance (default: the model's)"
     )
+    parser.add_argument(
+        "--decoder-candidates", type=int, help="with --pixels: decodes per sample, the most faithful kept"
+    )
     parser.add_argument("--gaps", action="store_true", help="with --pixels: closest token boxes by verdicts")
     args = parser.parse_args(argv)
     if args.gaps and not args.pixels:
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     model = load_label_model(args.model, parser)
+    if args.decoder_candidates is not None:
+        if args.decoder_candidates < 1:
+            parser.error("--decoder-candidates must be >= 1")
+        model.set_decoder_candidates(args.decoder_candidates)
     outcomes: Counter = Counter()
     pixel_outcomes: Counter = Counter()
     gaps: dict[tuple[bool, bool], list] = defaultdict(list)

@@ -52,6 +52,18 @@ def test_model_section_says_when_the_dit_reads_resampler_slots() -> None:
     assert "Its condition is the prompt's last 8 word embeddings and the query states." in line
 
 
+def test_model_section_names_decoder_candidates_only_when_there_are_several() -> None:
+    def decoder_line(model: dict) -> str:
+        return next(line for line in _model_section(model) if line.startswith("- Pixel decoder"))
+
+    model = preset("shapes-object").model.to_dict()
+    assert "decoded" not in decoder_line(model)
+    model["decoder"]["sample_candidates"] = 4
+    assert "each DiT sample is decoded 4 times and the decode whose CLIP reading agrees best" in decoder_line(
+        model
+    )
+
+
 def test_model_section_names_a_guidance_interval_only_when_there_is_one() -> None:
     def dit_line(model: dict) -> str:
         return next(line for line in _model_section(model) if line.startswith("- DiT"))
@@ -206,3 +218,4 @@ def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
     assert other_sampler_section(own, resumed, Path("r"))[-2].endswith("| not measured (resumed) |")
     assert sampler_phrase({"steps": 20, "self_check": 1, "self_check_accept": None}) == "--steps 20"
     assert sampler_phrase({"self_check": 2}) == "--self-check 2"
+    assert sampler_phrase({"decoder_candidates": 4, "self_check": 1}) == "--decoder-candidates 4"

@@ -202,3 +202,31 @@ def test_own_trajectory_weight_checks(name: str) -> None:
         StageModule(model, "instruct", **{name: 1.0})
     with pytest.raises(ConfigError, match="FSDP"):
         apply_overrides(preset("shapes-object"), ["distributed=fsdp", f"stages.count.{name}=0.3"])
+
+
+def test_a_wider_separation_margin_costs_more_and_reaches_the_stage() -> None:
+    # Largest-side objects (22 px) with centres 24 px apart: a 2 px gap, at ShapesWorld's own margin.
+    labels = _two_objects(col_b=4, side=1.0)
+    assert separation_error(labels, torch.tensor([True]), margin=SEPARATION_MARGIN)[0].item() == 0.0
+    wide, metrics = separation_error(labels, torch.tensor([True]), margin=5.0)
+    torch.testing.assert_close(wide, torch.tensor(3.0 / 8.0))  # 3 px short, in 8 px patches
+    assert metrics["close_pairs"].item() == 1.0
+    # The stage's margin is the one its loss uses: the same own reading, costed at each margin by hand.
+    torch.manual_seed(0)
+    model, _ = object_instruct_batch()
+    condition = model.condition(["two stars", "three circles"]).float()  # (R, L, H)
+    readings, _ = own_trajectory_readings(model, condition, seed=3)
+    everyone = torch.ones(2, dtype=torch.bool)
+    losses = []
+    for margin in (SEPARATION_MARGIN, 30.0):
+        module = StageModule(model, "instruct", separation_weight=1.0, separation_margin=margin)
+        loss, _ = module._own_trajectory_loss(condition, [], seed=3)
+        torch.testing.assert_close(loss, separation_error(readings, everyone, margin)[0])
+        losses.append(loss.item())
+    assert (
+        losses[1] > losses[0]
+    )  # the reading holds a pair closer than 30 px: the margins give different losses
+    with pytest.raises(ConfigError, match="separation_margin"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, separation_weight=1.0, separation_margin=0.0)
+    config = apply_overrides(preset("shapes-object-v2"), ["stages.count_apart.separation_margin=4"])
+    assert config.stage("count_apart").separation_margin == 4.0

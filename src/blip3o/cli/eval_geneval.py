@@ -1,7 +1,7 @@
 """`blip3o eval geneval`: ShapesGenEval for a model (generate, then score), or for a folder of samples.
 
     blip3o eval geneval --model runs/x/final --out out/geneval [--seeds 0,1,2] [--steps K] [--cfg-scale W]
-        [--decoder-steps K] [--max-prompts N]
+        [--decoder-steps K] [--decoder-candidates K] [--max-prompts N]
     blip3o eval geneval --samples out/geneval_samples [--out out/geneval_scores]
 
 With --model: for each seed, generates every evaluation prompt's images into <out>/seed_<s>/ in GenEval's
@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from blip3o.cli.generate import (
+    DECODER_CANDIDATES_HELP,
     GUIDANCE_INTERVAL_HELP,
     CliError,
     check_accept,
@@ -42,6 +43,7 @@ MODEL_ONLY = (
     "cfg_interval",
     "decoder_steps",
     "decoder_cfg_scale",
+    "decoder_candidates",
     "max_prompts",
     "batch_size",
     "self_check",
@@ -82,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--decoder-steps", type=int, metavar="K", help="pixel decoder steps (default: the model's)"
     )
     parser.add_argument("--decoder-cfg-scale", type=float, metavar="W", help="pixel decoder guidance weight")
+    parser.add_argument("--decoder-candidates", type=int, metavar="K", help=DECODER_CANDIDATES_HELP)
     parser.add_argument(
         "--max-prompts",
         type=int,
@@ -136,7 +139,7 @@ def parse_seeds(text: str) -> list[int]:
 def _check_model_args(args: argparse.Namespace) -> list[int]:
     if args.out is None:
         raise CliError("--model needs --out DIR: the folder for the samples and scores")
-    for name in ("steps", "decoder_steps", "max_prompts", "batch_size", "self_check"):
+    for name in ("steps", "decoder_steps", "decoder_candidates", "max_prompts", "batch_size", "self_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -176,6 +179,8 @@ def _run_model(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     if interval is not None:  # the summary reports it (FlowMatchingConfig.guidance_interval)
         model.set_guidance_interval(*interval)
+    if args.decoder_candidates is not None:  # the summary reports it (PixelDecoderConfig.sample_candidates)
+        model.set_decoder_candidates(args.decoder_candidates)
     try:
         summary = geneval_with_model(
             model,

@@ -124,6 +124,11 @@ GUIDANCE_INTERVAL_HELP = (
     "OUTSIDE 0 by default (Kynkaanniemi et al. 2024; default: the model's, usually every step)"
 )
 
+DECODER_CANDIDATES_HELP = (
+    "decode each DiT sample K times and keep the decode whose CLIP reading agrees best with the sample (K times "
+    "the decoder's work; default: the model's)"
+)
+
 
 def parse_guidance_interval(text: str) -> tuple[float, float, float]:
     """'MIN,MAX' or 'MIN,MAX,OUTSIDE' -> the interval's bounds and outside share; CliError for anything else."""
@@ -199,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-interval", metavar="MIN,MAX[,OUTSIDE]", help=GUIDANCE_INTERVAL_HELP)
     p.add_argument("--decoder-steps", type=int, help="pixel decoder steps (default: the model's)")
     p.add_argument("--decoder-cfg-scale", type=float, help="pixel decoder guidance weight")
+    p.add_argument("--decoder-candidates", type=int, metavar="K", help=DECODER_CANDIDATES_HELP)
     p.add_argument(
         "--scale", type=int, default=1, help="upscale saved images by this factor (nearest neighbour)"
     )
@@ -236,7 +242,15 @@ def check_accept(accept: float | None, self_check: int | None) -> None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("num_images", "steps", "decoder_steps", "scale", "batch_size", "self_check"):
+    for name in (
+        "num_images",
+        "steps",
+        "decoder_steps",
+        "decoder_candidates",
+        "scale",
+        "batch_size",
+        "self_check",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -287,6 +301,8 @@ def _run(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     if interval is not None:
         model.set_guidance_interval(*interval)
+    if args.decoder_candidates is not None:
+        model.set_decoder_candidates(args.decoder_candidates)
     check_prompts(model, args.prompts)
     loaded = time.perf_counter()
     sampling = {

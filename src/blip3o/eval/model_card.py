@@ -198,16 +198,26 @@ def _model_section(model: dict) -> list[str]:
         f"- DiT: {dit['n_layers']} layers of width {dit['dim']}, {dit['n_heads']} heads, patch {dit['patch_size']}, "
         f"{dit['in_channels']} channels in and out; {objective}.{resampler}",
         f"- Pixel decoder: a diffusion UNet at {dec['image_size']} px (channels {unet_channels}), "
-        f"{dec['sample_steps']} sampling steps.",
+        f"{dec['sample_steps']} sampling steps{_candidates_phrase(dec.get('sample_candidates', 1))}.",
         "",
     ]
+
+
+def _candidates_phrase(candidates: int) -> str:
+    """How many decodes the model keeps one of (`PixelDecoderConfig.sample_candidates`); empty for one."""
+    if candidates <= 1:
+        return ""
+    return (
+        f"; each DiT sample is decoded {candidates} times and the decode whose CLIP reading agrees best with the "
+        "sample is kept (models/decode_choice.py)"
+    )
 
 
 def sampler_phrase(settings: dict) -> str:
     """How a GenEval summary's images were sampled, as `blip3o eval geneval` options (empty: the defaults)."""
     options = [
         f"--{key.replace('_', '-')} {settings[key]}"
-        for key in ("steps", "cfg_scale", "decoder_steps", "decoder_cfg_scale")
+        for key in ("steps", "cfg_scale", "decoder_steps", "decoder_cfg_scale", "decoder_candidates")
         if settings.get(key) is not None
     ]
     if settings.get("self_check", 1) > 1:

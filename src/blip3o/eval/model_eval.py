@@ -294,6 +294,7 @@ def geneval_with_model(
     settings = {
         **sampling,
         **model.config.flow.guidance_interval(),
+        "decoder_candidates": model.config.decoder.sample_candidates,
         "batch_size": batch_size,
         "self_check": self_check,
         "self_check_accept": self_check_accept,

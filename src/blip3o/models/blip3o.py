@@ -27,6 +27,7 @@ from blip3o.models.clip import (
     grid_to_tokens,
     tokens_to_grid,
 )
+from blip3o.models.decode_choice import best_candidate, decode_disagreement
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.vae import Vae, VaeConfig
@@ -347,6 +348,15 @@ class Blip3o(nn.Module):
         self.objective = build_objective(self.config.objective, flow)
         return self
 
+    def set_decoder_candidates(self, candidates: int) -> Blip3o:
+        """Decode each DiT output `candidates` times and keep the one that agrees best with it
+        (`PixelDecoderConfig.sample_candidates`), in place; returns the model. Saved with it. ValueError for
+        candidates < 1."""
+        decoder = replace(self.config.decoder, sample_candidates=candidates)
+        self.decoder.config = decoder
+        self.config = replace(self.config, decoder=decoder)
+        return self
+
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """The generation condition for text-to-image prompts: the backbone's hidden states at the query positions,
         after its word tokens when `backbone.condition_word_tokens` is set: (B, L, H), L = words + queries."""
@@ -412,14 +422,26 @@ class Blip3o(nn.Module):
         decoder_cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Image.Image]:
-        """DiT outputs -> pixels: the diffusion decoder for CLIP features, the VAE decoder for latents."""
+        """DiT outputs -> pixels: the diffusion decoder for CLIP features, the VAE decoder for latents.
+
+        With `decoder.sample_candidates` K > 1 each output is decoded K times (one after another, from the same
+        generator, so the first is the K = 1 decode) and the decode whose CLIP reading agrees best with the
+        output is kept (models/decode_choice.py): K times the decoder's work, plus one CLIP pass per decode."""
         if self.config.target == "vae":
             return tensor_to_images(self.vae.decode(target))
         features = self.clip.target_to_features(grid_to_tokens(target))  # (B, N, D)
-        pixels = self.decoder.decode(
-            features, steps=decoder_steps, cfg_scale=decoder_cfg_scale, generator=generator
-        )
-        return tensor_to_images(pixels)
+        candidates = []
+        for _ in range(self.config.decoder.sample_candidates):
+            pixels = self.decoder.decode(
+                features, steps=decoder_steps, cfg_scale=decoder_cfg_scale, generator=generator
+            )  # (B, 3, H, W)
+            candidates.append(tensor_to_images(pixels))
+        if len(candidates) == 1:
+            return candidates[0]
+        # Read back from the saved 8-bit images, as a user's file would be.
+        disagreements = [decode_disagreement(self.clip, target, self.encode_target(c)) for c in candidates]
+        best = best_candidate(disagreements)  # (B,)
+        return [candidates[int(k)][row] for row, k in enumerate(best)]
 
     @torch.no_grad()
     def generate(

@@ -89,6 +89,10 @@ class PixelDecoderConfig:
     # variance per channel). The decoder learns from exact CLIP tokens but decodes the DiT's inexact ones;
     # trained on perturbed tokens it must draw a clean image from a nearby token. 0: off. Sampling is unchanged.
     condition_noise: float = 0.0
+    # Decodes drawn per DiT output at sampling; > 1 keeps the one whose CLIP reading agrees best with the output
+    # (`Blip3o.decode_target`, models/decode_choice.py). The decoder's own noise decides whether two near
+    # objects come out as one: the same counting tokens pass the judge in 0-4 of 4 decodes (session 58).
+    sample_candidates: int = 1
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -104,6 +108,8 @@ class PixelDecoderConfig:
             raise ValueError(f"spatial_kernel must be a positive odd number, got {self.spatial_kernel}")
         if self.condition_noise < 0:
             raise ValueError(f"condition_noise must be >= 0, got {self.condition_noise}")
+        if self.sample_candidates < 1:
+            raise ValueError(f"sample_candidates must be >= 1, got {self.sample_candidates}")
 
     @property
     def grid(self) -> int:

@@ -191,6 +191,9 @@ class StageConfig:
     # (the decoder draws them as one); `separation_rows` rows of each batch are sampled for it
     separation_weight: float = 0.0
     separation_rows: int = 4
+    # px between two read boxes below which the separation loss costs: ShapesWorld keeps >= 2 px, but the decoder
+    # still merges or drops objects the DiT draws 1.5-2.4 px apart (session 57), so a wider margin may help
+    separation_margin: float = 2.0
     # instruct stages: weight of the count loss by shape read on the same own-trajectory rows (the count loss
     # above reads noised real targets, whose layouts never hold the extra objects the sampler makes)
     own_count_weight: float = 0.0
@@ -331,6 +334,10 @@ class StageConfig:
         if not 0.0 <= self.own_min_sigma < 1.0:
             raise ConfigError(
                 f"stage {self.name!r}: own_min_sigma must be in [0, 1), got {self.own_min_sigma}"
+            )
+        if self.separation_margin <= 0:
+            raise ConfigError(
+                f"stage {self.name!r}: separation_margin must be > 0 px, got {self.separation_margin}"
             )
         if self.separation_rows < 1:
             raise ConfigError(

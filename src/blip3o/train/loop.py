@@ -306,6 +306,7 @@ def train_stage(
             target_tokens=stage.target_tokens,
             separation_weight=stage.separation_weight,
             separation_rows=stage.separation_rows,
+            separation_margin=stage.separation_margin,
             own_count_weight=stage.own_count_weight,
             own_min_sigma=stage.own_min_sigma,
         )

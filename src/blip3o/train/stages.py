@@ -36,7 +36,11 @@ from blip3o.train.scene_supervision import (
     object_label_scene,
     vision_tokens_replaced,
 )
-from blip3o.train.separation_supervision import own_trajectory_readings, separation_error
+from blip3o.train.separation_supervision import (
+    SEPARATION_MARGIN,
+    own_trajectory_readings,
+    separation_error,
+)
 from blip3o.train.slot_supervision import SlotLabelHead, slot_binding_loss
 from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_matching, flow_matching_loss
 from blip3o.world.render import render
@@ -236,6 +240,7 @@ class StageModule(nn.Module):
         target_tokens: float = 0.0,
         separation_weight: float = 0.0,
         separation_rows: int = 4,
+        separation_margin: float = SEPARATION_MARGIN,
         own_count_weight: float = 0.0,
         own_min_sigma: float = 0.0,
     ):
@@ -262,6 +267,7 @@ class StageModule(nn.Module):
         self.slot_binding_order = slot_binding_order
         self.count_weight, self.count_by = count_weight, count_by
         self.separation_weight, self.separation_rows = separation_weight, separation_rows
+        self.separation_margin = separation_margin
         self.own_count_weight, self.own_min_sigma = own_count_weight, own_min_sigma
         clip = getattr(model, "clip", None)
         if self.guided_losses and (
@@ -309,7 +315,7 @@ class StageModule(nn.Module):
         everyone = torch.ones(condition.shape[0], dtype=torch.bool, device=condition.device)  # (R,)
         loss, metrics = readings.new_zeros(()), {"own_sigma": sigma[0].detach()}
         if self.separation_weight > 0:
-            apart_loss, apart_metrics = separation_error(readings, everyone)
+            apart_loss, apart_metrics = separation_error(readings, everyone, self.separation_margin)
             loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
         if self.own_count_weight > 0:
             counts = scene_counts(scenes, "shape").to(condition.device)  # (R, S)
