@@ -3,10 +3,12 @@ provenance says which stages the run did not train itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from blip3o.eval.model_card import (
     _model_section,
+    _scores_section,
     _stage_row,
     instruct_renders_phrase,
     other_sampler_section,
@@ -219,3 +221,15 @@ def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
     assert sampler_phrase({"steps": 20, "self_check": 1, "self_check_accept": None}) == "--steps 20"
     assert sampler_phrase({"self_check": 2}) == "--self-check 2"
     assert sampler_phrase({"decoder_candidates": 4, "self_check": 1}) == "--decoder-candidates 4"
+
+
+def test_scores_say_how_a_summary_put_together_by_hand_was_measured(tmp_path: Path) -> None:
+    vqa = {"overall": {"mean": 0.9}, "per_kind": {"color": {"mean": 0.9}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"vqa": vqa}))
+    assert any(line.startswith("Measured by the run itself") for line in _scores_section(tmp_path))
+    note = "vqa = `blip3o eval vqa --model m` (session 58)"
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"vqa": vqa, "note": note}))
+    lines = _scores_section(tmp_path)
+    assert f"Not measured by the run itself; how: {note}." in lines
+    assert not any(line.startswith("Measured by the run itself") for line in lines)

@@ -298,6 +298,9 @@ def _scores_section(run: Path, other_geneval: tuple[Path, ...] = ()) -> list[str
             f"| **overall** | **{v['overall']['mean']:.3f}** |",
             "",
         ]
+    if s.get("note"):  # a summary put together by hand from separate evaluations says how
+        lines += [f"Not measured by the run itself; how: {s['note']}.", ""]
+        return lines
     lines += [
         "Measured by the run itself (`eval` section of its config); the same numbers come from "
         f"`blip3o eval geneval --model {run}/final --out DIR --seeds ...` and "
