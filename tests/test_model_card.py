@@ -212,7 +212,8 @@ def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
     own = summary(0.5, 0.25, 100)
     other = summary(0.75, 0.5, 300, self_check=4, self_check_accept=0.25)
     lines = other_sampler_section(own, other, Path("runs/checked"))
-    assert "`--self-check 4 --self-check-accept 0.25`" in lines[0] and "`runs/checked`" in lines[0]
+    assert "`--decoder-candidates 1 --self-check 4 --self-check-accept 0.25`" in lines[0]  # before candidates
+    assert "`runs/checked`" in lines[0]
     assert "| counting | 0.250 ± 0.020 | 0.500 ± 0.020 |" in lines
     assert "| **overall** | **0.500 ± 0.010** | **0.750 ± 0.010** |" in lines
     assert "| sampling time per seed | 101 s | 301 s |" in lines

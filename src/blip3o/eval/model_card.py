@@ -230,7 +230,12 @@ def sampler_phrase(settings: dict) -> str:
 def other_sampler_section(run_summary: dict, other: dict, folder: Path) -> list[str]:
     """A table of another GenEval evaluation of the model (another sampler; its geneval_summary.json from
     `folder`) next to the run's own, category by category, with what each cost in sampling time."""
-    phrase = sampler_phrase(other.get("settings", {})) or "the default sampler"
+    settings = other.get("settings", {})
+    if (
+        settings and "decoder_candidates" not in settings
+    ):  # evaluated before decoder candidates: one decode each
+        settings = {**settings, "decoder_candidates": 1}
+    phrase = sampler_phrase(settings) or "the default sampler"
 
     def seconds(summary: dict) -> str:
         # A resumed seed's time covers only what was left of it (sampled_images says how much): not a cost.

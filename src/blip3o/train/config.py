@@ -802,7 +802,12 @@ def _shapes_object_v2() -> RunConfig:
     own samples at noise >= 0.6 only (`own_min_sigma`): a count is decided in the first third of the steps
     (bench/count_trajectory.py), and the same stage on the same model then gives ShapesGenEval 0.788 +- 0.016 ->
     0.814 +- 0.006, every seed higher (two_object 0.787, counting 0.543); ~10 min alone (the own samples stop
-    earlier), against ~20."""
+    earlier), against ~20.
+
+    The model decodes each DiT sample 4 times and keeps the decode whose own CLIP reading agrees best with the
+    sample (`PixelDecoderConfig.sample_candidates`, models/decode_choice.py; session 58): the decoder's noise
+    alone decided whether near objects came out merged. On the bundle's weights ShapesGenEval 0.814 +- 0.006 ->
+    0.831 +- 0.009, every seed higher (counting 0.543 -> 0.567); twice the sampling time."""
     config = _shapes_object()
     names = [s.name for s in config.stages]
     vision = dataclasses.replace(config.stage("vision"), steps=9000, scene_embedding_weight=1.0)
@@ -821,7 +826,9 @@ def _shapes_object_v2() -> RunConfig:
     )  # fmt: skip
     stages = (*config.stages[:before], vision, *config.stages[before + 1 : after], relations, understanding,
               *config.stages[after + 1 :], count_apart)  # fmt: skip
-    return dataclasses.replace(config, preset="shapes-object-v2", stages=stages)
+    # Sampling: 4 decodes per DiT sample, the one whose CLIP reading agrees best with it kept (session 58).
+    model = replace(config.model, decoder=replace(config.model.decoder, sample_candidates=4))
+    return dataclasses.replace(config, preset="shapes-object-v2", stages=stages, model=model)
 
 
 PRESETS = {
