@@ -223,9 +223,8 @@ def test_a_wider_separation_margin_costs_more_and_reaches_the_stage() -> None:
         loss, _ = module._own_trajectory_loss(condition, [], seed=3)
         torch.testing.assert_close(loss, separation_error(readings, everyone, margin)[0])
         losses.append(loss.item())
-    assert (
-        losses[1] > losses[0]
-    )  # the reading holds a pair closer than 30 px: the margins give different losses
+    # The reading holds a pair closer than 30 px: the two margins give different losses.
+    assert losses[1] > losses[0]
     with pytest.raises(ConfigError, match="separation_margin"):
         StageConfig("ins", "instruct", steps=1, batch_size=1, separation_weight=1.0, separation_margin=0.0)
     config = apply_overrides(preset("shapes-object-v2"), ["stages.count_apart.separation_margin=4"])

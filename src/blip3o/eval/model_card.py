@@ -231,9 +231,8 @@ def other_sampler_section(run_summary: dict, other: dict, folder: Path) -> list[
     """A table of another GenEval evaluation of the model (another sampler; its geneval_summary.json from
     `folder`) next to the run's own, category by category, with what each cost in sampling time."""
     settings = other.get("settings", {})
-    if (
-        settings and "decoder_candidates" not in settings
-    ):  # evaluated before decoder candidates: one decode each
+    # Evaluated before decoder candidates existed: one decode per sample.
+    if settings and "decoder_candidates" not in settings:
         settings = {**settings, "decoder_candidates": 1}
     phrase = sampler_phrase(settings) or "the default sampler"
 
