@@ -22,6 +22,7 @@ from blip3o.eval.model_eval import (
     aggregate_seeds,
     balanced_subset,
     batch_seed,
+    check_resumable,
     geneval_with_model,
     plan_batches,
     vqa_with_model,
@@ -167,6 +168,15 @@ def test_a_resumed_run_makes_the_images_of_an_uninterrupted_one(
     (killed / "geneval_run.json").unlink()
     with pytest.raises(ResumeError, match=r"no geneval_run\.json"):
         geneval_with_model(model, killed, seeds=[0, 1], progress=False, resume=True, **options)
+
+
+def test_a_run_recorded_before_decoder_candidates_resumes_as_one_decode(tmp_path: Path) -> None:
+    run = {"seeds": [0], "prompts": [[0, 2]], "settings": {"steps": 2, "decoder_candidates": 1}}
+    old = {**run, "settings": {"steps": 2}}  # geneval_run.json written before the setting existed
+    (tmp_path / "geneval_run.json").write_text(json.dumps(old))
+    check_resumable(tmp_path, run)
+    with pytest.raises(ResumeError, match="settings differ"):
+        check_resumable(tmp_path, {**run, "settings": {"steps": 2, "decoder_candidates": 4}})
 
 
 def test_untrained_model_scores_near_zero(two_seeds: tuple[Path, str, str]) -> None:

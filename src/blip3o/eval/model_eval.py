@@ -185,6 +185,8 @@ def check_resumable(out_dir: Path, run: dict) -> None:
             raise ResumeError(f"{out_dir} has samples but no {RUN_FILE}: cannot check it is the same run")
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
+    # Runs recorded before decoder candidates existed decoded each sample once.
+    recorded["settings"] = {"decoder_candidates": 1, **recorded.get("settings", {})}
     differ = sorted(k for k in ("prompts", "settings") if recorded.get(k) != run[k])
     if differ:
         raise ResumeError(f"{out_dir} holds another run ({' and '.join(differ)} differ); cannot resume it")
