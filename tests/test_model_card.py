@@ -160,6 +160,12 @@ def test_the_recipe_names_each_stages_extra_losses_with_their_weights() -> None:
     assert stage_objectives_sentence(with_separation).endswith(
         "count loss by shape 0.1, separation (on its own samples at noise >= 0.6) loss 0.3."
     )
+    with_separation["stages"][-1]["own_count_weight"] = 0.3
+    with_separation["stages"][-1]["own_count_target"] = "outcome"  # pulled by the finished sample's miscount
+    assert stage_objectives_sentence(with_separation).endswith(
+        "separation (on its own samples at noise >= 0.6) loss 0.3, "
+        "count by shape (on its own samples at noise >= 0.6, by their finished count) loss 0.3."
+    )
     refine = (
         "`refine`: 50% of conditions the DiT's renditions (start levels up to 1), each drawn as the render"
     )

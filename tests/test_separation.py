@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
+from blip3o.models.clip import grid_to_tokens
 from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
-from blip3o.train.count_supervision import scene_counts, shape_count_error
+from blip3o.train.count_supervision import (
+    outcome_shape_count_error,
+    read_shape_counts,
+    scene_counts,
+    shape_count_error,
+)
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
 from blip3o.train.separation_supervision import (
     SEPARATION_MARGIN,
+    finish_own_trajectory,
     own_trajectory_readings,
     own_trajectory_state,
     read_boxes,
@@ -146,6 +153,71 @@ def test_own_trajectory_step_can_be_kept_to_high_noise() -> None:
         StageConfig("ins", "instruct", steps=1, batch_size=1, own_min_sigma=1.0)
 
 
+def test_finishing_the_own_trajectory_is_the_sampler_s_whole_trajectory() -> None:
+    torch.manual_seed(0)
+    model = object_slot_model()
+    condition = model.condition(["a red circle", "two stars"]).float()  # (R, L, H)
+    generator = torch.Generator().manual_seed(5)
+    schedule = sampling_schedule(None, model.config.flow)
+    step = int(torch.randint(len(schedule.network_timesteps), (), generator=generator))
+    noise = initial_noise((2, *model.config.target_shape), generator)
+    whole = sample_euler(model.dit, noise, condition, model.config.flow)  # (R, C, g, g)
+    for seed in (5, 6, 7):  # several drawn steps, step 0 (sigma 1) among them or not
+        state, sigma, _ = own_trajectory_state(model, condition, torch.Generator().manual_seed(seed))
+        finished = finish_own_trajectory(model, state, sigma, condition)
+        if seed == 5:  # the same noise as `whole`
+            torch.testing.assert_close(finished, whole)
+        assert finished.shape == whole.shape
+    assert step > 0  # the check above went on part-way, not from pure noise
+
+
+def test_the_outcome_count_loss_pulls_only_miscounted_shapes_and_the_mending_way() -> None:
+    n_shapes = N_SHAPES - 1
+    readings = torch.rand(2, GRID * GRID, 19, requires_grad=True)
+    wanted = torch.zeros(2, n_shapes)
+    wanted[:, 0] = 3.0  # three of the first shape in both rows
+    finished = wanted.clone()
+    finished[0, 0] = 4.0  # row 0 ends with one too many; row 1 right
+    finished[0, 2] = 1.0  # and an extra object of another shape
+    everyone = torch.ones(2, dtype=torch.bool)
+    loss, metrics = outcome_shape_count_error(readings, finished, wanted, everyone)
+    assert loss.item() == 1.0  # (1 + 1 + 0) / 2 rows
+    assert metrics["outcome_count_bias"].item() == 1.0
+    loss.backward()
+    grad = readings.grad[..., :n_shapes]  # (2, N, S): d loss / d each token's shape probability
+    torch.testing.assert_close(grad[0, :, 0], torch.full((GRID * GRID,), 0.5))  # push the first shape down
+    torch.testing.assert_close(grad[0, :, 2], torch.full((GRID * GRID,), 0.5))
+    assert grad[0, :, 1].abs().sum() == 0 and grad[1].abs().sum() == 0  # right counts: no pull
+    # The read counts come from the detection rule: exact labels of two objects read as one of each.
+    counts = read_shape_counts(_two_objects(col_b=5))
+    assert (
+        counts[0, SHAPES.index("circle")] == 1 and counts[0, SHAPES.index("star")] == 1 and counts.sum() == 2
+    )
+
+
+def test_the_outcome_count_target_reaches_the_stage() -> None:
+    torch.manual_seed(0)
+    model, _ = object_instruct_batch()
+    records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
+    scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
+    condition = model.condition([r["prompt"] for r in records]).float()  # (R, L, H)
+    module = StageModule(model, "instruct", own_count_weight=0.5, own_count_target="outcome")
+    loss, metrics = module._own_trajectory_loss(condition, scenes, seed=3)
+    # By hand: the same own reading, its trajectory finished, the finished sample's counts against the scenes'.
+    reading = own_trajectory_readings(model, condition, seed=3)
+    finished = finish_own_trajectory(model, reading.state, reading.sigma, condition)
+    counts = read_shape_counts(model.clip.patch_labels_from_target(grid_to_tokens(finished)))
+    expected, _ = outcome_shape_count_error(
+        reading.readings, counts, scene_counts(scenes, "shape"), torch.ones(2, dtype=torch.bool)
+    )
+    torch.testing.assert_close(loss, 0.5 * expected)
+    assert "own_outcome_shape_count_error" in metrics
+    with pytest.raises(ValueError, match="own_count_target"):
+        StageModule(model, "instruct", own_count_weight=0.5, own_count_target="final")
+    with pytest.raises(ConfigError, match="own_count_target"):
+        StageConfig("ins", "instruct", steps=1, batch_size=1, own_count_target="final")
+
+
 def test_instruct_step_with_the_separation_loss() -> None:
     model, batch = object_instruct_batch()
     loss, metrics = StageModule(model, "instruct", count_weight=1.0, separation_weight=2.0)(batch)
@@ -167,7 +239,7 @@ def test_own_count_loss_reads_the_same_own_sample() -> None:
     both = StageModule(model, "instruct", separation_weight=2.0, own_count_weight=0.5)
     loss, metrics = both._own_trajectory_loss(condition, scenes, seed=3)
     # By hand: one reading of the own trajectory, each loss on it.
-    readings, sigma = own_trajectory_readings(model, condition, seed=3)
+    readings, sigma, _ = own_trajectory_readings(model, condition, seed=3)
     everyone = torch.ones(2, dtype=torch.bool)
     apart, _ = separation_error(readings, everyone)
     counted, _ = shape_count_error(readings, scene_counts(scenes, "shape"), everyone)
@@ -215,7 +287,7 @@ def test_a_wider_separation_margin_costs_more_and_reaches_the_stage() -> None:
     torch.manual_seed(0)
     model, _ = object_instruct_batch()
     condition = model.condition(["two stars", "three circles"]).float()  # (R, L, H)
-    readings, _ = own_trajectory_readings(model, condition, seed=3)
+    readings = own_trajectory_readings(model, condition, seed=3).readings
     everyone = torch.ones(2, dtype=torch.bool)
     losses = []
     for margin in (SEPARATION_MARGIN, 30.0):

@@ -371,6 +371,14 @@ def stage_objectives_sentence(config: dict) -> str:
         extras = [f"{name} loss {stage[key]:g}" for key, name in EXTRA_LOSSES.items() if stage.get(key, 0)]
         if stage.get("count_weight", 0) and stage.get("count_by", "objects") == "shape":
             extras = [e.replace("count loss", "count loss by shape") for e in extras]
+        if stage.get("own_count_weight", 0) and stage.get("own_count_target", "estimate") == "outcome":
+            extras = [
+                e.replace(
+                    "count by shape (on its own samples)",
+                    "count by shape (on its own samples, by their finished count)",
+                )
+                for e in extras
+            ]
         if stage.get("own_min_sigma", 0) and (
             stage.get("separation_weight", 0) or stage.get("own_count_weight", 0)
         ):

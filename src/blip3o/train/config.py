@@ -201,6 +201,10 @@ class StageConfig:
     # step). The count is decided early: the guided estimate's rounded count at sigma 0.7 already is the final
     # sample's in 77 of 90 counting samples (session 56, bench/count_trajectory.py)
     own_min_sigma: float = 0.0
+    # what the own count loss pulls the own reading towards: "estimate", the scene's counts; "outcome", the way
+    # that mends the finished sample's miscount (the trajectory is sampled to its end for it, without gradient):
+    # the estimate part-way under-reads, and pulling it to the scene's count over-counts in the end (session 59)
+    own_count_target: str = "estimate"
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
@@ -334,6 +338,10 @@ class StageConfig:
         if not 0.0 <= self.own_min_sigma < 1.0:
             raise ConfigError(
                 f"stage {self.name!r}: own_min_sigma must be in [0, 1), got {self.own_min_sigma}"
+            )
+        if self.own_count_target not in ("estimate", "outcome"):
+            raise ConfigError(
+                f"stage {self.name!r}: own_count_target must be estimate or outcome, got {self.own_count_target!r}"
             )
         if self.separation_margin <= 0:
             raise ConfigError(

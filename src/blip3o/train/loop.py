@@ -309,6 +309,7 @@ def train_stage(
             separation_margin=stage.separation_margin,
             own_count_weight=stage.own_count_weight,
             own_min_sigma=stage.own_min_sigma,
+            own_count_target=stage.own_count_target,
         )
     wrapped = parallelize(module, config.distributed, dist, shard_units(model, kind), config.precision)
     # The module, not the model: it also holds the vision stage's scene head and the slot label head.

@@ -21,6 +21,7 @@ The same reading serves the own count loss (StageModule: the count loss by shape
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,17 +103,34 @@ def own_trajectory_state(
     return state, sigma, timestep
 
 
-def own_trajectory_readings(
-    model, condition: Tensor, seed: int, min_sigma: float = 0.0
-) -> tuple[Tensor, Tensor]:
+class OwnReading(NamedTuple):
+    """One read of the model's own trajectory (`own_trajectory_readings`)."""
+
+    readings: (
+        Tensor  # (R, N, 19) the label head's reading of the guided clean-target estimate, with its graph
+    )
+    sigma: Tensor  # (R,) the drawn step's noise level
+    state: Tensor  # (R, C, g, g) where the sampler stood, without gradient (`finish_own_trajectory` goes on)
+
+
+def own_trajectory_readings(model, condition: Tensor, seed: int, min_sigma: float = 0.0) -> OwnReading:
     """CLIP's label-head reading (R, N, 19) of the guided clean-target estimate where the model's own sampler
     stands after a drawn step, for the (R, L, H) conditions, with the graph through the conditional velocity;
-    and that step's noise level (R,). `seed` draws the noise and the step (a batch's seed: resumed runs redraw
-    the same); `min_sigma` restricts the step (own_trajectory_state). Both own-trajectory losses read it: the
-    separation loss and the own count loss."""
+    that step's noise level (R,) and the state. `seed` draws the noise and the step (a batch's seed: resumed
+    runs redraw the same); `min_sigma` restricts the step (own_trajectory_state). Both own-trajectory losses read
+    it: the separation loss and the own count loss."""
     generator = torch.Generator().manual_seed(seed)
     state, sigma, timestep = own_trajectory_state(model, condition, generator, min_sigma)
     velocity = model.dit(state, timestep, condition)  # (R, C, g, g), with its graph
     weights = row_guidance_weights(sigma, model.config.flow.cfg_scale, model.config.flow)  # (R,)
     readings = guided_readings(model, state, sigma, timestep, velocity, condition, weights)  # (R, N, 19)
-    return readings, sigma
+    return OwnReading(readings, sigma, state)
+
+
+@torch.no_grad()
+def finish_own_trajectory(model, state: Tensor, sigma: Tensor, condition: Tensor) -> Tensor:
+    """The sample (R, C, g, g) the model's sampler ends at from `state` (R, C, g, g) at noise level `sigma` (R,),
+    one level for all rows, on the same grid and guidance: `own_trajectory_state` then this is the sampler's
+    whole trajectory."""
+    level = float(sigma[0])
+    return sample_euler(model.dit, state, condition, model.config.flow, start_sigma=level)

@@ -25,6 +25,8 @@ from blip3o.models.decoder import images_to_tensor
 from blip3o.train.count_supervision import (
     counted_error,
     guided_readings,
+    outcome_shape_count_error,
+    read_shape_counts,
     row_guidance_weights,
     scene_counts,
     shape_count_error,
@@ -38,6 +40,7 @@ from blip3o.train.scene_supervision import (
 )
 from blip3o.train.separation_supervision import (
     SEPARATION_MARGIN,
+    finish_own_trajectory,
     own_trajectory_readings,
     separation_error,
 )
@@ -46,6 +49,9 @@ from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_ma
 from blip3o.world.render import render
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
+# What the own count loss pulls the own reading towards: the scene's counts ("estimate"), or, by the finished
+# sample's miscount, the way that mends it ("outcome"; count_supervision.outcome_shape_count_error)
+OWN_COUNT_TARGETS = ("estimate", "outcome")
 NEEDS_CLIP_FEATURES = ("decoder", "generation", "instruct", "joint")
 
 
@@ -243,6 +249,7 @@ class StageModule(nn.Module):
         separation_margin: float = SEPARATION_MARGIN,
         own_count_weight: float = 0.0,
         own_min_sigma: float = 0.0,
+        own_count_target: str = "estimate",
     ):
         super().__init__()
         self.model = model
@@ -269,6 +276,9 @@ class StageModule(nn.Module):
         self.separation_weight, self.separation_rows = separation_weight, separation_rows
         self.separation_margin = separation_margin
         self.own_count_weight, self.own_min_sigma = own_count_weight, own_min_sigma
+        if own_count_target not in OWN_COUNT_TARGETS:
+            raise ValueError(f"own_count_target must be one of {OWN_COUNT_TARGETS}, got {own_count_target!r}")
+        self.own_count_target = own_count_target
         clip = getattr(model, "clip", None)
         if self.guided_losses and (
             clip is None or clip.label_head is None or clip.config.patch_label_kind != "object"
@@ -309,9 +319,8 @@ class StageModule(nn.Module):
         for the (R, L, H) conditions (train/separation_supervision.py). The own count loss is the count loss by
         shape taken there: the count loss on noised real targets never sees the extra objects the sampler makes
         (session 54: moving centres apart made the DiT over-count, 74 of 100 "three" prompts too many)."""
-        readings, sigma = own_trajectory_readings(
-            self.model, condition, seed, self.own_min_sigma
-        )  # (R, N, 19), (R,)
+        reading = own_trajectory_readings(self.model, condition, seed, self.own_min_sigma)
+        readings, sigma = reading.readings, reading.sigma  # (R, N, 19), (R,)
         everyone = torch.ones(condition.shape[0], dtype=torch.bool, device=condition.device)  # (R,)
         loss, metrics = readings.new_zeros(()), {"own_sigma": sigma[0].detach()}
         if self.separation_weight > 0:
@@ -319,7 +328,16 @@ class StageModule(nn.Module):
             loss, metrics = loss + self.separation_weight * apart_loss, {**metrics, **apart_metrics}
         if self.own_count_weight > 0:
             counts = scene_counts(scenes, "shape").to(condition.device)  # (R, S)
-            count_loss, count_metrics = shape_count_error(readings, counts, everyone)
+            if self.own_count_target == "outcome":
+                finished = finish_own_trajectory(self.model, reading.state, sigma, condition)  # (R, C, g, g)
+                with torch.no_grad():
+                    finished_readings = self.model.clip.patch_labels_from_target(grid_to_tokens(finished))
+                finished_counts = read_shape_counts(finished_readings)  # (R, S)
+                count_loss, count_metrics = outcome_shape_count_error(
+                    readings, finished_counts, counts, everyone
+                )
+            else:
+                count_loss, count_metrics = shape_count_error(readings, counts, everyone)
             own = {f"own_{key}": value for key, value in count_metrics.items()}
             loss, metrics = loss + self.own_count_weight * count_loss, {**metrics, **own}
         return loss, metrics
