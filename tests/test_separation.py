@@ -153,6 +153,13 @@ def test_own_trajectory_step_can_be_kept_to_high_noise() -> None:
         StageConfig("ins", "instruct", steps=1, batch_size=1, own_min_sigma=1.0)
 
 
+def _counting_rows(model: Blip3o) -> tuple[list, torch.Tensor]:
+    """Two counting training prompts: their scenes (exactly the prompt's objects) and conditions (R, L, H)."""
+    records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
+    scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
+    return scenes, model.condition([r["prompt"] for r in records]).float()
+
+
 def test_finishing_the_own_trajectory_is_the_sampler_s_whole_trajectory() -> None:
     torch.manual_seed(0)
     model = object_slot_model()
@@ -198,9 +205,7 @@ def test_the_outcome_count_loss_pulls_only_miscounted_shapes_and_the_mending_way
 def test_the_outcome_count_target_reaches_the_stage() -> None:
     torch.manual_seed(0)
     model, _ = object_instruct_batch()
-    records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
-    scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
-    condition = model.condition([r["prompt"] for r in records]).float()  # (R, L, H)
+    scenes, condition = _counting_rows(model)
     module = StageModule(model, "instruct", own_count_weight=0.5, own_count_target="outcome")
     loss, metrics = module._own_trajectory_loss(condition, scenes, seed=3)
     # By hand: the same own reading, its trajectory finished, the finished sample's counts against the scenes'.
@@ -233,9 +238,7 @@ def test_instruct_step_with_the_separation_loss() -> None:
 def test_own_count_loss_reads_the_same_own_sample() -> None:
     torch.manual_seed(0)
     model, _ = object_instruct_batch()
-    records = [r for r in load_train_prompts() if r["tag"] == "counting"][:2]
-    scenes = [scene_for_prompt(r, np.random.default_rng(i), distractors=0) for i, r in enumerate(records)]
-    condition = model.condition([r["prompt"] for r in records]).float()  # (R, L, H)
+    scenes, condition = _counting_rows(model)
     both = StageModule(model, "instruct", separation_weight=2.0, own_count_weight=0.5)
     loss, metrics = both._own_trajectory_loss(condition, scenes, seed=3)
     # By hand: one reading of the own trajectory, each loss on it.

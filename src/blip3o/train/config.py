@@ -50,6 +50,11 @@ class ConfigError(ValueError):
     """A bad run configuration (unknown preset or key, wrong type, inconsistent values)."""
 
 
+# What an instruct stage's own count loss pulls the own reading towards: the scene's counts ("estimate"), or, by
+# the finished sample's miscount, the way that mends it ("outcome"; count_supervision.outcome_shape_count_error)
+OWN_COUNT_TARGETS = ("estimate", "outcome")
+
+
 @dataclass(frozen=True)
 class StageConfig:
     name: str  # unique within a run; also the stage's folder name
@@ -339,9 +344,10 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: own_min_sigma must be in [0, 1), got {self.own_min_sigma}"
             )
-        if self.own_count_target not in ("estimate", "outcome"):
+        if self.own_count_target not in OWN_COUNT_TARGETS:
             raise ConfigError(
-                f"stage {self.name!r}: own_count_target must be estimate or outcome, got {self.own_count_target!r}"
+                f"stage {self.name!r}: own_count_target must be one of {OWN_COUNT_TARGETS}, "
+                f"got {self.own_count_target!r}"
             )
         if self.separation_margin <= 0:
             raise ConfigError(

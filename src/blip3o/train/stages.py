@@ -22,6 +22,7 @@ from blip3o.models.backbone import LossAverage
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
 from blip3o.models.decoder import images_to_tensor
+from blip3o.train.config import OWN_COUNT_TARGETS
 from blip3o.train.count_supervision import (
     counted_error,
     guided_readings,
@@ -49,9 +50,6 @@ from blip3o.transport import FlowMatchingConfig, FlowMatchingDraws, draw_flow_ma
 from blip3o.world.render import render
 
 GENERATION_KINDS = ("generation", "instruct", "joint")
-# What the own count loss pulls the own reading towards: the scene's counts ("estimate"), or, by the finished
-# sample's miscount, the way that mends it ("outcome"; count_supervision.outcome_shape_count_error)
-OWN_COUNT_TARGETS = ("estimate", "outcome")
 NEEDS_CLIP_FEATURES = ("decoder", "generation", "instruct", "joint")
 
 
