@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--real-prompts", type=int, help="real renders of the first N training prompts only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    real = instruct_examples(args.seed, 2, None, colourless_pair_renders=12) if args.real else []
+    real = instruct_examples(args.seed, 2, args.real_prompts, colourless_pair_renders=12) if args.real else []
     set_trainable(model, "instruct")
     model.train()
     optimizer = build_optimizer(model.named_parameters(), args.lr, weight_decay=0.0)
