@@ -11,7 +11,7 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import tokens_to_grid
-from blip3o.models.decode_choice import best_candidate, decode_disagreement
+from blip3o.models.decode_choice import best_candidate, decode_disagreement, decode_disagreements
 from blip3o.models.decoder import PixelDecoderConfig
 from blip3o.train.scene_supervision import scene_object_labels
 from blip3o.world.conditioned import scene_for_prompt
@@ -62,6 +62,26 @@ def test_disagreement_counts_the_objects_the_readings_do_not_share() -> None:
     assert decode_disagreement(clip, target, recoloured)[0, 0].item() == 2.0  # one star lost, one gained
     # Without an object label head only the distance is compared.
     assert decode_disagreement(ExactReader(object_head=False), target, dropped)[0, 0].item() == 0.0
+
+
+def test_k_decodes_are_scored_as_one_each_and_the_target_is_read_once() -> None:
+    scene = _three_stars()
+    target = _target(scene)
+    dropped = _target(dataclasses.replace(scene, objects=scene.objects[:2]))
+    reads = []
+
+    class CountingReader(ExactReader):
+        @staticmethod
+        def patch_labels_from_target(tokens: torch.Tensor) -> torch.Tensor:
+            reads.append(tokens.shape[0])
+            return tokens
+
+    clip = CountingReader()
+    scores = decode_disagreements(clip, target, [target, dropped, target])
+    assert len(reads) == 4  # the DiT output once, each of the 3 decodes once
+    for score, decoded in zip(scores, [target, dropped, target], strict=True):
+        torch.testing.assert_close(score, decode_disagreement(ExactReader(), target, decoded))
+    assert [s[0, 0].item() for s in scores] == [0.0, 1.0, 0.0]
 
 
 def test_best_candidate_is_lexicographic_and_the_earliest_wins_a_tie() -> None:

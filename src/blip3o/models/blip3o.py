@@ -27,7 +27,7 @@ from blip3o.models.clip import (
     grid_to_tokens,
     tokens_to_grid,
 )
-from blip3o.models.decode_choice import best_candidate, decode_disagreement
+from blip3o.models.decode_choice import best_candidate, decode_disagreements
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
 from blip3o.models.vae import Vae, VaeConfig
@@ -439,7 +439,7 @@ class Blip3o(nn.Module):
         if len(candidates) == 1:
             return candidates[0]
         # Read back from the saved 8-bit images, as a user's file would be.
-        disagreements = [decode_disagreement(self.clip, target, self.encode_target(c)) for c in candidates]
+        disagreements = decode_disagreements(self.clip, target, [self.encode_target(c) for c in candidates])
         best = best_candidate(disagreements)  # (B,)
         return [candidates[int(k)][row] for row, k in enumerate(best)]
 

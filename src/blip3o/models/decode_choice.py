@@ -15,6 +15,7 @@ models without such a head).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,23 +38,34 @@ def reads_objects(clip: ClipEncoder) -> bool:
 
 
 @torch.no_grad()
-def decode_disagreement(clip: ClipEncoder, target: Tensor, decoded: Tensor) -> Tensor:
-    """How far each decode is from the DiT output it draws: (B, 2) float, lexicographic (lower is better).
+def decode_disagreements(clip: ClipEncoder, target: Tensor, decodes: Sequence[Tensor]) -> list[Tensor]:
+    """How far each of K decodes is from the DiT output they draw: K tensors (B, 2) float, lexicographic (lower is
+    better). The DiT output's objects are read once for all K.
 
-    target (B, C, g, g): the DiT's output; decoded (B, C, g, g): the same model's target of the decoded images
+    target (B, C, g, g): the DiT's output; each decode (B, C, g, g): the same model's target of the decoded images
     (`Blip3o.encode_target`). Column 0: objects the two label-head readings do not share (0 without such a
     head); column 1: mean squared distance."""
-    wanted, got = grid_to_tokens(target.float()), grid_to_tokens(decoded.float())  # (B, N, C) each
-    distance = (wanted - got).pow(2).flatten(1).mean(1)  # (B,)
-    missing = torch.zeros_like(distance)
-    if reads_objects(clip):
-        pairs = zip(_named_objects(clip, wanted), _named_objects(clip, got), strict=True)
-        missing = torch.tensor(
-            [sum(((a - b) + (b - a)).values()) for a, b in pairs],
-            dtype=distance.dtype,
-            device=distance.device,
-        )  # (B,)
-    return torch.stack([missing, distance], dim=1)  # (B, 2)
+    wanted = grid_to_tokens(target.float())  # (B, N, C)
+    wanted_objects = _named_objects(clip, wanted) if reads_objects(clip) else None
+    scores = []
+    for decoded in decodes:
+        got = grid_to_tokens(decoded.float())  # (B, N, C)
+        distance = (wanted - got).pow(2).flatten(1).mean(1)  # (B,)
+        missing = torch.zeros_like(distance)
+        if wanted_objects is not None:
+            pairs = zip(wanted_objects, _named_objects(clip, got), strict=True)
+            missing = torch.tensor(
+                [sum(((a - b) + (b - a)).values()) for a, b in pairs],
+                dtype=distance.dtype,
+                device=distance.device,
+            )  # (B,)
+        scores.append(torch.stack([missing, distance], dim=1))  # (B, 2)
+    return scores
+
+
+def decode_disagreement(clip: ClipEncoder, target: Tensor, decoded: Tensor) -> Tensor:
+    """One decode's (B, 2) disagreement with the DiT output (`decode_disagreements` with K = 1)."""
+    return decode_disagreements(clip, target, [decoded])[0]
 
 
 def best_candidate(disagreements: list[Tensor]) -> Tensor:
