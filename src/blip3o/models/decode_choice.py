@@ -4,7 +4,9 @@ Why: the diffusion decoder's own noise decides whether two near objects come out
 bundle of session 56 (runs/s58/decoder_pick.py, counting prompts, 150 DiT samples, 4 decodes each), 97 samples'
 tokens had the right count and only 57 of those kept it in all 4 decodes; the judge passed 0.573 of first
 decodes and 0.647 of the decodes chosen here (two_object 0.745 -> 0.805). The choice uses the model alone: each
-decode is read back by its own CLIP, never by the judge and never against the prompt.
+decode is read back by its own CLIP, never by the judge and never against the prompt. The backbone's own count
+of each decode (its vision tower, asked "how many shapes are there?" with the DiT output's count as the answer)
+picks no better (session 60, 600 counting samples, 4 decodes: 0.583 against 0.580; runs/s60/vlm_pick.py).
 
 Agreement, best first: (1) with an object label head (`ClipConfig.patch_label_kind == "object"`), how many
 objects the two readings do not share, counted as (shape, colour) pairs (a merged or dropped object costs 1,
