@@ -52,7 +52,7 @@ from blip3o.transport.flow_matching import (
 )
 from blip3o.world.prompts import load_train_prompts
 from label_judge import read_targets  # bench/ is on sys.path when a bench script runs
-from self_distill import parse_per_prompt
+from self_distill import parse_per_prompt, update
 
 DEFAULT_PER_PROMPT = "counting=8,two_object=4,position=1"
 
@@ -197,11 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             flow_loss, _ = flow_matching_loss(model.dit, x0, cond, generator=generator, cfg=flow)
             loss = loss + flow_loss
             metrics["flow"] = flow_loss.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        ema.update(model)
+        update(model, optimizer, ema, loss)
         if step % 25 == 0 or step == args.steps - 1:
             log.append({"step": step, **metrics})
             print(json.dumps(log[-1]), flush=True)

@@ -111,6 +111,15 @@ def build_buffer(
     return targets, kept_index, rates
 
 
+def update(model: Blip3o, optimizer, ema: EMA, loss: torch.Tensor) -> None:
+    """One optimizer step on `loss` (gradients clipped to norm 1 over the trainable parameters), then the EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    ema.update(model)
+
+
 def guided_buffer_loss(model: Blip3o, aux: dict, v_cond: torch.Tensor, cond, keep, n_buffer: int, flow):
     """The flow loss with the accepted samples' rows regressed so that the GUIDED velocity meets their flow target.
 
@@ -238,11 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             )  # fmt: skip
             loss = loss + args.count_weight * count_loss
             metrics["count"] = count_loss.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        ema.update(model)
+        update(model, optimizer, ema, loss)
         if step % 50 == 0 or step == args.steps - 1:
             log.append({"step": step, **metrics})
             print(json.dumps(log[-1]), flush=True)
