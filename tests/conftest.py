@@ -36,6 +36,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def changed_parts(before: torch.nn.Module, after: torch.nn.Module) -> set[str]:
+    """The top-level parts (`backbone.<child>` for the backbone) whose parameters differ between two models."""
+    return {
+        name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("backbone") else "")
+        for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
+
+
 def load_script(path: Path) -> ModuleType:
     """Import a script that is not part of the package (bench/, tools/) as a module named after its file. Its
     folder is on sys.path while it loads, as when it runs, so it can import its siblings."""

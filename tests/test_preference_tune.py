@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.world.prompts import load_train_prompts
-from conftest import load_script, tiny_object_label_model
+from conftest import changed_parts, load_script, tiny_object_label_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "preference_tune.py"
@@ -102,9 +102,5 @@ def test_fine_tune_changes_only_what_an_instruct_stage_trains(bench, object_mode
                          "--pairs", "2", "--real", "2", "--real-prompts", "8", "--threads", "1"])  # fmt: skip
     assert [row["step"] for row in report["log"]] == [0, 1] and "flow" in report["log"][0]
     after = Blip3o.from_pretrained(out / "model")
-    changed = {
-        name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("backbone") else "")
-        for (name, a), (_, b) in zip(model.named_parameters(), after.named_parameters(), strict=True)
-        if not torch.equal(a, b)
-    }
+    changed = changed_parts(model, after)
     assert changed and changed <= {"dit", "backbone.latent_queries"}

@@ -12,7 +12,7 @@ from blip3o.models.blip3o import Blip3o
 from blip3o.transport import FlowMatchingConfig
 from blip3o.world.prompts import load_train_prompts
 from blip3o.world.scene import SHAPES
-from conftest import load_script, tiny_object_label_model
+from conftest import changed_parts, load_script, tiny_object_label_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "self_distill.py"
@@ -93,9 +93,5 @@ def test_control_fine_tune_changes_only_what_an_instruct_stage_trains(
     assert [row["step"] for row in report["log"]] == [0, 1]
     assert json.loads((out / "report.json").read_text())["args"]["share"] == "0.0"
     before, after = Blip3o.from_pretrained(object_model), Blip3o.from_pretrained(out / "model")
-    changed = {
-        name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("backbone") else "")
-        for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)
-        if not torch.equal(a, b)
-    }
+    changed = changed_parts(before, after)
     assert changed and changed <= {"dit", "backbone.latent_queries"}
