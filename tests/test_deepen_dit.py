@@ -1,0 +1,84 @@
+"""tools/deepen_dit.py: a deeper DiT whose inserted layers start as the identity (same samples as before)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip3o.models.blip3o import Blip3o
+from blip3o.train.config import preset
+from conftest import load_script
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "deepen_dit.py"
+PROMPTS = ["a photo of two stars", "a photo of a red circle left of a blue square"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float16 tiny-test model whose every weight moved off its initial value (so its adaLN gates are open)."""
+    model = Blip3o.from_config(preset("tiny-test").model, seed=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("source") / "model"
+    model.save_pretrained(folder, dtype=torch.float16)
+    return folder
+
+
+def _samples(model: Blip3o) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate_target(
+            PROMPTS, steps=4, cfg_scale=2.0, generator=torch.Generator().manual_seed(0)
+        )
+
+
+def test_the_deeper_model_samples_exactly_as_the_source(tmp_path: Path, source: Path) -> None:
+    out = tmp_path / "deeper"
+    assert load_script(TOOL).main([str(source), str(out), "--copy", "0", "1"]) == 0
+    before, after = Blip3o.from_pretrained(source), Blip3o.from_pretrained(out)
+    layers = before.config.dit.n_layers
+    assert after.config.dit.n_layers == layers + 2
+    assert json.loads((out / "dit" / "config.json").read_text())["n_layers"] == layers + 2
+    assert json.loads((out / "config.json").read_text())["storage_dtype"] == "float16"
+    assert torch.equal(_samples(before), _samples(after))
+    # The copies start from their layer's weights, all but the gate rows; the old layers moved up by one each.
+    old, new = before.dit.state_dict(), after.dit.state_dict()
+    assert torch.equal(
+        new["model.layers.1.feed_forward.linear_1.weight"], old["model.layers.0.feed_forward.linear_1.weight"]
+    )
+    assert torch.equal(new["model.layers.2.attn1.to_q.weight"], old["model.layers.1.attn1.to_q.weight"])
+    gates = new["model.layers.1.norm1.linear.weight"].chunk(4)  # scale_attn, gate_attn, scale_ffn, gate_ffn
+    assert not gates[1].any() and not gates[3].any()
+    assert torch.equal(gates[0], old["model.layers.0.norm1.linear.weight"].chunk(4)[0])
+    # Backbone, CLIP and decoder are the source's.
+    for part in ("backbone", "clip", "decoder"):
+        for name, value in getattr(before, part).state_dict().items():
+            assert torch.equal(value, getattr(after, part).state_dict()[name]), f"{part}.{name}"
+
+
+def test_the_copies_train(source: Path) -> None:
+    """Zero gates still pass a gradient to the gate rows, so training can open the inserted layers."""
+    deeper = load_script(TOOL).deepen(Blip3o.from_pretrained(source), [0]).train()
+    x = torch.randn(2, *deeper.config.target_shape)
+    cond = deeper.condition(PROMPTS).float()
+    deeper.dit(x, torch.tensor([500.0, 500.0]), cond).square().mean().backward()
+    grad = deeper.dit.model.layers[1].norm1.linear.weight.grad.chunk(4)
+    assert grad[1].abs().sum() > 0 and grad[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("copies", [["7"], ["0", "0"], ["-1"]])
+def test_bad_layers_are_refused(tmp_path: Path, source: Path, copies: list[str], capsys) -> None:
+    assert load_script(TOOL).main([str(source), str(tmp_path / "out"), "--copy", *copies]) == 2
+    assert "--copy takes distinct layers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_refused(tmp_path: Path, source: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    assert load_script(TOOL).main([str(source), str(out), "--copy", "0"]) == 2
+    assert "exists" in capsys.readouterr().err
