@@ -74,6 +74,21 @@ def save_untrained_tiny_model(folder: Path):
     return model
 
 
+def save_moved_tiny_test_model(folder: Path) -> Path:
+    """A float16 model of the tiny-test run's config with every weight moved off its initial value (so no weight
+    a tool must carry over equals its initialisation by chance), saved to `folder`; returns `folder`."""
+    from blip3o.models.blip3o import Blip3o
+    from blip3o.train.config import preset
+
+    model = Blip3o.from_config(preset("tiny-test").model, seed=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(folder, dtype=torch.float16)
+    return folder
+
+
 def tiny_object_label_model(corpus_scenes: int = 100):
     """An untrained tiny Blip3o with CLIP's object label head (`object_label_model_config`), its CLIP feature
     statistics fitted on 8 renders as training does (not saved, train mode as built)."""

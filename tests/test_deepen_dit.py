@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import preset
-from conftest import load_script
+from conftest import load_script, save_moved_tiny_test_model
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "deepen_dit.py"
 PROMPTS = ["a photo of two stars", "a photo of a red circle left of a blue square"]
@@ -19,14 +18,7 @@ PROMPTS = ["a photo of two stars", "a photo of a red circle left of a blue squar
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A float16 tiny-test model whose every weight moved off its initial value (so its adaLN gates are open)."""
-    model = Blip3o.from_config(preset("tiny-test").model, seed=1)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("source") / "model"
-    model.save_pretrained(folder, dtype=torch.float16)
-    return folder
+    return save_moved_tiny_test_model(tmp_path_factory.mktemp("source") / "model")
 
 
 def _samples(model: Blip3o) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import preset
 from blip3o.train.loop import check_stage_model
-from conftest import load_script
+from conftest import load_script, save_moved_tiny_test_model
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "reuse_model.py"
 STAGES = ["clip", "decoder", "vision", "understanding", "generation"]
@@ -21,14 +21,7 @@ STAGES = ["clip", "decoder", "vision", "understanding", "generation"]
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A float16 model of the tiny-test run's config, every weight moved off its initial value."""
-    model = Blip3o.from_config(preset("tiny-test").model, seed=1)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("source") / "model"
-    model.save_pretrained(folder, dtype=torch.float16)
-    return folder
+    return save_moved_tiny_test_model(tmp_path_factory.mktemp("source") / "model")
 
 
 def _run_folder(tmp_path: Path, config=None) -> Path:
