@@ -9,7 +9,9 @@ as the copied layer's, not as noise. A run then trains it from a folder filled b
 `model.dit.n_layers=N` in both the --print-config and the train overrides.
 
 Why: the only way to try a larger DiT on this machine without training the generation stages again (~2.2 h).
-Session 61 (docs/bench/object_target.txt): 4 -> 6 layers then `count_apart`, 1,000 steps: counting not better.
+Session 61 (docs/bench/object_target.txt): 4 -> 6 layers then `count_apart` alone, 1,000 steps: counting not
+better; with `count`, `count_shape` and `count_apart` trained again on 6 layers, counting tokens 0.673 against the
+bundle's 0.647 (40 seeds; the 4-layer control of that run not yet trained).
 The output keeps the source's storage dtype; a float16 DiT of 6 layers does not fit the 25 MB bundle.
 """
 
