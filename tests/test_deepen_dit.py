@@ -52,6 +52,18 @@ def test_the_deeper_model_samples_exactly_as_the_source(tmp_path: Path, source: 
             assert torch.equal(value, getattr(after, part).state_dict()[name]), f"{part}.{name}"
 
 
+def test_an_int8_dit_stays_int8(tmp_path: Path, source: Path) -> None:
+    int8_source = tmp_path / "int8"
+    Blip3o.from_pretrained(source).save_pretrained(int8_source, dtype=torch.float16, dit_int8=True)
+    out = tmp_path / "deeper"
+    assert load_script(TOOL).main([str(int8_source), str(out), "--copy", "0"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dit_storage"] == "int8" and config["storage_dtype"] == "float16"
+    # int8 again from int8 values: each row's largest weight is 127 steps, so the steps (and samples) stay.
+    before, after = _samples(Blip3o.from_pretrained(int8_source)), _samples(Blip3o.from_pretrained(out))
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+
+
 def test_the_copies_train(source: Path) -> None:
     """Zero gates still pass a gradient to the gate rows, so training can open the inserted layers."""
     deeper = load_script(TOOL).deepen(Blip3o.from_pretrained(source), [0]).train()

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from blip3o.models.blip3o import CONFIG_FILE, STORAGE_DTYPE_KEY, STORAGE_DTYPES, Blip3o
+from blip3o.models.blip3o import CONFIG_FILE, DIT_STORAGE_KEY, STORAGE_DTYPE_KEY, STORAGE_DTYPES, Blip3o
 from blip3o.models.dit import DiT
 
 LAYER_PREFIX = "model.layers."
@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    storage = json.loads((args.source / CONFIG_FILE).read_text()).get(STORAGE_DTYPE_KEY, "float32")
-    deeper.save_pretrained(args.out, dtype=STORAGE_DTYPES[storage])
+    source_config = json.loads((args.source / CONFIG_FILE).read_text())
+    storage = source_config.get(STORAGE_DTYPE_KEY, "float32")  # stored as the source was
+    deeper.save_pretrained(
+        args.out, dtype=STORAGE_DTYPES[storage], dit_int8=source_config.get(DIT_STORAGE_KEY) == "int8"
+    )
     count = sum(p.numel() for p in deeper.dit.parameters())
     print(f"wrote {args.out}: DiT of {deeper.config.dit.n_layers} layers, {count:,} parameters")
     return 0

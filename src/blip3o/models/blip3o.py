@@ -30,6 +30,7 @@ from blip3o.models.clip import (
 from blip3o.models.decode_choice import best_candidate, decode_disagreements
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
+from blip3o.models.int8_storage import dequantize_state, quantize_state
 from blip3o.models.vae import Vae, VaeConfig
 from blip3o.transport import FlowMatchingConfig, build_objective, initial_noise, interpolate, sample_euler
 
@@ -37,6 +38,7 @@ CONFIG_FILE = "config.json"
 DIT_WEIGHTS = "model.safetensors"
 MODEL_TYPE = "blip3o"
 STORAGE_DTYPE_KEY = "storage_dtype"  # in the top config.json: how the weight files store floats
+DIT_STORAGE_KEY = "dit_storage"  # in the top config.json: "int8" for int8 DiT matrices (int8_storage)
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -106,8 +108,8 @@ class Blip3oConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Blip3oConfig:
-        # model_type and the storage dtype describe the files, not the model.
-        d = {k: v for k, v in d.items() if k not in ("model_type", STORAGE_DTYPE_KEY)}
+        # model_type and the storage keys describe the files, not the model.
+        d = {k: v for k, v in d.items() if k not in ("model_type", STORAGE_DTYPE_KEY, DIT_STORAGE_KEY)}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown Blip3oConfig fields: {sorted(unknown)}")
@@ -471,12 +473,16 @@ class Blip3o(nn.Module):
 
     # ---- save / load ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def save_pretrained(
+        self, directory: str | Path, dtype: torch.dtype = torch.float32, dit_int8: bool = False
+    ) -> None:
         """Release layout: config.json, backbone/, dit/, clip/, decoder/ (and vae/), each HF-style.
 
         dtype: how the weight files store floats. torch.float16 halves the folder (the model bundled with the
         package must fit in 25 MB); `from_pretrained` upcasts such a model to float32, so only the rounding of
         the stored weights differs. The choice is recorded in config.json as "storage_dtype".
+        dit_int8: store the DiT's large matrices as int8 with per-row scales (`blip3o.models.int8_storage`;
+        a quarter of float32's bytes), recorded as "dit_storage": "int8".
         """
         dtype_name = storage_dtype_name(dtype)
         directory = Path(directory)
@@ -486,7 +492,8 @@ class Blip3o(nn.Module):
         dit_dir.mkdir(exist_ok=True)
         (dit_dir / CONFIG_FILE).write_text(json.dumps(self.config.dit.to_dict(), indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.dit.state_dict().items()}
-        save_file(state, dit_dir / DIT_WEIGHTS)
+        # Quantized from the float32 weights, before any float16 cast of the files (which leaves int8 alone).
+        save_file(quantize_state(state) if dit_int8 else state, dit_dir / DIT_WEIGHTS)
         self.clip.save_pretrained(directory / "clip")
         self.decoder.save_pretrained(directory / "decoder")
         if self.vae is not None:
@@ -495,6 +502,8 @@ class Blip3o(nn.Module):
             cast_weight_files(directory, dtype)
         # Written last: a folder with a config.json is a complete model.
         config = {**self.config.to_dict(), STORAGE_DTYPE_KEY: dtype_name}
+        if dit_int8:
+            config[DIT_STORAGE_KEY] = "int8"
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -510,6 +519,8 @@ class Blip3o(nn.Module):
             storage = raw.get(STORAGE_DTYPE_KEY, "float32")  # folders saved before the key existed: float32
             if storage not in STORAGE_DTYPES:
                 raise ValueError(f"unknown {STORAGE_DTYPE_KEY} {storage!r}")
+            if DIT_STORAGE_KEY in raw and raw[DIT_STORAGE_KEY] != "int8":
+                raise ValueError(f"unknown {DIT_STORAGE_KEY} {raw[DIT_STORAGE_KEY]!r} (only 'int8' is known)")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise ModelLoadError(f"{config_path} is not a valid blip3o config: {err}") from err
         _check_query_count(directory / "backbone", config.backbone.n_queries)
@@ -525,7 +536,8 @@ class Blip3o(nn.Module):
 
         def load_dit(path: Path) -> DiT:
             dit = DiT(DiTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())))
-            dit.load_state_dict(load_file(path / DIT_WEIGHTS), strict=True)
+            # int8 matrices (saved with dit_int8) come back as float32; float files pass unchanged.
+            dit.load_state_dict(dequantize_state(load_file(path / DIT_WEIGHTS)), strict=True)
             return dit
 
         backbone = component("backbone", lambda p: Backbone.from_pretrained(p, dtype=torch.float32))
