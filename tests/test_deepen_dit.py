@@ -1,7 +1,9 @@
-"""tools/deepen_dit.py: a deeper DiT whose inserted layers start as the identity (same samples as before)."""
+"""tools/deepen_dit.py and blip3o.models.dit_depth: a deeper DiT whose inserted layers start as the identity (same
+samples as before)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
+from blip3o.models.dit_depth import deepen
+from blip3o.train.config import ConfigError, RunConfig, apply_overrides, preset
 from conftest import load_script, save_moved_tiny_test_model
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "deepen_dit.py"
@@ -66,7 +70,7 @@ def test_an_int8_dit_stays_int8(tmp_path: Path, source: Path) -> None:
 
 def test_the_copies_train(source: Path) -> None:
     """Zero gates still pass a gradient to the gate rows, so training can open the inserted layers."""
-    deeper = load_script(TOOL).deepen(Blip3o.from_pretrained(source), [0]).train()
+    deeper = deepen(Blip3o.from_pretrained(source), [0]).train()
     x = torch.randn(2, *deeper.config.target_shape)
     cond = deeper.condition(PROMPTS).float()
     deeper.dit(x, torch.tensor([500.0, 500.0]), cond).square().mean().backward()
@@ -77,7 +81,7 @@ def test_the_copies_train(source: Path) -> None:
 @pytest.mark.parametrize("copies", [["7"], ["0", "0"], ["-1"]])
 def test_bad_layers_are_refused(tmp_path: Path, source: Path, copies: list[str], capsys) -> None:
     assert load_script(TOOL).main([str(source), str(tmp_path / "out"), "--copy", *copies]) == 2
-    assert "--copy takes distinct layers" in capsys.readouterr().err
+    assert "layer copies must be distinct layers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -86,3 +90,34 @@ def test_an_existing_output_is_refused(tmp_path: Path, source: Path, capsys) -> 
     out.mkdir()
     assert load_script(TOOL).main([str(source), str(out), "--copy", "0"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_stage_deepens_the_dit_it_receives(tmp_path: Path) -> None:
+    """`deepen_dit_after` on a stage: its model (and every later stage's) has the copies; with lr 0 that
+    stage's export samples exactly as the stage before it; a rerun accepts the finished deeper stage."""
+    from blip3o.train.loop import run
+
+    base = preset("tiny-gen")
+    first = dataclasses.replace(base.stages[0], steps=2)
+    deeper = dataclasses.replace(first, name="deeper", lr=0.0, deepen_dit_after=(0,))
+    config = dataclasses.replace(base, stages=(first, deeper), deterministic=False)
+    layers = config.model.dit.n_layers
+    assert config.stage_model("generation").dit.n_layers == layers
+    assert config.stage_model("deeper").dit.n_layers == layers + 1
+    run(config, tmp_path, progress=False)
+    before = Blip3o.from_pretrained(tmp_path / "generation" / "model")
+    after = Blip3o.from_pretrained(tmp_path / "deeper" / "model")
+    assert (before.config.dit.n_layers, after.config.dit.n_layers) == (layers, layers + 1)
+    assert torch.equal(_samples(before), _samples(after))
+    assert run(config, tmp_path, progress=False) == []  # both stages found finished and of the right model
+
+
+def test_deepen_dit_after_is_checked_and_overridable() -> None:
+    config = preset("tiny-gen")
+    layers = config.model.dit.n_layers
+    deeper = apply_overrides(config, ["stages.generation.deepen_dit_after=0,1"])
+    assert deeper.stage("generation").deepen_dit_after == (0, 1)
+    assert RunConfig.from_dict(json.loads(deeper.to_json())) == deeper
+    for bad in (f"{layers}", "0,0", "-1"):
+        with pytest.raises(ConfigError, match="deepen_dit_after takes distinct DiT layers"):
+            apply_overrides(config, [f"stages.generation.deepen_dit_after={bad}"])

@@ -75,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.condition_word_tokens is not None:
         model.set_condition_word_tokens(args.condition_word_tokens)
     try:
-        check_model_config(
-            model.config,
-            run_config.model,
-            str(args.source),
-            "It cannot fill this run: give a source of the run's model config (--condition-word-tokens sets that "
-            "field), or write the run's config.json from the source's recipe",
-        )
+        for (
+            stage
+        ) in args.stages:  # each stage's own model: a stage's deepen_dit_after changes it from there on
+            check_model_config(
+                model.config,
+                run_config.stage_model(stage),
+                f"{args.source} (for stage {stage})",
+                "It cannot fill this run: give a source of the run's model config (--condition-word-tokens sets "
+                "that field), or write the run's config.json from the source's recipe",
+            )
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1

@@ -213,8 +213,12 @@ class StageConfig:
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # generation stages: a sample grid every N steps and at the end (0: none)
+    # before this stage trains: insert after each of these DiT layers a copy of it with its adaLN gates at zero
+    # (models/dit_depth.py: the same samples until training opens them, len() more layers from here on)
+    deepen_dit_after: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "deepen_dit_after", tuple(int(i) for i in self.deepen_dit_after))
         if self.kind not in STAGE_KINDS:
             raise ConfigError(f"stage {self.name!r}: unknown kind {self.kind!r}; known: {STAGE_KINDS}")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "qa_turns"):
@@ -441,6 +445,15 @@ class RunConfig:
             raise ConfigError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        layers = self.model.dit.n_layers
+        for stage in self.stages:
+            copies = stage.deepen_dit_after
+            if copies and (len(set(copies)) != len(copies) or not all(0 <= i < layers for i in copies)):
+                raise ConfigError(
+                    f"stage {stage.name!r}: deepen_dit_after takes distinct DiT layers in 0..{layers - 1} (the "
+                    f"DiT has {layers} when the stage starts), got {list(copies)}"
+                )
+            layers += len(copies)
         for index, stage in enumerate(self.stages):
             if (stage.separation_weight or stage.own_count_weight) and self.distributed == "fsdp":
                 # Each rank samples its own rows up to its own drawn step: the sharded DiT would be called a
@@ -474,6 +487,16 @@ class RunConfig:
                     f"stage {stage.name!r}: generated_pairs 'reading' needs CLIP's object label head "
                     "(model.clip.patch_label_kind 'object', patch_label_weight > 0)"
                 )
+
+    def stage_model(self, name: str) -> Blip3oConfig:
+        """The model a stage trains and exports: `model` (as built), deepened by its stages up to this one."""
+        names = [s.name for s in self.stages]
+        if name not in names:
+            raise ConfigError(f"no stage {name!r}; stages: {names}")
+        added = sum(len(s.deepen_dit_after) for s in self.stages[: names.index(name) + 1])
+        if not added:
+            return self.model
+        return replace(self.model, dit=replace(self.model.dit, n_layers=self.model.dit.n_layers + added))
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

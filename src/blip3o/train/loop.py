@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from blip3o.models.blip3o import Blip3o, Blip3oConfig
+from blip3o.models.dit_depth import deepen
 from blip3o.train.checkpoint import (
     gather_model_state_dict,
     latest_checkpoint,
@@ -510,18 +511,22 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, device: str =
         for index, stage in enumerate(config.stages):
             model_dir = out / stage.name / "model"
             if (model_dir / "config.json").exists():
-                check_stage_model(model_dir, config.model)
+                check_stage_model(model_dir, config.stage_model(stage.name))
                 log.info("[%s] already trained: %s", stage.name, model_dir)
                 previous = model_dir
                 continue
 
-            def build(source: Path | None = previous) -> Blip3o:
-                """The model as this stage receives it: the previous stage's export, or a fresh one."""
-                return (
+            def build(
+                source: Path | None = previous, copies: tuple[int, ...] = stage.deepen_dit_after
+            ) -> Blip3o:
+                """The model as this stage receives it: the previous stage's export, or a fresh one; its DiT
+                deepened first where the stage says so."""
+                model = (
                     Blip3o.from_pretrained(source)
                     if source
                     else Blip3o.from_config(config.model, config.seed)
                 )
+                return deepen(model, copies) if copies else model
 
             model = build()
             results.append(train_stage(model, stage, index, config, out, examples, dist, build, progress))
