@@ -10,6 +10,7 @@ from blip3o.eval.model_card import (
     _model_section,
     _scores_section,
     _stage_row,
+    final_model_dict,
     instruct_renders_phrase,
     other_sampler_section,
     provenance_sentences,
@@ -240,3 +241,16 @@ def test_scores_say_how_a_summary_put_together_by_hand_was_measured(tmp_path: Pa
     lines = _scores_section(tmp_path)
     assert f"Not measured by the run itself; how: {note}." in lines
     assert not any(line.startswith("Measured by the run itself") for line in lines)
+
+
+def test_a_deepened_dit_is_named_with_its_final_depth() -> None:
+    """The run config's model is the DiT as built; a stage's `deepen_dit_after` makes the exported one deeper."""
+    config = apply_overrides(preset("tiny-gen"), ["stages.generation.deepen_dit_after=0,1"]).to_dict()
+    built = config["model"]["dit"]["n_layers"]
+    final = final_model_dict(config)
+    assert final["dit"]["n_layers"] == built + 2 and config["model"]["dit"]["n_layers"] == built
+    line = next(line for line in _model_section(final) if line.startswith("- DiT"))
+    assert line.startswith(f"- DiT: {built + 2} layers")
+    sentence = stage_objectives_sentence(config)
+    assert "`generation`: first the DiT it receives deepened by gated-off copies of layers 0, 1" in sentence
+    assert final_model_dict(preset("tiny-gen").to_dict()) == preset("tiny-gen").to_dict()["model"]

@@ -393,9 +393,19 @@ def stage_objectives_sentence(config: dict) -> str:
             )
         if stage.get("prompt_scenes", False):
             extras.append("on stage 3's prompt renders, not the shards")
+        if copies := stage.get("deepen_dit_after", ()):
+            layers = ", ".join(map(str, copies))
+            extras.insert(0, f"first the DiT it receives deepened by gated-off copies of layers {layers}")
         if extras:
             parts.append(f"`{stage['name']}`: {', '.join(extras)}")
     return f"Beyond each kind's own loss: {'; '.join(parts)}." if parts else ""
+
+
+def final_model_dict(config: dict) -> dict:
+    """The run config's model as its last stage exports it: the DiT deeper by every stage's `deepen_dit_after`."""
+    added = sum(len(stage.get("deepen_dit_after", ())) for stage in config["stages"])
+    dit = config["model"]["dit"]
+    return {**config["model"], "dit": {**dit, "n_layers": dit["n_layers"] + added}}
 
 
 def recipe_command(config: dict, run: Path) -> str:
@@ -507,7 +517,7 @@ def build_model_card(
         wall_time_sentence(trained, sources),
         "",
         *[line for p in provenance for line in (p, "")],
-        *_model_section(config["model"]),
+        *_model_section(final_model_dict(config)),
         "## Compute",
         "",
         f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__}, fp32, one process. "
