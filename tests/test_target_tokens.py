@@ -105,7 +105,9 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     names = [s.name for s in new.stages]
     old_names = [s.name for s in old.stages]
     at = old_names.index("understanding")
-    assert names == [*old_names[:at], "understanding_relations", *old_names[at:], "count_apart"]
+    assert names == [
+        *old_names[:at], "understanding_relations", *old_names[at:], "deep_count", "deep_count_shape", "count_apart"
+    ]  # fmt: skip
     assert new.stage("vision").scene_embedding_weight == 1.0 and new.stage("vision").steps == 9000
     relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
     for stage in (relations, understanding):
@@ -118,9 +120,13 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     # count_shape again, with the two losses read on the model's own samples at high noise (session 56). The model
     # samples 4 decodes per DiT sample and keeps the most faithful (session 58).
     assert new.model == replace(old.model, decoder=replace(old.model.decoder, sample_candidates=4))
-    assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-1] == [
+    assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-3] == [
         s for s in old.stages if s.kind not in ("vision", "understanding")
     ]
+    # Then count and count_shape again on a DiT deepened 4 -> 6 layers (session 62).
+    assert new.stage("deep_count") == replace(old.stage("count"), name="deep_count", deepen_dit_after=(1, 3))
+    assert new.stage("deep_count_shape") == replace(old.stage("count_shape"), name="deep_count_shape")
+    assert new.stage_model("count_apart").dit.n_layers == new.model.dit.n_layers + 2 == 6
     apart = new.stage("count_apart")
     assert apart == replace(
         old.stage("count_shape"),

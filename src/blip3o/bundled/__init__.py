@@ -1,12 +1,12 @@
 """The model shipped inside the package: the default of `blip3o generate`, `ask` and `demo`.
 
 The trained ShapesWorld checkpoint lives in `blip3o/bundled/model/`, in the layout `Blip3o.save_pretrained`
-writes (float16 storage keeps it under 25 MB; it loads as float32). pyproject.toml's package-data carries the
+writes (float16 storage, the DiT's matrices int8, keep it under 25 MB; it loads as float32). pyproject.toml's package-data carries the
 folder into wheels. A source checkout may have no model there yet: `bundled_model_dir()` then says how to get
 one instead of failing later on a missing file.
 
 To bundle a trained model (tests/test_bundled.py checks the size limit once one is there):
-    Blip3o.from_pretrained("runs/shapes/final").save_pretrained(model_path(), dtype=torch.float16)
+    Blip3o.from_pretrained("runs/shapes/final").save_pretrained(model_path(), dtype=torch.float16, dit_int8=True)
 """
 
 from __future__ import annotations
