@@ -35,9 +35,8 @@ def test_round_trip_within_half_a_step_per_row() -> None:
     for key in ("w", "conv"):
         rows = state[key].reshape(state[key].shape[0], -1)
         error = (loaded[key] - state[key]).reshape(rows.shape).abs()
-        bound = (
-            rows.abs().amax(dim=1, keepdim=True) / 254 * (1 + 1e-4)
-        )  # half a step, + float32 rounding of q * s
+        # Half a step, plus float32 rounding of q * s.
+        bound = rows.abs().amax(dim=1, keepdim=True) / 254 * (1 + 1e-4)
         assert (error <= bound).all(), key
         assert loaded[key].dtype == torch.float32 and loaded[key].shape == state[key].shape
     assert (loaded["w"][5] == 0).all()

@@ -27,6 +27,7 @@ from blip3o.models.blip3o import Blip3oConfig, tiny_config
 from blip3o.models.clip import clip_config
 from blip3o.models.decoder import PixelDecoderConfig, decoder_config
 from blip3o.models.dit import DiTConfig
+from blip3o.models.dit_depth import layer_plan
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, PATCH_LABEL_VALUES
 from blip3o.train.slot_supervision import SLOT_ORDERS
 from blip3o.world.reasoning import RELATION_FORMS
@@ -447,13 +448,13 @@ class RunConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         layers = self.model.dit.n_layers
         for stage in self.stages:
-            copies = stage.deepen_dit_after
-            if copies and (len(set(copies)) != len(copies) or not all(0 <= i < layers for i in copies)):
+            try:
+                layers = len(layer_plan(layers, stage.deepen_dit_after))  # the rule `deepen` itself applies
+            except ValueError as err:
                 raise ConfigError(
                     f"stage {stage.name!r}: deepen_dit_after takes distinct DiT layers in 0..{layers - 1} (the "
-                    f"DiT has {layers} when the stage starts), got {list(copies)}"
-                )
-            layers += len(copies)
+                    f"DiT has {layers} when the stage starts), got {list(stage.deepen_dit_after)}"
+                ) from err
         for index, stage in enumerate(self.stages):
             if (stage.separation_weight or stage.own_count_weight) and self.distributed == "fsdp":
                 # Each rank samples its own rows up to its own drawn step: the sharded DiT would be called a
