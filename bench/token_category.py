@@ -1,7 +1,7 @@
 """One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
 
     .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
-        [--pixels [--decoder-steps K] [--decoder-cfg W] [--gaps]]
+        [--pixels [--decoder-steps K] [--decoder-cfg W] [--gaps] [--why-few]]
 
 `bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
 category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
@@ -13,7 +13,11 @@ hold too few or too many objects of the named shape. With `--pixels` the model's
 change survives the decoder (session 33: the decoder drops objects, so too many in the tokens can pass in pixels).
 `--gaps` (with --pixels) groups the samples by (tokens pass, pixels pass) and gives each group's closest pair of
 read token boxes (label head centre + mean side; `box_gap`, negative on overlap): session 54 found the pixels lose
-counts the tokens hold where the DiT overlaps two objects (real scenes keep >= 2 px).
+counts the tokens hold where the DiT overlaps two objects (real scenes keep >= 2 px). `--why-few` (counting, with
+--pixels) says why each image with too few of the named shape falls short, by the tokens' verdict: "rejected" (the
+judge measured enough objects but put one under its confidence threshold: a soft, tiny or atypical outline) or
+"missing" (too few objects at all: two drawn as one, or one not drawn); session 64: 13 and 13 of the 26 where the
+tokens pass.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from blip3o.eval.geneval import score_detections
 from blip3o.train.scene_supervision import object_label_detections
-from blip3o.world.judge import detect
+from blip3o.world.judge import DEFAULT_MIN_CONFIDENCE, Candidate, detect, find_candidates, load_shape_model
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.scene import box_gap
 from label_judge import load_label_model, read_targets  # bench/ is on sys.path when a bench script runs
@@ -58,6 +62,16 @@ def tally(outcomes: Counter, category: str, record: dict, detections: list) -> b
 
 def summary(outcomes: Counter, samples: int) -> dict:
     return {"pass_rate": outcomes["pass"] / samples, "outcomes": dict(sorted(outcomes.items()))}
+
+
+def few_reason(record: dict, candidates: list[Candidate]) -> str:
+    """Why a counting image with too few of the named shape falls short, from every object the judge measured:
+    "rejected" when confident objects of the shape plus unconfident ones of any shape reach the count, else
+    "missing"."""
+    want = record["include"][0]
+    sure = sum(c.shape == want["class"] and c.confidence >= DEFAULT_MIN_CONFIDENCE for c in candidates)
+    unsure = sum(c.confidence < DEFAULT_MIN_CONFIDENCE for c in candidates)
+    return "rejected" if sure + unsure >= want["count"] else "missing"
 
 
 def closest_gap(detections: list) -> float | None:
@@ -101,9 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--decoder-candidates", type=int, help="with --pixels: decodes per sample, the most faithful kept"
     )
     parser.add_argument("--gaps", action="store_true", help="with --pixels: closest token boxes by verdicts")
+    parser.add_argument("--why-few", action="store_true", help="counting, --pixels: why images hold too few")
     args = parser.parse_args(argv)
     if args.gaps and not args.pixels:
         parser.error("--gaps needs --pixels (it groups samples by both verdicts)")
+    if args.why_few and not (args.pixels and args.category == "counting"):
+        parser.error("--why-few needs --pixels and --category counting")
     records = [r for r in load_eval_prompts() if r["tag"] == args.category]
     if not records:
         tags = sorted({r["tag"] for r in load_eval_prompts()})
@@ -119,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     outcomes: Counter = Counter()
     pixel_outcomes: Counter = Counter()
     gaps: dict[tuple[bool, bool], list] = defaultdict(list)
+    why_few: Counter = Counter()
     prompts = [r["prompt"] for r in records]
     with torch.no_grad():
         for seed in range(args.seeds):
@@ -142,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
                     in_pixels = tally(pixel_outcomes, args.category, record, detect(image))
                     if args.gaps:
                         gaps[(in_tokens, in_pixels)].append(closest_gap(found))
+                    if args.why_few and count_outcome(record, detect(image)) == "few":
+                        reason = few_reason(record, find_candidates(image, load_shape_model()))
+                        why_few[f"tokens {count_outcome(record, found)}: {reason}"] += 1
     samples = len(records) * args.seeds
     result = {
         "model": args.model,
@@ -153,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["pixels"] = summary(pixel_outcomes, samples)
     if args.gaps:
         result["gaps"] = gap_groups(gaps)
+    if args.why_few:
+        result["why_few"] = dict(sorted(why_few.items()))
     print(
         f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end=""
     )
@@ -167,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             line += (f", closest token boxes median {group['median_gap']:.1f} px, overlapping "
                      f"{group['overlapping']:.2f}, closer than 2 px {group['closer_than_2px']:.2f}")  # fmt: skip
         print(line)
+    for key, n in result.get("why_few", {}).items():
+        print(f"  pixels too few, {key}: {n}")
     print(json.dumps(result))
     return result
 

@@ -11,7 +11,7 @@ import torch
 from blip3o.eval.model_eval import balanced_subset
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, scene_object_labels
 from blip3o.world.conditioned import scene_for_prompt
-from blip3o.world.judge import Detection, detect
+from blip3o.world.judge import Candidate, Detection, detect
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.render import render
 from blip3o.world.sampler import sample_scene
@@ -124,11 +124,13 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
     assert groups["tokens pass, pixels pass"]["closer_than_2px"] == 0.0
     tiny_object_label_model().save_pretrained(tmp_path / "object")
     argv = [str(tmp_path / "object"), "--seeds", "2", "--steps", "2", "--threads", "1", "--pixels",
-            "--decoder-steps", "2", "--gaps"]  # fmt: skip
+            "--decoder-steps", "2", "--gaps", "--why-few"]  # fmt: skip
     result = category.main(argv)
     assert sum(group["samples"] for group in result["gaps"].values()) == result["samples"]
     passed_both = result["gaps"].get("tokens pass, pixels pass", {}).get("samples", 0)
     assert passed_both <= min(result["outcomes"].get("pass", 0), result["pixels"]["outcomes"].get("pass", 0))
+    few_in_pixels = sum(n for k, n in result["pixels"]["outcomes"].items() if k.endswith(": few"))
+    assert sum(result["why_few"].values()) == few_in_pixels  # every image with too few gets one reason
     counting = sum(r["tag"] == "counting" for r in load_eval_prompts())
     assert result["samples"] == 2 * counting
     for judged in (result, result["pixels"]):  # the tokens' verdicts, then the decoded images'
@@ -139,3 +141,18 @@ def test_token_category_counts_outcomes_and_checks_its_input(tmp_path: Path) -> 
         category.main([str(tmp_path / "object"), "--category", "nonsense"])
     with pytest.raises(SystemExit):
         category.main([str(tmp_path / "object"), "--gaps"])  # without --pixels
+    with pytest.raises(SystemExit):
+        category.main([str(tmp_path / "object"), "--why-few"])  # without --pixels
+
+
+def test_few_reason_tells_a_rejected_object_from_a_missing_one() -> None:
+    category = load_script(BENCH.with_name("token_category.py"))
+    record = next(r for r in load_eval_prompts() if r["tag"] == "counting" and r["include"][0]["count"] == 3)
+    shape = record["include"][0]["class"]
+
+    def candidate(confidence: float) -> Candidate:
+        return Candidate((0, 0, 12, 12), (0.0, 0.0, 0.0), "red", 1.0, np.zeros(4), shape, confidence, 1.0)
+
+    assert category.few_reason(record, [candidate(0.9), candidate(0.9), candidate(0.1)]) == "rejected"
+    assert category.few_reason(record, [candidate(0.9), candidate(0.9)]) == "missing"
+    assert category.few_reason(record, [candidate(0.1), candidate(0.2), candidate(0.3)]) == "rejected"
