@@ -157,10 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for record, image, found, in_tokens in zip(
                     records, images, token_objects, token_verdicts, strict=True
                 ):
-                    in_pixels = tally(pixel_outcomes, args.category, record, detect(image))
+                    detections = detect(image)
+                    in_pixels = tally(pixel_outcomes, args.category, record, detections)
                     if args.gaps:
                         gaps[(in_tokens, in_pixels)].append(closest_gap(found))
-                    if args.why_few and count_outcome(record, detect(image)) == "few":
+                    if args.why_few and count_outcome(record, detections) == "few":
                         reason = few_reason(record, find_candidates(image, load_shape_model()))
                         why_few[f"tokens {count_outcome(record, found)}: {reason}"] += 1
     samples = len(records) * args.seeds
