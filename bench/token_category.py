@@ -32,7 +32,13 @@ import torch
 
 from blip3o.eval.geneval import score_detections
 from blip3o.train.scene_supervision import object_label_detections
-from blip3o.world.judge import DEFAULT_MIN_CONFIDENCE, Candidate, detect, find_candidates, load_shape_model
+from blip3o.world.judge import (
+    DEFAULT_MIN_CONFIDENCE,
+    Candidate,
+    detections_of,
+    find_candidates,
+    load_shape_model,
+)
 from blip3o.world.prompts import load_eval_prompts
 from blip3o.world.scene import box_gap
 from label_judge import load_label_model, read_targets  # bench/ is on sys.path when a bench script runs
@@ -157,12 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for record, image, found, in_tokens in zip(
                     records, images, token_objects, token_verdicts, strict=True
                 ):
-                    detections = detect(image)
+                    candidates = find_candidates(image, load_shape_model())  # the judge's, rejected ones too
+                    detections = detections_of(candidates)  # what detect(image) returns
                     in_pixels = tally(pixel_outcomes, args.category, record, detections)
                     if args.gaps:
                         gaps[(in_tokens, in_pixels)].append(closest_gap(found))
                     if args.why_few and count_outcome(record, detections) == "few":
-                        reason = few_reason(record, find_candidates(image, load_shape_model()))
+                        reason = few_reason(record, candidates)
                         why_few[f"tokens {count_outcome(record, found)}: {reason}"] += 1
     samples = len(records) * args.seeds
     result = {

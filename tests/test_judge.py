@@ -191,6 +191,26 @@ def test_detection_contract() -> None:
         assert judge.detect(image) == [d for d in detections if d.confidence >= judge.DEFAULT_MIN_CONFIDENCE]
 
 
+def test_detections_of_keeps_the_confident_candidates() -> None:
+    rng = np.random.default_rng(11)
+    model = judge.load_shape_model()
+    thresholds = (0.0, 0.3, judge.DEFAULT_MIN_CONFIDENCE, 0.9)
+    kept = {t: 0 for t in thresholds}
+    for _ in range(20):
+        image = judge_eval.degrade(render(sample_scene(rng)), rng)
+        candidates = judge.find_candidates(image, model)
+        assert judge.detections_of(candidates) == judge.detect(image)
+        for threshold in thresholds:
+            found = judge.detections_of(candidates, threshold)
+            assert found == judge.detect(image, threshold)
+            assert sorted(found, key=lambda d: d.box) == sorted(
+                (c.detection() for c in candidates if c.confidence >= threshold), key=lambda d: d.box
+            )
+            kept[threshold] += len(found)
+    # The degraded renders hold both kinds, so the threshold really filters.
+    assert kept[0.0] > kept[0.9] > 0
+
+
 def test_inputs_and_determinism() -> None:
     rng = np.random.default_rng(10)
     images = [judge_eval.degrade(render(sample_scene(rng)), rng) for _ in range(5)]

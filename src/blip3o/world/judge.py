@@ -442,14 +442,20 @@ def find_candidates(image: Image.Image | np.ndarray, model: ShapeModel | None = 
     return candidates
 
 
+def detections_of(
+    candidates: Iterable[Candidate], min_confidence: float = DEFAULT_MIN_CONFIDENCE
+) -> list[Detection]:
+    """The candidates with confidence >= min_confidence as detections, most confident first (what `detect`
+    returns; for a caller that also reads the rejected candidates)."""
+    found = [c.detection() for c in candidates if c.confidence >= min_confidence]
+    return sorted(found, key=lambda d: (-d.confidence, d.box))
+
+
 def detect(
     image: Image.Image | np.ndarray, min_confidence: float = DEFAULT_MIN_CONFIDENCE
 ) -> list[Detection]:
     """The objects in an RGB image with confidence >= min_confidence, most confident first."""
-    model = load_shape_model()
-    found = [c.detection() for c in find_candidates(image, model)]
-    found = [d for d in found if d.confidence >= min_confidence]
-    return sorted(found, key=lambda d: (-d.confidence, d.box))
+    return detections_of(find_candidates(image, load_shape_model()), min_confidence)
 
 
 def detect_batch(
