@@ -122,3 +122,32 @@ def test_refuses_stages_that_are_not_the_runs_first(tmp_path: Path, source: Path
 
 def test_refuses_a_run_without_config(tmp_path: Path, source: Path) -> None:
     assert load_script(TOOL).main([str(source), str(tmp_path), "--stages", "clip"]) == 1
+
+
+def test_fresh_generation_keeps_all_but_the_dit_and_queries_which_start_as_a_new_run(
+    tmp_path: Path, source: Path
+) -> None:
+    run = _run_folder(tmp_path)
+    stages = STAGES[:-1]  # up to understanding: none of them trains the DiT
+    assert load_script(TOOL).main([str(source), str(run), "--stages", *stages, "--fresh-generation"]) == 0
+    config = preset("tiny-test")
+    trained = Blip3o.from_pretrained(source).float().state_dict()
+    new_run = Blip3o.from_config(config.model, config.seed).state_dict()  # what `blip3o train` starts from
+    generation_side = ("dit.", "backbone.latent_queries")
+    for stage in stages:
+        filled = Blip3o.from_pretrained(run / stage / "model").state_dict()
+        fresh = [name for name in filled if name.startswith(generation_side)]
+        assert fresh and len(fresh) < len(filled)
+        for name, value in filled.items():
+            expected = new_run[name] if name.startswith(generation_side) else trained[name]
+            assert torch.equal(value, expected), name
+        # The source's DiT really differed, so the check above can fail.
+        assert any(not torch.equal(trained[name], new_run[name]) for name in fresh)
+        weights = json.loads((run / stage / "reused.json").read_text())["weights"]
+        assert weights == f"all but the DiT and latent queries (fresh, seed {config.seed})"
+
+
+def test_fresh_generation_refuses_stages_that_train_the_dit(tmp_path: Path, source: Path) -> None:
+    run = _run_folder(tmp_path)
+    assert load_script(TOOL).main([str(source), str(run), "--stages", *STAGES, "--fresh-generation"]) == 1
+    assert not any(p.is_dir() for p in run.iterdir())

@@ -2,6 +2,7 @@
 
     python tools/reuse_model.py SOURCE_MODEL RUN_DIR --stages clip decoder ... generation
         [--source-note TEXT] [--curves SOURCE_CURVES.csv] [--samples CARD_SAMPLES_DIR] [--condition-word-tokens N]
+        [--fresh-generation]
 
 Why: a run folder is the only place a stage's optimizer state and curves live, and run folders do not travel
 with the code (runs/ is git-ignored; a new checkout has none). The bundled model does. So a trial of a later
@@ -13,6 +14,10 @@ It reads RUN_DIR/config.json (write it with `blip3o train ... --print-config > R
 source whose model config differs from the run's. A float16 source (the bundle) is cast to float32, the dtype
 runs train in. `--condition-word-tokens N` first gives the source N word tokens in its condition
 (`Blip3o.set_condition_word_tokens`: no weight added), for a run whose later stages train with them.
+`--fresh-generation` fills the stages before `generation` with the source but its DiT and latent queries as a new
+run of RUN_DIR's config initialises them (its seed): a trial of another generation side (a deeper DiT from
+`generation` on, session 65) that keeps the trained backbone, CLIP and decoder. Refused for stages that train
+the DiT.
 
 Provenance, as tools/reuse_backbone.py writes it: each filled stage gets a `reused.json` (the source, with
 `--source-note`, and this tool), which `blip3o card` reports in place of a training time. `--curves` copies each
@@ -28,6 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from stage_fill import (  # tools/ is on sys.path when this script runs
     fill_stage,
     read_run_config,
@@ -38,6 +44,9 @@ from stage_fill import (  # tools/ is on sys.path when this script runs
 from blip3o.models.blip3o import Blip3o
 from blip3o.train.config import ConfigError
 from blip3o.train.loop import check_model_config
+
+# Stage kinds that train the DiT and latent queries (train/stages.py, `trainable_modules`).
+GENERATION_KINDS = ("generation", "instruct", "joint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=Path, help="a model card's samples folder, copied per stage")
     parser.add_argument(
         "--condition-word-tokens", type=int, help="give the source this many condition word tokens first"
+    )
+    parser.add_argument(
+        "--fresh-generation",
+        action="store_true",
+        help="the DiT and latent queries as a new run of the config starts them (the rest from the source)",
     )
     args = parser.parse_args(argv)
 
@@ -88,7 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
-    reused = reused_record(args.source, args.source_note, "tools/reuse_model.py", "all")
+    weights = "all"
+    if args.fresh_generation:
+        trains_dit = [s for s in args.stages if run_config.stage(s).kind in GENERATION_KINDS]
+        if trains_dit:
+            print(
+                f"--fresh-generation: stage(s) {', '.join(trains_dit)} train the DiT; fill fewer",
+                file=sys.stderr,
+            )
+            return 1
+        fresh = Blip3o.from_config(run_config.stage_model(args.stages[-1]), run_config.seed)
+        model.dit.load_state_dict(fresh.dit.state_dict())
+        with torch.no_grad():
+            model.backbone.latent_queries.copy_(fresh.backbone.latent_queries)
+        weights = f"all but the DiT and latent queries (fresh, seed {run_config.seed})"
+    reused = reused_record(args.source, args.source_note, "tools/reuse_model.py", weights)
     if args.condition_word_tokens is not None:
         reused["condition_word_tokens"] = args.condition_word_tokens
     for stage in args.stages:
@@ -97,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             for grid in sorted(args.samples.glob(f"{stage}_step_*.png")):
                 (args.run / stage / "samples").mkdir(exist_ok=True)
                 shutil.copyfile(grid, args.run / stage / "samples" / grid.name.removeprefix(f"{stage}_"))
-        print(f"wrote {args.run / stage / 'model'} (all of {args.source})")
+        print(f"wrote {args.run / stage / 'model'} ({weights} of {args.source})")
     return 0
 
 
