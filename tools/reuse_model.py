@@ -42,11 +42,18 @@ from stage_fill import (  # tools/ is on sys.path when this script runs
 )
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import ConfigError
+from blip3o.train.config import ConfigError, StageConfig
 from blip3o.train.loop import check_model_config
+from blip3o.train.stages import set_trainable
 
-# Stage kinds that train the DiT and latent queries (train/stages.py, `trainable_modules`).
-GENERATION_KINDS = ("generation", "instruct", "joint")
+# What a new run's DiT side is: the weights --fresh-generation starts afresh.
+GENERATION_SIDE = ("dit.", "backbone.latent_queries")
+
+
+def trains_generation_side(model: Blip3o, stage: StageConfig) -> bool:
+    """Whether `stage` trains any of the DiT or the latent queries, as `blip3o train` sets it up."""
+    trained = set_trainable(model, stage.kind, stage.freeze_vision, stage.freeze_language)
+    return any(name.startswith(GENERATION_SIDE) for name in trained)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     weights = "all"
     if args.fresh_generation:
-        trains_dit = [s for s in args.stages if run_config.stage(s).kind in GENERATION_KINDS]
+        trains_dit = [s for s in args.stages if trains_generation_side(model, run_config.stage(s))]
         if trains_dit:
             print(
                 f"--fresh-generation: stage(s) {', '.join(trains_dit)} train the DiT; fill fewer",
