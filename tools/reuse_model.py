@@ -33,7 +33,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from stage_fill import (  # tools/ is on sys.path when this script runs
     fill_stage,
     read_run_config,
@@ -119,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         fresh = Blip3o.from_config(run_config.stage_model(args.stages[-1]), run_config.seed)
-        model.dit.load_state_dict(fresh.dit.state_dict())
-        with torch.no_grad():
-            model.backbone.latent_queries.copy_(fresh.backbone.latent_queries)
+        # The same names the refusal above checks: what is reset and what must not be trained agree by construction.
+        fresh_side = {k: v for k, v in fresh.state_dict().items() if k.startswith(GENERATION_SIDE)}
+        model.load_state_dict(fresh_side, strict=False)  # the rest (missing here) stays the source's
         weights = f"all but the DiT and latent queries (fresh, seed {run_config.seed})"
     reused = reused_record(args.source, args.source_note, "tools/reuse_model.py", weights)
     if args.condition_word_tokens is not None:
