@@ -106,7 +106,8 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     old_names = [s.name for s in old.stages]
     at = old_names.index("understanding")
     assert names == [
-        *old_names[:at], "understanding_relations", *old_names[at:], "deep_count", "deep_count_shape", "count_apart"
+        *old_names[:at], "understanding_relations", *old_names[at:], "deep_count", "deep_count_shape", "count_apart",
+        "more_count", "more_count_shape", "more_count_apart",
     ]  # fmt: skip
     assert new.stage("vision").scene_embedding_weight == 1.0 and new.stage("vision").steps == 9000
     relations, understanding = new.stage("understanding_relations"), new.stage("understanding")
@@ -120,7 +121,7 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
     # count_shape again, with the two losses read on the model's own samples at high noise (session 56). The model
     # samples 4 decodes per DiT sample and keeps the most faithful (session 58).
     assert new.model == replace(old.model, decoder=replace(old.model.decoder, sample_candidates=4))
-    assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-3] == [
+    assert [s for s in new.stages if s.kind not in ("vision", "understanding")][:-6] == [
         s for s in old.stages if s.kind not in ("vision", "understanding")
     ]
     # Then count and count_shape again on a DiT deepened 4 -> 6 layers (session 62).
@@ -135,4 +136,9 @@ def test_shapes_object_v2_trains_understanding_on_the_target_relations_first() -
         own_count_weight=0.3,
         own_min_sigma=0.6,
     )
+    # The same three once more on the 6-layer DiT (session 67), which deepens nothing further.
+    for again, first in [("more_count", "deep_count"), ("more_count_shape", "deep_count_shape"),
+                         ("more_count_apart", "count_apart")]:  # fmt: skip
+        assert new.stage(again) == replace(new.stage(first), name=again, deepen_dit_after=())
+    assert new.stage_model("more_count_apart").dit.n_layers == 6
     assert type(new).from_dict(new.to_dict()) == new  # what a run saves, it resumes with
