@@ -27,10 +27,12 @@ import torch
 from blip3o.models.backbone import LOSS_AVERAGES
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.decoder import PixelDecoder, decoder_config
-from blip3o.train.config import DataConfig, StageConfig, preset, set_fields
+from blip3o.train.config import DataConfig, StageConfig
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
+from blip3o.train.overrides import set_fields
 from blip3o.train.parallelize import init_distributed
+from blip3o.train.presets import preset
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from blip3o.train.config import RunConfig, overrides_from_preset
+from blip3o.train.config import RunConfig
+from blip3o.train.presets import overrides_from_preset
 
 
 def stage_overrides(config: RunConfig, stage: str, steps: int, log_every: int, precision: str) -> list[str]:

@@ -78,7 +78,7 @@ def save_moved_tiny_test_model(folder: Path) -> Path:
     """A float16 model of the tiny-test run's config with every weight moved off its initial value (so no weight
     a tool must carry over equals its initialisation by chance), saved to `folder`; returns `folder`."""
     from blip3o.models.blip3o import Blip3o
-    from blip3o.train.config import preset
+    from blip3o.train.presets import preset
 
     model = Blip3o.from_config(preset("tiny-test").model, seed=1)
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def object_slot_model():
     from dataclasses import replace
 
     from blip3o.models.blip3o import Blip3o
-    from blip3o.train.config import preset
+    from blip3o.train.presets import preset
 
     config = object_label_model_config(preset("tiny-test").model)
     return Blip3o.from_config(replace(config, dit=replace(config.dit, condition_slots=4)), seed=0)

@@ -13,8 +13,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from blip3o.train.config import StageConfig, preset
+from blip3o.train.config import StageConfig
 from blip3o.train.loop import run
+from blip3o.train.presets import preset
 from conftest import object_label_model_config  # tests/ is the script's folder, so on sys.path
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip3o.train.config import apply_overrides, preset
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 from blip3o.world.language import COLUMNS, ROWS, object_location
 from blip3o.world.sampler import sample_scene
 from blip3o.world.scene import COLORS, SHAPES

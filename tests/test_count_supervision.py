@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import ConfigError, StageConfig, preset
+from blip3o.train.config import ConfigError, StageConfig
 from blip3o.train.count_supervision import (
     count_error,
     expected_object_count,
@@ -18,6 +18,7 @@ from blip3o.train.count_supervision import (
     shape_count_error,
 )
 from blip3o.train.data import instruct_examples
+from blip3o.train.presets import preset
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS
 from blip3o.train.stages import StageModule, fit_feature_statistics
 from blip3o.transport import FlowMatchingConfig

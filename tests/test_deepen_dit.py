@@ -12,7 +12,9 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.dit_depth import deepen
-from blip3o.train.config import ConfigError, RunConfig, apply_overrides, preset
+from blip3o.train.config import ConfigError, RunConfig
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 from conftest import load_script, save_moved_tiny_test_model
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "deepen_dit.py"

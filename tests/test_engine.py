@@ -22,8 +22,10 @@ import torch
 
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.clip import grid_to_tokens
-from blip3o.train.config import ConfigError, apply_overrides, overrides_from_preset, preset
+from blip3o.train.config import ConfigError
 from blip3o.train.optim import build_optimizer
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import overrides_from_preset, preset
 from blip3o.train.stages import (
     StageModule,
     condition_noise_draws,

@@ -20,7 +20,8 @@ from blip3o.eval.model_card import (
     stage_objectives_sentence,
     wall_time_sentence,
 )
-from blip3o.train.config import apply_overrides, preset
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 
 
 def _target_and_clip_lines(name: str) -> tuple[str, str]:

@@ -10,8 +10,10 @@ import pytest
 
 from blip3o.cli import ask
 from blip3o.eval.vqa import score_answers, vqa_set
-from blip3o.train.config import ConfigError, apply_overrides, preset
+from blip3o.train.config import ConfigError
 from blip3o.train.data import DataError, Example, make_batch
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 from blip3o.world.language import annotate, relation_question_parts
 from blip3o.world.reasoning import final_answer, relation_steps, spelled_relation
 from blip3o.world.render import render

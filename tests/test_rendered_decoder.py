@@ -13,10 +13,11 @@ import torch
 from blip3o.data.shards import write_shards
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.decoder import PixelDecoder
-from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.config import ConfigError, DataConfig, StageConfig
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.parallelize import init_distributed
+from blip3o.train.presets import preset
 from blip3o.train.stages import (
     GENERATED_SIGMA_LEVELS,
     fit_feature_statistics,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import preset
 from blip3o.train.loop import check_stage_model
+from blip3o.train.presets import preset
 from conftest import load_script, save_moved_tiny_test_model
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "reuse_model.py"

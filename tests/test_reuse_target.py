@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from blip3o.models.blip3o import Blip3o
-from blip3o.train.config import preset
+from blip3o.train.presets import preset
 from conftest import load_script
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "reuse_target.py"

@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from blip3o.data.shards import write_shards
 from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.config import ConfigError, DataConfig, StageConfig
 from blip3o.train.data import load_shards
 from blip3o.train.loop import train_stage
 from blip3o.train.optim import build_optimizer
 from blip3o.train.parallelize import init_distributed
+from blip3o.train.presets import preset
 from blip3o.train.scene_supervision import (
     NO_OBJECT_COLOR,
     NO_OBJECT_SHAPE,

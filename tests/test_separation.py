@@ -8,13 +8,15 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.clip import grid_to_tokens
-from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
+from blip3o.train.config import ConfigError, StageConfig
 from blip3o.train.count_supervision import (
     outcome_shape_count_error,
     read_shape_counts,
     scene_counts,
     shape_count_error,
 )
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 from blip3o.train.scene_supervision import PATCH_LABEL_GROUPS, object_label_detections, scene_object_labels
 from blip3o.train.separation_supervision import (
     SEPARATION_MARGIN,

@@ -10,8 +10,9 @@ import torch
 
 from blip3o.models.blip3o import Blip3o
 from blip3o.models.dit import DiT, DiTConfig
-from blip3o.train.config import ConfigError, StageConfig, preset
+from blip3o.train.config import ConfigError, StageConfig
 from blip3o.train.data import instruct_examples, make_batch
+from blip3o.train.presets import preset
 from blip3o.train.slot_supervision import UNNAMED, caption_slot_cells, slot_binding_loss
 from blip3o.train.stages import StageModule, fit_feature_statistics, set_trainable
 from blip3o.world.scene import Scene, SceneObject

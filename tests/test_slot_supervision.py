@@ -17,10 +17,11 @@ from blip3o.data.shards import write_shards
 from blip3o.models.blip3o import Blip3o, tiny_config
 from blip3o.models.condition_resampler import ConditionResampler
 from blip3o.models.dit import DiT, DiTConfig
-from blip3o.train.config import ConfigError, DataConfig, StageConfig, preset
+from blip3o.train.config import ConfigError, DataConfig, StageConfig
 from blip3o.train.data import instruct_examples, is_colourless_pair, load_shards, make_batch
 from blip3o.train.loop import stage_examples, train_stage
 from blip3o.train.parallelize import init_distributed
+from blip3o.train.presets import preset
 from blip3o.train.slot_supervision import (
     NO_OBJECT_COLOR,
     NO_OBJECT_SHAPE,

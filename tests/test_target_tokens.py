@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from blip3o.models.blip3o import Blip3o, tiny_config
-from blip3o.train.config import ConfigError, StageConfig, apply_overrides, preset
+from blip3o.train.config import ConfigError, StageConfig
+from blip3o.train.overrides import apply_overrides
+from blip3o.train.presets import preset
 from blip3o.train.scene_supervision import SceneEmbeddingTable, vision_tokens_replaced
 from blip3o.train.stages import StageModule, target_token_draws
 from blip3o.world.render import render

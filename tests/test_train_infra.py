@@ -31,9 +31,10 @@ from blip3o.train.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from blip3o.train.config import ConfigError, apply_overrides, preset
+from blip3o.train.config import ConfigError
 from blip3o.train.loop import _check_run_config
 from blip3o.train.optim import EMA, build_optimizer, uses_weight_decay, warmup_cosine
+from blip3o.train.overrides import apply_overrides
 from blip3o.train.parallelize import (
     DistInfo,
     all_reduce_mean,
@@ -44,6 +45,7 @@ from blip3o.train.parallelize import (
     seed_everything,
     unwrap,
 )
+from blip3o.train.presets import preset
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    from blip3o.train.config import PRESETS, ConfigError, apply_overrides, preset
+    from blip3o.train.config import ConfigError
+    from blip3o.train.overrides import apply_overrides
+    from blip3o.train.presets import PRESETS, preset
 
     if args.list:
         print("\n".join(sorted(PRESETS)))

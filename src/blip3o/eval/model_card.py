@@ -21,7 +21,8 @@ from PIL import Image
 
 from blip3o.eval.curves import plot, read_run, write_csv
 from blip3o.models.vae import VaeConfig
-from blip3o.train.config import ConfigError, RunConfig, migrate_saved_config, overrides_from_preset
+from blip3o.train.config import ConfigError, RunConfig, migrate_saved_config
+from blip3o.train.presets import overrides_from_preset
 from blip3o.transport.flow_matching import FlowMatchingConfig
 from blip3o.viz import image_grid
 from blip3o.world.prompts import CATEGORIES
