@@ -1,7 +1,7 @@
 """One ShapesGenEval category in an object-centric model's generated tokens, over many sampling seeds.
 
     .venv/bin/python bench/token_category.py MODEL [--category counting] [--seeds 20] [--cfg 3]
-        [--pixels [--decoder-steps K] [--decoder-cfg W] [--gaps] [--why-few]]
+        [--count-guidance S] [--pixels [--decoder-steps K] [--decoder-cfg W] [--gaps] [--why-few]]
 
 `bench/label_judge.py` scores 240 balanced prompts once: 15 counting images and 20 two-object ones per seed, so a
 category's score moves by 0.1 or more between seeds (session 33: 0.667 and 0.400 for two models whose counting
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=20, help="sampling seeds 0 .. N-1")
     parser.add_argument("--cfg", type=float, default=3.0, help="DiT guidance scale")
     parser.add_argument("--steps", type=int, help="DiT sampling steps (default: the model's)")
+    parser.add_argument(
+        "--count-guidance", type=float, default=0.0, help="steer sampling to the prompt's counts (0: off)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pixels", action="store_true", help="also judge the decoder's images of the tokens")
     parser.add_argument(
@@ -147,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for seed in range(args.seeds):
             generator = torch.Generator().manual_seed(seed)
-            target = model.generate_target(prompts, steps=args.steps, cfg_scale=args.cfg, generator=generator)
+            target = model.generate_target(
+                prompts, args.steps, args.cfg, generator, count_guidance=args.count_guidance
+            )
             token_objects = [object_label_detections(reading) for reading in read_targets(model, target)]
             token_verdicts = [
                 tally(outcomes, args.category, record, found)
@@ -184,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["gaps"] = gap_groups(gaps)
     if args.why_few:
         result["why_few"] = dict(sorted(why_few.items()))
+    guided = f", count guidance {args.count_guidance:g}" if args.count_guidance else ""
     print(
-        f"{args.category}, cfg {args.cfg:g}, {samples} samples: tokens pass {result['pass_rate']:.3f}", end=""
+        f"{args.category}, cfg {args.cfg:g}{guided}, {samples} samples: tokens pass {result['pass_rate']:.3f}",
+        end="",
     )
     print(f", pixels pass {result['pixels']['pass_rate']:.3f}" if args.pixels else "")
     for key in result["outcomes"]:

@@ -171,12 +171,15 @@ def test_a_resumed_run_makes_the_images_of_an_uninterrupted_one(
 
 
 def test_a_run_recorded_before_decoder_candidates_resumes_as_one_decode(tmp_path: Path) -> None:
-    run = {"seeds": [0], "prompts": [[0, 2]], "settings": {"steps": 2, "decoder_candidates": 1}}
-    old = {**run, "settings": {"steps": 2}}  # geneval_run.json written before the setting existed
+    settings = {"steps": 2, "decoder_candidates": 1, "count_guidance": 0.0}
+    run = {"seeds": [0], "prompts": [[0, 2]], "settings": settings}
+    old = {**run, "settings": {"steps": 2}}  # geneval_run.json written before both settings existed
     (tmp_path / "geneval_run.json").write_text(json.dumps(old))
-    check_resumable(tmp_path, run)
+    check_resumable(tmp_path, run)  # one decode, no count guidance
     with pytest.raises(ResumeError, match="settings differ"):
-        check_resumable(tmp_path, {**run, "settings": {"steps": 2, "decoder_candidates": 4}})
+        check_resumable(tmp_path, {**run, "settings": {**settings, "decoder_candidates": 4}})
+    with pytest.raises(ResumeError, match="settings differ"):
+        check_resumable(tmp_path, {**run, "settings": {**settings, "count_guidance": 10.0}})
 
 
 def test_untrained_model_scores_near_zero(two_seeds: tuple[Path, str, str]) -> None:

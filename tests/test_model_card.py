@@ -230,6 +230,8 @@ def test_another_samplers_scores_are_tabled_next_to_the_runs_own() -> None:
     assert sampler_phrase({"steps": 20, "self_check": 1, "self_check_accept": None}) == "--steps 20"
     assert sampler_phrase({"self_check": 2}) == "--self-check 2"
     assert sampler_phrase({"decoder_candidates": 4, "self_check": 1}) == "--decoder-candidates 4"
+    assert sampler_phrase({"count_guidance": 10.0, "self_check": 1}) == "--count-guidance 10"
+    assert sampler_phrase({"count_guidance": 0.0, "self_check": 1}) == ""  # off says nothing
 
 
 def test_scores_say_how_a_summary_put_together_by_hand_was_measured(tmp_path: Path) -> None:

@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 
 from blip3o.cli.generate import (
+    COUNT_GUIDANCE_HELP,
     MODEL_HELP,
     CliError,
     check_accept,
+    check_count_guidance,
     default_model,
     load_model,
     report,
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="P",
         help="with --self-check K: stop at the first candidate the model believes with probability >= P",
     )
+    p.add_argument("--count-guidance", type=float, metavar="S", help=COUNT_GUIDANCE_HELP)
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available"
     )
@@ -85,6 +88,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise CliError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     check_accept(args.self_check_accept, args.self_check)
+    check_count_guidance(args.count_guidance)
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} is a file; give a folder")
     # blip3o.eval.demo.SUMMARY_FILE, spelled out: importing that module imports torch (about a second).
@@ -127,6 +131,7 @@ def _run(args: argparse.Namespace) -> None:
     _check(args)
     path = default_model() if args.model is None else args.model
     model = load_model(path, args.device)
+    check_count_guidance(args.count_guidance, model)
     loaded = time.perf_counter()
     from blip3o.eval.demo import run_demo
 
@@ -141,6 +146,7 @@ def _run(args: argparse.Namespace) -> None:
         load_s=loaded - start,
         self_check=args.self_check,
         self_check_accept=args.self_check_accept,
+        count_guidance=args.count_guidance or 0.0,
     )
     print_summary(summary, time.perf_counter() - start)
 

@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 
 from blip3o.cli.generate import (
+    COUNT_GUIDANCE_HELP,
     DECODER_CANDIDATES_HELP,
     GUIDANCE_INTERVAL_HELP,
     CliError,
     check_accept,
+    check_count_guidance,
     load_model,
     parse_guidance_interval,
     report,
@@ -48,6 +50,7 @@ MODEL_ONLY = (
     "batch_size",
     "self_check",
     "self_check_accept",
+    "count_guidance",
     "resume",
 )
 
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--decoder-cfg-scale", type=float, metavar="W", help="pixel decoder guidance weight")
     parser.add_argument("--decoder-candidates", type=int, metavar="K", help=DECODER_CANDIDATES_HELP)
+    parser.add_argument("--count-guidance", type=float, metavar="S", help=COUNT_GUIDANCE_HELP)
     parser.add_argument(
         "--max-prompts",
         type=int,
@@ -148,6 +152,7 @@ def _check_model_args(args: argparse.Namespace) -> list[int]:
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     check_accept(args.self_check_accept, args.self_check)
+    check_count_guidance(args.count_guidance)
     return parse_seeds(args.seeds if args.seeds is not None else "0")
 
 
@@ -177,6 +182,7 @@ def _run_model(args: argparse.Namespace) -> None:
         raise CliError(f"cannot write {args.out}: {err.strerror or err}") from err
 
     model = load_model(args.model, args.device)
+    check_count_guidance(args.count_guidance, model)
     if interval is not None:  # the summary reports it (FlowMatchingConfig.guidance_interval)
         model.set_guidance_interval(*interval)
     if args.decoder_candidates is not None:  # the summary reports it (PixelDecoderConfig.sample_candidates)
@@ -195,6 +201,7 @@ def _run_model(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             self_check=args.self_check or 1,
             self_check_accept=args.self_check_accept,
+            count_guidance=args.count_guidance or 0.0,
             resume=bool(args.resume),
         )
     except ResumeError as err:

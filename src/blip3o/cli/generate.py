@@ -130,6 +130,29 @@ DECODER_CANDIDATES_HELP = (
 )
 
 
+COUNT_GUIDANCE_HELP = (
+    "steer each sampling step towards as many objects of each shape as the prompt names, read by the model's own "
+    "CLIP label head, with steps of this length (e.g. 10; default 0: off; models/count_guidance.py)"
+)
+
+
+def check_count_guidance(strength: float | None, model: Blip3o | None = None) -> None:
+    """CliError unless --count-guidance is absent, or >= 0 and finite (called before the model is loaded), and
+    with `model`: unless it can read counts (0 and absent need nothing)."""
+    if strength is None:
+        return
+    if not math.isfinite(strength) or strength < 0:
+        raise CliError(f"--count-guidance must be a finite number >= 0, got {strength}")
+    if model is None or strength == 0:
+        return
+    from blip3o.models.count_guidance import check_count_reader
+
+    try:
+        check_count_reader(model.clip)
+    except ValueError as err:
+        raise CliError(f"--count-guidance: {err}") from err
+
+
 def parse_guidance_interval(text: str) -> tuple[float, float, float]:
     """'MIN,MAX' or 'MIN,MAX,OUTSIDE' -> the interval's bounds and outside share; CliError for anything else."""
     try:
@@ -205,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, help="pixel decoder steps (default: the model's)")
     p.add_argument("--decoder-cfg-scale", type=float, help="pixel decoder guidance weight")
     p.add_argument("--decoder-candidates", type=int, metavar="K", help=DECODER_CANDIDATES_HELP)
+    p.add_argument("--count-guidance", type=float, metavar="S", help=COUNT_GUIDANCE_HELP)
     p.add_argument(
         "--scale", type=int, default=1, help="upscale saved images by this factor (nearest neighbour)"
     )
@@ -259,6 +283,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     check_accept(args.self_check_accept, args.self_check)
+    check_count_guidance(args.count_guidance)
 
 
 def output_paths(out: Path, n_images: int) -> list[Path]:
@@ -304,6 +329,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.decoder_candidates is not None:
         model.set_decoder_candidates(args.decoder_candidates)
     check_prompts(model, args.prompts)
+    check_count_guidance(args.count_guidance, model)
     loaded = time.perf_counter()
     sampling = {
         "steps": args.steps,
@@ -311,6 +337,7 @@ def _run(args: argparse.Namespace) -> None:
         "decoder_steps": args.decoder_steps,
         "decoder_cfg_scale": args.decoder_cfg_scale,
         "batch_size": args.batch_size,
+        "count_guidance": args.count_guidance or 0.0,
     }
     from blip3o.eval.self_check import generate_self_checked, prompt_checks
 
@@ -340,14 +367,14 @@ def _run(args: argparse.Namespace) -> None:
         except OSError as err:
             raise CliError(f"cannot write {path}: {err}") from err
         print(f"wrote {path} ({image.width}x{image.height})")
-    checked = ""
-    if args.self_check > 1:
-        checked = f", each the best of {args.self_check} by the model's self-check,"
-        if args.self_check_accept is not None:
-            checked = (
-                f", each the first of up to {args.self_check} the model's self-check believes "
-                f"(p >= {args.self_check_accept}),"
-            )
+    checked = f", count guidance {args.count_guidance:g}," if args.count_guidance else ""
+    if args.self_check > 1 and args.self_check_accept is not None:
+        checked += (
+            f", each the first of up to {args.self_check} the model's self-check believes "
+            f"(p >= {args.self_check_accept}),"
+        )
+    elif args.self_check > 1:
+        checked += f", each the best of {args.self_check} by the model's self-check,"
     print(
         f"{len(images)} image(s){checked} in {generated - loaded:.1f} s "
         f"(model loaded in {loaded - start:.1f} s, {model.device})"

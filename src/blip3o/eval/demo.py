@@ -90,6 +90,7 @@ def sampling_settings(
     decoder_steps: int | None,
     self_check: int = 1,
     self_check_accept: float | None = None,
+    count_guidance: float = 0.0,
 ) -> dict:
     """The sampler settings the demo runs with: those given, else the model's defaults, written as numbers
     so that a report says what was run (the CLIP + MSE objective ignores steps and guidance)."""
@@ -103,6 +104,7 @@ def sampling_settings(
         "decoder_cfg_scale": decoder.cfg_scale,
         "self_check": self_check,
         "self_check_accept": self_check_accept,
+        "count_guidance": count_guidance,
     }
 
 
@@ -121,6 +123,7 @@ def generate_images(
         cfg_scale=settings["cfg_scale"],
         decoder_steps=settings["decoder_steps"],
         batch_size=len(prompts),
+        count_guidance=settings["count_guidance"],
     )
     return images
 
@@ -280,6 +283,7 @@ def run_demo(
     load_s: float = 0.0,
     self_check: int = 1,
     self_check_accept: float | None = None,
+    count_guidance: float = 0.0,
 ) -> dict:
     """Generate and judge, ask and score, write grid.png, report.html and summary.json; return the summary.
 
@@ -287,7 +291,9 @@ def run_demo(
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    settings = sampling_settings(model, steps, cfg_scale, decoder_steps, self_check, self_check_accept)
+    settings = sampling_settings(
+        model, steps, cfg_scale, decoder_steps, self_check, self_check_accept, count_guidance
+    )
     prompts = demo_prompts()
     images = generate_images(model, prompts, seed, settings)
     made = time.perf_counter()

@@ -221,6 +221,8 @@ def sampler_phrase(settings: dict) -> str:
         for key in ("steps", "cfg_scale", "decoder_steps", "decoder_cfg_scale", "decoder_candidates")
         if settings.get(key) is not None
     ]
+    if settings.get("count_guidance"):  # 0 (off) and older runs without the key say nothing
+        options.append(f"--count-guidance {settings['count_guidance']:g}")
     if settings.get("self_check", 1) > 1:
         options.append(f"--self-check {settings['self_check']}")
         if settings.get("self_check_accept") is not None:

@@ -185,8 +185,8 @@ def check_resumable(out_dir: Path, run: dict) -> None:
             raise ResumeError(f"{out_dir} has samples but no {RUN_FILE}: cannot check it is the same run")
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
-    # Runs recorded before decoder candidates existed decoded each sample once.
-    recorded["settings"] = {"decoder_candidates": 1, **recorded.get("settings", {})}
+    # Runs recorded before decoder candidates (count guidance) existed decoded each sample once (had none).
+    recorded["settings"] = {"decoder_candidates": 1, "count_guidance": 0.0, **recorded.get("settings", {})}
     differ = sorted(k for k in ("prompts", "settings") if recorded.get(k) != run[k])
     if differ:
         raise ResumeError(f"{out_dir} holds another run ({' and '.join(differ)} differ); cannot resume it")
@@ -264,13 +264,15 @@ def geneval_with_model(
     self_check: int = 1,
     self_check_accept: float | None = None,
     resume: bool = False,
+    count_guidance: float = 0.0,
 ) -> dict:
     """Generate ShapesGenEval's images with `model` for each seed, score them with the ShapesWorld judge and
     aggregate over seeds. Sampler settings left as None are the model's own. `images_per_prompt` caps each
     prompt's `n_samples` (a quick check, not the benchmark). `self_check` K > 1 keeps each image as the best of
     K samples by the model's own check (K times the sampling; the summary's settings say so);
     `self_check_accept` p draws them in rounds and stops at the first the model believes (see
-    blip3o.eval.self_check.generate_self_checked). `resume` continues a killed run in the same `out_dir` (the
+    blip3o.eval.self_check.generate_self_checked). `count_guidance` > 0 steers sampling towards the counts
+    the prompt names (models/count_guidance.py). `resume` continues a killed run in the same `out_dir` (the
     same prompts and settings, checked against its RUN_FILE): complete prompt folders are kept, half-written
     ones redone, and the images are the ones an uninterrupted run would have made. Returns the
     summary written to <out_dir>/geneval_summary.json (see the module docstring for the layout)."""
@@ -292,6 +294,7 @@ def geneval_with_model(
         "cfg_scale": cfg_scale,
         "decoder_steps": decoder_steps,
         "decoder_cfg_scale": decoder_cfg_scale,
+        "count_guidance": count_guidance,
     }
     settings = {
         **sampling,

@@ -14,7 +14,6 @@ model's CLIP similarity (0.721) and its caption likelihood (0.739) pick no bette
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,19 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from blip3o.eval.seeds import hashed_seed
-from blip3o.world.language import COUNT_WORDS, count_word
-from blip3o.world.scene import COLOR_NAMES, SHAPE_PLURALS, SHAPES
+from blip3o.world.language import COUNT_WORDS, count_word, noun_phrases
+from blip3o.world.scene import SHAPE_PLURALS
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from blip3o.models.blip3o import Blip3o
-
-_NUMBER = {word: n for n, word in COUNT_WORDS.items() if n > 0} | {"a": 1, "an": 1}
-_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in SHAPE_PLURALS.items()}}
-_NOUN_PHRASE = re.compile(
-    rf"\b({'|'.join(_NUMBER)})\s+(?:({'|'.join(COLOR_NAMES)})\s+)?({'|'.join(_SHAPE_WORDS)})\b", re.IGNORECASE
-)
 
 
 def prompt_checks(prompt: str) -> list[tuple[str, str]]:
@@ -44,10 +37,7 @@ def prompt_checks(prompt: str) -> list[tuple[str, str]]:
     are there?", "one"), ("how many squares are there?", "one"), ("what shape is the red object?", "circle"),
     ("what shape is the orange object?", "square"). A prompt with no "<number> [colour] <shape>" phrase has none.
     """
-    phrases = [
-        (_NUMBER[n.lower()], color.lower() or None, _SHAPE_WORDS[shape.lower()])
-        for n, color, shape in _NOUN_PHRASE.findall(prompt)
-    ]
+    phrases = noun_phrases(prompt)
     if not phrases:
         return []
     # Counts past the largest count word (ShapesWorld scenes hold at most four objects) have no answer to check.

@@ -27,6 +27,7 @@ from blip3o.models.clip import (
     grid_to_tokens,
     tokens_to_grid,
 )
+from blip3o.models.count_guidance import clip_count_steer
 from blip3o.models.decode_choice import best_candidate, decode_disagreements
 from blip3o.models.decoder import PixelDecoder, PixelDecoderConfig, images_to_tensor, tensor_to_images
 from blip3o.models.dit import DiT, DiTConfig
@@ -385,11 +386,16 @@ class Blip3o(nn.Module):
         steps: int | None = None,
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
+        count_guidance: float = 0.0,
     ) -> torch.Tensor:
-        """Sample DiT outputs (CLIP feature grids or VAE latents) for prompts: (B, C, h, w)."""
+        """Sample DiT outputs (CLIP feature grids or VAE latents) for prompts: (B, C, h, w).
+
+        count_guidance > 0 steers each step towards the counts of each shape the prompts name, as CLIP's label
+        head reads them (models/count_guidance.py; a CLIP target with an object label head only)."""
+        steer = clip_count_steer(self.clip, prompts, count_guidance) if count_guidance else None
         cond = self.condition(prompts).float()  # (B, L, H)
         noise = initial_noise((len(prompts), *self.config.target_shape), generator, device=self.device)
-        return self.objective.sample(self.dit, noise, cond, steps=steps, cfg_scale=cfg_scale)
+        return self.objective.sample(self.dit, noise, cond, steps=steps, cfg_scale=cfg_scale, steer=steer)
 
     @torch.no_grad()
     def regenerate_target(
@@ -456,8 +462,10 @@ class Blip3o(nn.Module):
         decoder_steps: int | None = None,
         decoder_cfg_scale: float | None = None,
         batch_size: int = 64,
+        count_guidance: float = 0.0,
     ) -> list[Image.Image]:
-        """Text -> images: `num_images` per prompt, prompt-major order. Same seed, same images."""
+        """Text -> images: `num_images` per prompt, prompt-major order. Same seed, same images.
+        count_guidance: see `generate_target` (0: off)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts or num_images < 1:
@@ -467,7 +475,7 @@ class Blip3o(nn.Module):
         images: list[Image.Image] = []
         for start in range(0, len(expanded), batch_size):
             chunk = expanded[start : start + batch_size]
-            target = self.generate_target(chunk, steps, cfg_scale, generator)
+            target = self.generate_target(chunk, steps, cfg_scale, generator, count_guidance)
             images += self.decode_target(target, decoder_steps, decoder_cfg_scale, generator)
         return images
 

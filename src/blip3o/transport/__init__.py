@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from blip3o.transport.flow_matching import (
+    EstimateSteer,
     FlowMatchingConfig,
     FlowMatchingDraws,
     NoiseLevel,
@@ -37,6 +38,7 @@ from blip3o.transport.flow_matching import (
     sample_training_sigma,
     sampling_schedule,
     shift_sigmas,
+    steered_velocity,
     training_sigmas,
     training_timesteps,
     velocity_target,
@@ -73,8 +75,10 @@ class Objective(Protocol):
         cfg_scale: float | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
+        steer: EstimateSteer | None = None,
     ) -> Tensor:
-        """x0_hat (float32) shaped like ``noise``. ``noise`` is the starting point (see each objective)."""
+        """x0_hat (float32) shaped like ``noise``. ``noise`` is the starting point (see each objective);
+        ``steer`` moves each step's clean-target estimate (flow matching only)."""
         ...
 
 
@@ -99,8 +103,9 @@ class FlowMatchingObjective:
         cfg_scale: float | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
+        steer: EstimateSteer | None = None,
     ) -> Tensor:
-        return sample_euler(fn, noise, condition, self.cfg, steps, cfg_scale, progress, callback)
+        return sample_euler(fn, noise, condition, self.cfg, steps, cfg_scale, progress, callback, steer=steer)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,10 @@ class RegressionObjective:
         cfg_scale: float | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
+        steer: EstimateSteer | None = None,
     ) -> Tensor:
+        if steer is not None:  # one call, no trajectory: nothing to steer
+            raise ValueError("the regression objective has no sampling trajectory to steer")
         x0_hat = sample_regression(fn, condition, noise.shape, device=noise.device, dtype=noise.dtype)
         if callback is not None:
             callback(0, x0_hat)
@@ -155,6 +163,7 @@ def build_objective(name: ObjectiveName, cfg: FlowMatchingConfig | None = None) 
 __all__ = [
     "OBJECTIVE_NAMES",
     "REGRESSION_TIMESTEP",
+    "EstimateSteer",
     "FlowMatchingConfig",
     "FlowMatchingDraws",
     "FlowMatchingObjective",
@@ -181,6 +190,7 @@ __all__ = [
     "sample_training_sigma",
     "sampling_schedule",
     "shift_sigmas",
+    "steered_velocity",
     "training_sigmas",
     "training_timesteps",
     "velocity_target",

@@ -35,6 +35,9 @@ class VelocityFn(Protocol):
 
 
 StepCallback = Callable[[int, Tensor], None]
+# (clean-target estimate x0_hat (B, ...), noise level sigma) -> the estimate moved where it should be; called by
+# the sampler at every step, it returns its input unchanged at levels where it does not act.
+EstimateSteer = Callable[[Tensor, float], Tensor]
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,19 @@ def guided_velocity(
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
+def steered_velocity(x: Tensor, velocity: Tensor, sigma: float, steer: EstimateSteer) -> Tensor:
+    """The velocity whose clean-target estimate is ``steer``'s: ``v' = (x - steer(x - sigma v)) / sigma``.
+
+    A flow state is ``x = (1 - sigma) x0 + sigma noise``, so the velocity ``noise - x0`` implies the estimate
+    ``x0_hat = x - sigma v``; moving the estimate and taking the velocity that implies the moved one steers the
+    next Euler step without changing the network (guidance on the clean estimate, as in universal guidance,
+    Bansal et al. 2023). At sigma = 0 there is no velocity to steer. Unchanged estimate, unchanged velocity."""
+    if sigma <= 0.0:
+        return velocity
+    estimate = x - sigma * velocity  # (B, ...)
+    return (x - steer(estimate, sigma)) / sigma
+
+
 def guidance_weight(sigma: float, cfg_scale: float, cfg: FlowMatchingConfig) -> float:
     """The guidance weight at noise level ``sigma``: ``cfg_scale`` inside the config's guidance interval,
     ``1 + cfg_outside (cfg_scale - 1)`` outside it.
@@ -351,6 +367,7 @@ def sample_euler(
     callback: StepCallback | None = None,
     start_sigma: float = 1.0,
     end_step: int | None = None,
+    steer: EstimateSteer | None = None,
 ) -> Tensor:
     """Integrate the flow from ``noise`` (sigma = 1) to a sample ``x0_hat`` (sigma = 0) with Euler steps.
 
@@ -365,6 +382,7 @@ def sample_euler(
     ``interpolate(x0, noise, sigma)``, and the trajectory runs through the same grid's levels below it.
     ``end_step`` k stops after k steps, returning the state at the trajectory's level k (``sigmas[k]`` of the
     grid it runs through): the model's own state part-way, for losses taken on its trajectory.
+    ``steer`` moves each step's clean-target estimate (``steered_velocity``), e.g. count guidance.
     """
     if not 0.0 < start_sigma <= 1.0:
         raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
@@ -380,7 +398,8 @@ def sample_euler(
     x = noise.to(torch.float32)  # (B, ...)
     batch = x.shape[0]
     # Each step's guidance weight, read off the grid once (no device sync inside the loop).
-    weights = [guidance_weight(sigma, cfg_scale, cfg) for sigma in sigmas[:-1].tolist()]
+    levels = sigmas[:-1].tolist()
+    weights = [guidance_weight(sigma, cfg_scale, cfg) for sigma in levels]
 
     n_steps = len(network_timesteps)
     if end_step is not None and not 0 <= end_step <= n_steps:
@@ -393,6 +412,8 @@ def sample_euler(
     for k in step_indices:
         timestep = network_timesteps[k].expand(batch)  # (B,) int64
         velocity = guided_velocity(velocity_fn, x, timestep, condition, weights[k])  # (B, ...)
+        if steer is not None:
+            velocity = steered_velocity(x, velocity.to(torch.float32), levels[k], steer)  # (B, ...)
         # The step is negative (sigma decreases); the difference is taken in float32 like the scheduler.
         x = x + (sigmas[k + 1] - sigmas[k]) * velocity.to(torch.float32)
         if callback is not None:

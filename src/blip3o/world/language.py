@@ -82,6 +82,24 @@ def count_word(n: int) -> str:
     return COUNT_WORDS[n]
 
 
+# "<number> [colour] <shape>" in a prompt: "a red circle", "three stars", "an orange square".
+_PHRASE_NUMBERS = {word: n for n, word in COUNT_WORDS.items() if n > 0} | {"a": 1, "an": 1}
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in SHAPE_PLURALS.items()}}
+_NOUN_PHRASE = re.compile(
+    rf"\b({'|'.join(_PHRASE_NUMBERS)})\s+(?:({'|'.join(COLOR_NAMES)})\s+)?({'|'.join(_SHAPE_WORDS)})\b",
+    re.IGNORECASE,
+)
+
+
+def noun_phrases(text: str) -> list[tuple[int, str | None, str]]:
+    """The "<number> [colour] <shape>" phrases of a prompt as (count, colour or None, shape), in order:
+    "a photo of a red circle and two stars" -> [(1, "red", "circle"), (2, None, "star")]."""
+    return [
+        (_PHRASE_NUMBERS[n.lower()], color.lower() or None, _SHAPE_WORDS[shape.lower()])
+        for n, color, shape in _NOUN_PHRASE.findall(text)
+    ]
+
+
 def _choice(rng: np.random.Generator, options: list | tuple):
     return options[int(rng.integers(len(options)))]
 
