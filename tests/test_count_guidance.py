@@ -165,3 +165,13 @@ def test_cli_refuses_bad_count_guidance(tmp_path, capsys) -> None:
     assert code == 2
     assert "object label head" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_count_guidance_needs_a_clip_target() -> None:
+    from blip3o.models.blip3o import Blip3o, tiny_vae_config
+
+    model = Blip3o.from_config(tiny_vae_config(tokenizer_corpus_scenes=50), seed=0).eval()
+    with pytest.raises(ValueError, match="CLIP target"):
+        model.generate_target(
+            ["a photo of two stars"], 2, 2.0, torch.Generator().manual_seed(0), count_guidance=5.0
+        )

@@ -392,6 +392,8 @@ class Blip3o(nn.Module):
 
         count_guidance > 0 steers each step towards the counts of each shape the prompts name, as CLIP's label
         head reads them (models/count_guidance.py; a CLIP target with an object label head only)."""
+        if count_guidance and self.config.target == "vae":  # the label head reads CLIP targets, not latents
+            raise ValueError("count guidance needs a CLIP target; this model generates VAE latents")
         steer = clip_count_steer(self.clip, prompts, count_guidance) if count_guidance else None
         cond = self.condition(prompts).float()  # (B, L, H)
         noise = initial_noise((len(prompts), *self.config.target_shape), generator, device=self.device)
